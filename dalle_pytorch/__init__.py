@@ -1,0 +1,13 @@
+"""dalle_pytorch: DALL-E style text-to-image models in PyTorch.
+
+Public API: DiscreteVAE, OpenAIDiscreteVAE, VQGanVAE (image tokenizers), DALLE (the text-to-image
+transformer) and CLIP (ranks generated images against their text).
+"""
+
+from dalle_pytorch._version import __version__
+from dalle_pytorch.clip import CLIP
+from dalle_pytorch.dalle import DALLE
+from dalle_pytorch.pretrained_vae import OpenAIDiscreteVAE, VQGanVAE
+from dalle_pytorch.vae import DiscreteVAE
+
+__all__ = ["CLIP", "DALLE", "DiscreteVAE", "OpenAIDiscreteVAE", "VQGanVAE", "__version__"]

@@ -1,0 +1,1 @@
+"""Command-line tools; each module has `main(argv=None)`."""

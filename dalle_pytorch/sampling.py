@@ -1,0 +1,81 @@
+"""Sampling: small pure functions over logits (b, vocab).
+
+Top-k as in the original DALL-E reproductions (``filter_thres`` is the fraction of the vocabulary dropped),
+nucleus / top-p (Holtzman et al. 2019, https://arxiv.org/abs/1904.09751), temperature, classifier-free
+guidance (Ho & Salimans 2022, https://arxiv.org/abs/2207.12598).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+Generators = torch.Generator | Sequence[torch.Generator] | None
+
+
+def top_k_filter(logits: Tensor, filter_thres: float) -> Tensor:
+    """Keep the ``ceil((1 - filter_thres) * vocab)`` largest logits of each row (at least one); -inf elsewhere."""
+    if not 0.0 <= filter_thres < 1.0:
+        raise ValueError(f"filter_thres must be in [0, 1), got {filter_thres}")
+    k = max(1, math.ceil((1.0 - filter_thres) * logits.shape[-1]))
+    if k >= logits.shape[-1]:
+        return logits
+    kth = logits.topk(k, dim=-1).values[..., -1:]
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def top_p_filter(logits: Tensor, top_p: float) -> Tensor:
+    """Keep the smallest set of largest logits whose probabilities sum to at least ``top_p``; -inf elsewhere."""
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+    # drop a token when the tokens before it already reach top_p (the first token always stays)
+    drop_sorted = (cumulative - sorted_logits.softmax(dim=-1)) >= top_p
+    drop = drop_sorted.scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def guide(cond_logits: Tensor, null_logits: Tensor, cond_scale: float) -> Tensor:
+    """Classifier-free guidance: null + (cond - null) * cond_scale."""
+    return null_logits + (cond_logits - null_logits) * cond_scale
+
+
+def _uniforms(batch: int, generator: Generators, device: torch.device) -> Tensor:
+    """(b,) uniforms in [0, 1); with one generator per sample, each row depends only on its own generator."""
+    if generator is None or isinstance(generator, torch.Generator):
+        g_device = generator.device if generator is not None else "cpu"
+        return torch.rand(batch, generator=generator, device=g_device).to(device)
+    generators = list(generator)
+    if len(generators) != batch:
+        raise ValueError(f"generator list has {len(generators)} generators for a batch of {batch}")
+    draws = [torch.rand(1, generator=g, device=g.device).to(device) for g in generators]
+    return torch.cat(draws)
+
+
+def sample(logits: Tensor, temperature: float = 1.0, generator: Generators = None) -> Tensor:
+    """Draw one token per row of logits (b, vocab) by inverse-CDF sampling; returns (b,) long.
+
+    One uniform per row keeps results independent of the device and, with a list of generators, of the
+    other rows in the batch.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    probs = (logits.float() / temperature).softmax(dim=-1)
+    cdf = probs.cumsum(dim=-1)
+    u = _uniforms(logits.shape[0], generator, logits.device) * cdf[:, -1]
+    # the first index whose cdf exceeds u; tokens of probability zero can never be that index
+    index = torch.searchsorted(cdf, u[:, None], right=True).squeeze(-1)
+    return index.clamp(max=logits.shape[-1] - 1)
+
+
+def filter_logits(logits: Tensor, *, filter_thres: float | None = None, top_p: float | None = None) -> Tensor:
+    """Top-k (when ``filter_thres`` is given) then top-p (when ``top_p`` is given)."""
+    if filter_thres is not None:
+        logits = top_k_filter(logits, filter_thres)
+    if top_p is not None:
+        logits = top_p_filter(logits, top_p)
+    return logits

@@ -1,0 +1,258 @@
+"""The DALLE transformer: blocks, token shift, rotary positions, reversible execution and the decoding cache.
+
+The sequence is ``[BOS, text | image grid]`` (``text_len`` text positions, then ``fmap * fmap`` image
+positions in raster order). Each layer is an attention sublayer and a feed-forward sublayer, each
+``x + sublayer(norm(x))``; with ``reversible=True`` the two form a RevNet coupling (Gomez et al. 2017,
+https://arxiv.org/abs/1707.04585; Reformer, https://arxiv.org/abs/2001.04451) so activations are recomputed
+in the backward pass instead of stored.
+
+Shape letters: b batch, n positions, d model dim.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from dalle_pytorch.attention import ATTENTION_TYPES, Attention, attention_mask
+from dalle_pytorch.reversible import ReversibleSequence
+
+
+class DecodingCache:
+    """Keys, values and token-shift history of the positions processed so far, per layer.
+
+    Buffers are allocated once for ``max_len`` positions and filled in place, so one decoding step costs
+    work proportional to the current length, not a copy of the whole prefix.
+    """
+
+    def __init__(self, max_len: int):
+        self.max_len = max_len
+        self.offset = 0
+        self._buffers: dict = {}
+
+    def append(self, key, new: Tensor) -> Tensor:
+        """Store ``new`` (..., n_new, d) at positions [offset, offset + n_new) and return (..., end, d)."""
+        end = self.offset + new.shape[-2]
+        if end > self.max_len:
+            raise ValueError(f"the cache holds {self.max_len} positions; cannot extend to {end}")
+        buffer = self._buffers.get(key)
+        if buffer is None:
+            buffer = new.new_empty(*new.shape[:-2], self.max_len, new.shape[-1])
+            self._buffers[key] = buffer
+        buffer[..., self.offset : end, :] = new
+        return buffer[..., :end, :]
+
+
+class FeedForward(nn.Module):
+    """GEGLU feed-forward (Shazeer 2020, https://arxiv.org/abs/2002.05202)."""
+
+    def __init__(self, dim: int, mult: int = 4, dropout: float = 0.0):
+        super().__init__()
+        self.proj_in = nn.Linear(dim, dim * mult * 2)
+        self.dropout = nn.Dropout(dropout)
+        self.proj_out = nn.Linear(dim * mult, dim)
+
+    def forward(self, x: Tensor, **_) -> Tensor:
+        x, gate = self.proj_in(x).chunk(2, dim=-1)
+        return self.proj_out(self.dropout(x * F.gelu(gate)))
+
+
+def token_shift_sources(text_len: int, fmap: int) -> Tensor:
+    """(n, 2) long: where each position takes its two shifted channel groups from (-1 = zeros).
+
+    Text takes group one from the previous token and keeps group two; an image token takes group one from
+    its left neighbour and group two from the token above, so a layer sees the 2-D neighbourhood.
+    """
+    n = text_len + fmap * fmap
+    pos = torch.arange(n)
+    grid = pos - text_len
+    is_image = grid >= 0
+    has_left = is_image & (grid % fmap > 0)
+    has_above = is_image & (grid >= fmap)
+    first = torch.where(is_image, torch.where(has_left, pos - 1, -1), pos - 1)
+    second = torch.where(is_image, torch.where(has_above, pos - fmap, -1), pos)
+    return torch.stack((first, second), dim=-1)
+
+
+def shift_tokens(history: Tensor, sources: Tensor) -> Tensor:
+    """Token shift of the last ``len(sources)`` positions of history (b, end, d): returns (b, n_new, d)."""
+    dim = history.shape[-1]
+    group = dim // 4
+    n_new = sources.shape[0]
+    own = history[:, history.shape[1] - n_new :]
+    gathered = []
+    for g in range(2):
+        src = sources[:, g]
+        values = history[:, src.clamp(min=0), g * group : (g + 1) * group]
+        gathered.append(values * (src >= 0)[None, :, None].to(values.dtype))
+    return torch.cat((*gathered, own[..., 2 * group :]), dim=-1)
+
+
+def rotary_angles(text_len: int, fmap: int, dim_head: int, theta: float = 10000.0) -> Tensor:
+    """(n, r) rotary angles: a 1-D part for text order and 2-D axial parts for image rows and columns.
+
+    Image tokens all sit at text position ``text_len`` and text tokens at row = column = 0, image rows and
+    columns counting from 1, so relative angles stay meaningful across the text / image boundary.
+    """
+    per_axis = (dim_head // 3) // 2 * 2
+    if per_axis < 2:
+        raise ValueError(f"rotary_emb needs dim_head >= 6, got {dim_head}")
+    n = text_len + fmap * fmap
+    pos = torch.arange(n)
+    grid = pos - text_len
+    is_image = grid >= 0
+    text_pos = torch.where(is_image, text_len, pos)
+    row = torch.where(is_image, grid // fmap + 1, 0)
+    col = torch.where(is_image, grid % fmap + 1, 0)
+    inv_freq = 1.0 / theta ** (torch.arange(0, per_axis, 2).float() / per_axis)
+    parts = [(p.float()[:, None] * inv_freq).repeat_interleave(2, dim=-1) for p in (text_pos, row, col)]
+    return torch.cat(parts, dim=-1)
+
+
+class Sublayer(nn.Module):
+    """norm -> (token shift) -> attention or feed-forward -> (sandwich norm)."""
+
+    def __init__(self, dim: int, fn: nn.Module, *, sandwich_norm: bool, shift: bool):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.fn = fn
+        self.norm_out = nn.LayerNorm(dim) if sandwich_norm else nn.Identity()
+        self.shift = shift
+
+    def forward(self, x: Tensor, ctx: dict, key) -> Tensor:
+        x = self.norm(x)
+        if self.shift:
+            cache = ctx["cache"]
+            history = cache.append((key, "shift"), x) if cache is not None else x
+            x = shift_tokens(history, ctx["shift_sources"])
+        if isinstance(self.fn, Attention):
+            mask, causal = ctx["masks"][ctx["layer_types"][key[0]]]
+            x = self.fn(x, mask, causal=causal, rotary=ctx["rotary"], cache=ctx["cache"], cache_key=key)
+        else:
+            x = self.fn(x)
+        return self.norm_out(x)
+
+
+def _expand(ids: Sequence | None, depth: int, name: str) -> list:
+    if ids is None:
+        return list(range(depth))
+    ids = list(ids)
+    if len(ids) == 0:
+        raise ValueError(f"{name} must not be empty")
+    return [ids[i % len(ids)] for i in range(depth)]
+
+
+class Transformer(nn.Module):
+    """A stack of ``depth`` layers over the [text | image] sequence; see the module docstring."""
+
+    def __init__(
+        self,
+        *,
+        dim: int,
+        depth: int,
+        text_len: int,
+        fmap: int,
+        heads: int = 8,
+        dim_head: int = 64,
+        attn_dropout: float = 0.0,
+        ff_dropout: float = 0.0,
+        ff_mult: int = 4,
+        attn_types: Sequence[str] = ("full",),
+        reversible: bool = False,
+        stable: bool = False,
+        sandwich_norm: bool = False,
+        shift_tokens: bool = True,
+        rotary_emb: bool = True,
+        shared_attn_ids: Sequence | None = None,
+        shared_ff_ids: Sequence | None = None,
+        mask_options: dict | None = None,
+    ):
+        super().__init__()
+        if depth < 1:
+            raise ValueError(f"depth must be >= 1, got {depth}")
+        attn_types = (attn_types,) if isinstance(attn_types, str) else tuple(attn_types)
+        for t in attn_types:
+            if t not in ATTENTION_TYPES:
+                raise ValueError(f"attn_types entries must be among {ATTENTION_TYPES}, got {t!r}")
+        self.text_len, self.fmap = text_len, fmap
+        self.seq_len = text_len + fmap * fmap
+        self.reversible = reversible
+        self.layer_types = [attn_types[i % len(attn_types)] for i in range(depth)]
+
+        attn_ids, ff_ids = _expand(shared_attn_ids, depth, "shared_attn_ids"), _expand(shared_ff_ids, depth, "shared_ff_ids")
+        shared_attn: dict = {}
+        shared_ff: dict = {}
+        layers = []
+        for i in range(depth):
+            attn_id, attn_type = attn_ids[i], self.layer_types[i]
+            if attn_id in shared_attn and shared_attn[attn_id][1] != attn_type:
+                raise ValueError(
+                    f"shared_attn_ids gives layer {i} the id {attn_id!r} of a layer with attention type "
+                    f"{shared_attn[attn_id][1]!r}, but layer {i} has type {attn_type!r}"
+                )
+            if attn_id not in shared_attn:
+                shared_attn[attn_id] = (Attention(dim, heads, dim_head, attn_dropout, stable), attn_type)
+            if ff_ids[i] not in shared_ff:
+                shared_ff[ff_ids[i]] = FeedForward(dim, ff_mult, ff_dropout)
+            layers.append(
+                nn.ModuleList(
+                    [
+                        Sublayer(dim, shared_attn[attn_id][0], sandwich_norm=sandwich_norm, shift=shift_tokens),
+                        Sublayer(dim, shared_ff[ff_ids[i]], sandwich_norm=sandwich_norm, shift=shift_tokens),
+                    ]
+                )
+            )
+        self.layers = nn.ModuleList(layers)
+        self.reversible_stack = ReversibleSequence(self.layers) if reversible else None
+
+        # derived from the configuration: rebuilt at construction, never saved in checkpoints
+        mask_options = mask_options or {}
+        for t in sorted(set(self.layer_types)):
+            if t != "full":
+                self.register_buffer(f"mask_{t}", attention_mask(t, text_len, fmap, **mask_options), persistent=False)
+        self.register_buffer("shift_sources", token_shift_sources(text_len, fmap), persistent=False)
+        self.shift = shift_tokens
+        self.rotary = rotary_emb
+        if rotary_emb:
+            self.register_buffer("rotary_angles", rotary_angles(text_len, fmap, dim_head), persistent=False)
+
+    def _masks(self, start: int, end: int) -> dict:
+        """Per attention type: (mask or None, causal flag) for queries [start, end) over keys [0, end)."""
+        masks = {}
+        for t in set(self.layer_types):
+            if t == "full":
+                if start == 0:
+                    masks[t] = (None, True)
+                elif end - start == 1:
+                    masks[t] = (None, False)  # one new query sees every earlier key
+                else:
+                    masks[t] = (torch.ones(end, end, dtype=torch.bool, device=self.shift_sources.device).tril()[start:], False)
+            else:
+                masks[t] = (getattr(self, f"mask_{t}")[start:end, :end], False)
+        return masks
+
+    def forward(self, x: Tensor, cache: DecodingCache | None = None) -> Tensor:
+        """x: (b, n, d) for positions [cache.offset, cache.offset + n) (from 0 without a cache)."""
+        start = cache.offset if cache is not None else 0
+        end = start + x.shape[1]
+        if end > self.seq_len:
+            raise ValueError(f"sequence of {end} positions is longer than the {self.seq_len} this model has")
+        ctx = {
+            "cache": cache,
+            "masks": self._masks(start, end),
+            "layer_types": self.layer_types,
+            "rotary": self.rotary_angles[start:end] if self.rotary else None,
+            "shift_sources": self.shift_sources[start:end],
+        }
+        if self.reversible:
+            x = self.reversible_stack(x, ctx, use_checkpointing=torch.is_grad_enabled() and cache is None)
+        else:
+            for i, (attn, ff) in enumerate(self.layers):
+                x = x + attn(x, ctx, (i, 0))
+                x = x + ff(x, ctx, (i, 1))
+        if cache is not None:
+            cache.offset = end
+        return x
