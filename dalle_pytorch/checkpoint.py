@@ -117,7 +117,7 @@ def read_config(directory: PathLike) -> dict[str, Any]:
     if missing:
         raise CheckpointError(f"{path} lacks {missing}; is it a dalle_pytorch model directory?")
     version = meta["format_version"]
-    if not isinstance(version, int) or version < 1:
+    if type(version) is not int or version < 1:
         raise CheckpointError(f"{path}: format_version should be a positive integer, got {version!r}")
     if version > FORMAT_VERSION:
         raise CheckpointError(
@@ -127,8 +127,10 @@ def read_config(directory: PathLike) -> dict[str, Any]:
         )
     if not isinstance(meta["config"], dict):
         raise CheckpointError(f"{path}: 'config' should be a JSON object")
-    meta["config"] = _restore_tuples(meta["config"], meta.get("tuple_paths", []), path)
     meta.setdefault("children", [])
+    if not (isinstance(meta["children"], list) and all(isinstance(name, str) for name in meta["children"])):
+        raise CheckpointError(f"{path}: 'children' should be a list of sub-model names")
+    meta["config"] = _restore_tuples(meta["config"], meta.get("tuple_paths", []), path)
     return meta
 
 

@@ -44,7 +44,7 @@ class BadSampleError(ValueError):
     """A sample whose files exist but hold nothing usable; `reason` is a short category for counting."""
 
     def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(f"{reason}: {detail}")
+        super().__init__(detail)
         self.reason = reason
 
 
@@ -82,6 +82,7 @@ def reason_for(error: BaseException, kind: str) -> str:
 
 # ---------------------------------------------------------------------------------------------- captions
 
+
 def captions_from_bytes(raw: bytes) -> list[str]:
     """All non-blank caption lines of a text file; UTF-8 (or UTF-16 with a BOM), invalid bytes replaced.
 
@@ -107,9 +108,18 @@ def pick_caption(captions: list[str]) -> str:
     return captions[int(torch.randint(len(captions), ()))]
 
 
-def tokenize_caption(tokenizer: Tokenizer, caption: str, text_len: int, truncate: bool) -> torch.Tensor:
-    """LongTensor (text_len,) of token ids, zero-padded on the right."""
-    return tokenizer.tokenize(caption, text_len, truncate_text=truncate)[0]
+def tokenize_caption(
+    tokenizer: Tokenizer, caption: str, text_len: int, truncate: bool, where: str
+) -> torch.Tensor:
+    """LongTensor (text_len,) of token ids, zero-padded on the right.
+
+    A caption too long for `text_len` is not a broken file but a setting (`truncate_captions`), so the
+    tokenizer's ValueError propagates, naming the file it came from.
+    """
+    try:
+        return tokenizer.tokenize(caption, text_len, truncate_text=truncate)[0]
+    except ValueError as error:
+        raise ValueError(f"caption of {where}: {error}") from error
 
 
 def default_tokenizer() -> Tokenizer:
@@ -131,6 +141,7 @@ def check_tokenizer(tokenizer: Any) -> Tokenizer:
 
 
 # ------------------------------------------------------------------------------------------------ images
+
 
 def open_image(source: str | os.PathLike | Any) -> Image.Image:
     """Open and fully decode an image (a path or a binary file object), so truncation fails here."""
@@ -201,10 +212,12 @@ def check_image_options(text_len: int, image_size: int, resize_ratio: float) -> 
 
 # ------------------------------------------------------------------------------------------------ folder
 
+
 def index_folder(folder: Path) -> tuple[list[tuple[Path, Path]], list[Path], list[Path]]:
     """Walk `folder` recursively and match images with captions by path without extension.
 
-    Returns (pairs of (image, caption) sorted by path, images without caption, captions without image).
+    Returns (pairs of (image, caption), images without caption, captions without image), each in a
+    reproducible order (names sorted within each folder).
     Hidden files and folders (name starting with '.') are ignored; symlinked folders are not followed.
     Two images with one stem (cat.png, cat.jpg) are two samples sharing cat.txt.
     """
@@ -324,17 +337,20 @@ class TextImageDataset(Dataset):
 
     def _load(self, position: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         image_path, caption_path = self.pairs[position]
+        # every file is read before any random draw, so a bad sample never shifts torch's RNG stream
         try:
-            caption = pick_caption(captions_from_bytes(caption_path.read_bytes()))
+            captions = captions_from_bytes(caption_path.read_bytes())
         except SAMPLE_ERRORS as error:
             return self._skip(position, caption_path, reason_for(error, "caption"), error)
         try:
             pixels = open_image(image_path)
-            image = preprocess_image(pixels, self.image_size, self.resize_ratio, self.transparent)
         except SAMPLE_ERRORS as error:
             return self._skip(position, image_path, reason_for(error, "image"), error)
-        # tokenizer errors (e.g. a too-long caption without truncate_captions) are configuration errors
-        tokens = tokenize_caption(self.tokenizer, caption, self.text_len, self.truncate_captions)
+        caption = pick_caption(captions)
+        image = preprocess_image(pixels, self.image_size, self.resize_ratio, self.transparent)
+        tokens = tokenize_caption(
+            self.tokenizer, caption, self.text_len, self.truncate_captions, str(caption_path)
+        )
         return tokens, image
 
     def _skip(self, position: int, path: Path, reason: str, error: BaseException) -> None:

@@ -213,10 +213,14 @@ class _RestrictedUnpickler(pickle.Unpickler):
             )
         return self._record_classes[key]
 
-    def persistent_load(self, pid: Any) -> _Storage:
-        if not (isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage"):
-            raise CheckpointFormatError(f"unsupported persistent id {pid!r}")
-        return self._load_storage(pid)
+    def persistent_load(self, pid: Any) -> Any:
+        if isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage":
+            return self._load_storage(pid)
+        if isinstance(pid, tuple) and len(pid) == 4 and pid[0] == "module":
+            # Legacy files store (class, source file, source text) beside each module class; the class
+            # (already an inert record class) is all torch.load uses, and we never look at the source.
+            return pid[1]
+        raise CheckpointFormatError(f"unsupported persistent id {repr(pid)[:200]}")
 
 
 def _storage_dtype(storage_type: Any) -> torch.dtype:

@@ -44,7 +44,7 @@ __all__ = [
 
 PAD_ID = 0  # DALLE pads text with 0, so no tokenizer may give a real token this id
 
-DEFAULT_BPE_PATH = Path(__file__).parent / "data" / "bpe_simple_vocab_16e6.txt.gz"
+DEFAULT_BPE_PATH = Path(__file__).parent / "assets" / "bpe_simple_vocab_16e6.txt.gz"
 # CLIP's 49408 tokens = 256 byte symbols + the same with "</w>" + merges + <|startoftext|>, <|endoftext|>
 CLIP_NUM_MERGES = 49408 - 256 * 2 - 2
 
@@ -184,7 +184,7 @@ class SimpleTokenizer(BaseTokenizer):
         merges = [tuple(line.split()) for line in lines[1 : 1 + self.num_merges]]
         if len(merges) < self.num_merges or any(len(m) != 2 for m in merges):
             raise ValueError(f"{self.bpe_path} does not hold {self.num_merges} merges of two symbols each")
-        byte_chars = list(_byte_to_char().values())
+        byte_chars = list(_BYTE_TO_CHAR.values())
         # id 0 is padding, then CLIP's vocabulary in CLIP's order
         id_to_token = ["<|pad|>", *byte_chars, *(c + _END_OF_WORD for c in byte_chars)]
         id_to_token += ["".join(m) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
@@ -355,10 +355,12 @@ def train_tokenizer(
             yield text
 
     backend = Tokenizer(models.BPE())
-    steps = [normalizers.NFKC(), normalizers.Lowercase()] if lowercase else [normalizers.NFKC()]
+    steps = [normalizers.Strip(), normalizers.NFKC()] + ([normalizers.Lowercase()] if lowercase else [])
     backend.normalizer = normalizers.Sequence(steps)
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
+    # a space is put before the first word so that "cube" is one token at the start of a caption as well
+    # as after a space; decoding removes that space again
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+    backend.decoder = decoders.Sequence([decoders.ByteLevel(), decoders.Fuse(), decoders.Strip(" ", 1, 0)])
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         min_frequency=min_frequency,

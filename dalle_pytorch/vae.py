@@ -51,6 +51,13 @@ def reinmax_one_hot(logits: Tensor, temperature: float, dim: int = 1) -> Tensor:
     return pi2 - pi2.detach() + hard
 
 
+def kl_to_uniform(logits: Tensor) -> Tensor:
+    """KL(q || uniform) of code logits (b, num_tokens, h, w), averaged over samples and grid cells."""
+    log_q = rearrange(logits, "b n h w -> b h w n").log_softmax(dim=-1)
+    # per cell: sum_n q log q + log(num_tokens)
+    return (log_q.exp() * log_q).sum(dim=-1).mean() + math.log(logits.shape[1])
+
+
 class DiscreteVAE(PretrainedMixin, nn.Module):
     """Discrete VAE over (b, channels, image_size, image_size) images; see the module docstring for ranges."""
 
@@ -181,8 +188,5 @@ class DiscreteVAE(PretrainedMixin, nn.Module):
             return self.denormalize(out)
 
         recon_loss = self.recon_loss(out, img_norm)
-        log_q = rearrange(logits, "b n h w -> b h w n").log_softmax(dim=-1)
-        # KL(q || uniform) per grid cell = sum_n q log q + log(num_tokens)
-        kl = (log_q.exp() * log_q).sum(dim=-1).mean() + math.log(self.num_tokens)
-        loss = recon_loss + self.kl_div_loss_weight * kl
+        loss = recon_loss + self.kl_div_loss_weight * kl_to_uniform(logits)
         return (loss, self.denormalize(out)) if return_recons else loss

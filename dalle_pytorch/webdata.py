@@ -130,7 +130,8 @@ class TextImageWebDataset(IterableDataset):
     when initialized, or `rank` / `world_size`) and across DataLoader workers; give at least
     `world_size * num_workers` shards or some readers get none. Samples are shuffled in a buffer of
     `shuffle_buffer` (0 disables), with torch's RNG like the crops, so a DataLoader with a seeded
-    `generator` is reproducible. Unreadable shards and bad samples are warned about once, counted in
+    `generator` is reproducible (without workers: `torch.manual_seed`). `set_epoch` does not reach
+    persistent workers (`persistent_workers=True`), whose shard order then stays fixed. Unreadable shards and bad samples are warned about once, counted in
     `skipped` (per process: counts made inside DataLoader workers stay in the workers) and skipped.
     """
 
@@ -159,7 +160,9 @@ class TextImageWebDataset(IterableDataset):
             raise ValueError(f"shuffle_buffer must be an int >= 0, got {shuffle_buffer!r}")
         if (rank is None) != (world_size is None):
             raise ValueError("give both rank and world_size, or neither (then torch.distributed decides)")
-        if world_size is not None and not (isinstance(world_size, int) and 0 <= rank < world_size):
+        if world_size is not None and not (
+            isinstance(rank, int) and isinstance(world_size, int) and 0 <= rank < world_size
+        ):
             raise ValueError(f"need 0 <= rank < world_size, got rank={rank!r}, world_size={world_size!r}")
         self.shards = expand_shards(urls)
         self.image_keys = _key_list("image_key", image_key)
@@ -176,6 +179,7 @@ class TextImageWebDataset(IterableDataset):
         self.world_size = world_size
         self.epoch = 0
         self.skip_log = SkipLog()
+        self._current_shard = "shard"
         self.tokenizer = check_tokenizer(tokenizer)
 
     @property
@@ -198,7 +202,7 @@ class TextImageWebDataset(IterableDataset):
         """This rank's and this worker's share of the epoch's shard order (disjoint across readers)."""
         order = list(self.shards)
         if self.shuffle_shards:
-            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+            generator = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) % 2**63)
             order = [order[i] for i in torch.randperm(len(order), generator=generator).tolist()]
         rank, world_size = self._rank_and_world_size()
         worker = get_worker_info()
@@ -225,14 +229,14 @@ class TextImageWebDataset(IterableDataset):
             initial = min(self.shuffle_buffer, 100)
             samples = wds.shuffle(self.shuffle_buffer, initial=initial, rng=rng)(samples)
         for sample in samples:
+            where = f"{sample.get('__url__')}:{sample.get('__key__')}"
             try:
                 caption, image = self._read(sample)
             except SAMPLE_ERRORS as error:
-                where = f"{sample.get('__url__')}:{sample.get('__key__')}"
                 self.skip_log.record(where, reason_for(error, "image"), str(error))
                 continue
-            # tokenizer errors (e.g. a too-long caption without truncate_captions) are configuration errors
-            yield tokenize_caption(self.tokenizer, caption, self.text_len, self.truncate_captions), image
+            tokens = tokenize_caption(self.tokenizer, caption, self.text_len, self.truncate_captions, where)
+            yield tokens, image
 
     def _open_shards(self, shards: list[Shard]):
         for shard in shards:
@@ -241,6 +245,8 @@ class TextImageWebDataset(IterableDataset):
             except OSError as error:
                 self.skip_log.record(str(shard), reason_for(error, "shard"), str(error))
                 continue
+            # webdataset's handlers get only the exception: remember which shard is being read
+            self._current_shard = str(shard)
             try:
                 yield {"url": str(shard), "stream": stream}
             finally:
@@ -250,12 +256,9 @@ class TextImageWebDataset(IterableDataset):
                     self.skip_log.record(str(shard), "unreadable shard", str(error))
 
     def _shard_error(self, error: Exception) -> bool:
-        """webdataset handler: count the broken shard and go on with the next one."""
-        names = {str(shard) for shard in self.shards}
-        # webdataset appends the shard's URL to the exception's args
-        shard = next((arg for arg in error.args if isinstance(arg, str) and arg in names), None)
+        """webdataset handler: count the broken shard once and go on (with its next member or shard)."""
         detail = str(error.args[0]) if error.args else repr(error)
-        self.skip_log.record(shard or repr(error), "unreadable shard", detail)
+        self.skip_log.record(self._current_shard, "unreadable shard", detail)
         return True
 
     def _read(self, sample: dict[str, Any]) -> tuple[str, torch.Tensor]:
@@ -266,8 +269,10 @@ class TextImageWebDataset(IterableDataset):
             raise BadSampleError("missing caption", f"no {'/'.join(self.caption_keys)} entry")
         if image_bytes is None:
             raise BadSampleError("missing image", f"no {'/'.join(self.image_keys)} entry")
-        caption = pick_caption(captions_from_bytes(caption_bytes))
+        captions = captions_from_bytes(caption_bytes)
         pixels = open_image(io.BytesIO(image_bytes))
+        # random draws only after both files decoded, so bad samples never shift torch's RNG stream
+        caption = pick_caption(captions)
         return caption, preprocess_image(pixels, self.image_size, self.resize_ratio, self.transparent)
 
 

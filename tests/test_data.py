@@ -12,6 +12,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from dalle_pytorch.data import (
+    BadSampleError,
     TextImageDataset,
     captions_from_bytes,
     preprocess_image,
@@ -42,9 +43,13 @@ def caption_of(tokens: torch.Tensor) -> str:
     return bytes(t for t in tokens.tolist() if t).decode("utf-8")
 
 
-def image_bytes(mode="RGB", size=(20, 12), color=(200, 30, 30), fmt="PNG") -> bytes:
+def image_bytes(mode="RGB", size=(20, 12), color=(200, 30, 30), fmt="PNG", noise=False) -> bytes:
     buffer = io.BytesIO()
-    image = Image.new(mode, size, color)
+    if noise:
+        pixels = np.random.default_rng(0).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+        image = Image.fromarray(pixels)
+    else:
+        image = Image.new(mode, size, color)
     if mode == "P":
         image.putpalette([0, 0, 255] * 256)
     image.save(buffer, format=fmt)
@@ -102,7 +107,8 @@ def messy_folder(tmp_path: Path) -> Path:
     # broken samples
     write(root / "corrupt.jpg", b"\xff\xd8\xff this is not really a jpeg")
     write(root / "corrupt.txt", "a corrupt image")
-    write(root / "truncated.png", image_bytes(size=(64, 64))[:-300])
+    truncated = image_bytes(size=(64, 64), noise=True)
+    write(root / "truncated.png", truncated[: len(truncated) // 2])
     write(root / "truncated.txt", "a truncated image")
     write(root / "blank.png", image_bytes())
     write(root / "blank.txt", "\n   \n\t\n")
@@ -130,9 +136,12 @@ def sample_names(dataset: TextImageDataset) -> list[str]:
 
 # ----------------------------------------------------------------------------------------- folder dataset
 
+
 def test_index_pairs_by_path_and_reports_orphans_once(messy_folder):
     with pytest.warns(RuntimeWarning, match="1 image.* without a caption.* 1 caption") as record:
-        dataset = TextImageDataset(messy_folder, text_len=TEXT_LEN, image_size=SIZE, tokenizer=ByteTokenizer())
+        dataset = TextImageDataset(
+            messy_folder, text_len=TEXT_LEN, image_size=SIZE, tokenizer=ByteTokenizer()
+        )
     assert len([w for w in record if "without a caption" in str(w.message)]) == 1
     assert dataset.images_without_caption == 1
     assert dataset.captions_without_image == 1
@@ -223,7 +232,9 @@ def test_same_seed_same_samples_and_dataloader_with_seeded_generator(messy_folde
 
     def epoch(seed):
         torch.manual_seed(seed)
-        return [dataset[i] for i in range(len(dataset))]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return [dataset[i] for i in range(len(dataset))]
 
     first, second, other = epoch(3), epoch(3), epoch(4)
     for (t1, i1), (t2, i2) in zip(first, second):
@@ -298,7 +309,7 @@ def test_empty_or_invalid_folder_and_arguments(tmp_path, messy_folder):
 def test_long_captions_need_truncate(tmp_path):
     write(tmp_path / "x.png", image_bytes())
     write(tmp_path / "x.txt", "a" * (TEXT_LEN + 5))
-    with pytest.raises(ValueError, match="too long"):
+    with pytest.raises(ValueError, match="x.txt.*too long"):
         make_dataset(tmp_path)[0]
     tokens, _ = make_dataset(tmp_path, truncate_captions=True)[0]
     assert caption_of(tokens) == "a" * TEXT_LEN
@@ -311,8 +322,9 @@ def test_captions_from_bytes():
     assert captions_from_bytes(b"bad \xff byte") == ["bad \ufffd byte"]
     assert captions_from_bytes(b"nul\x00s removed") == ["nuls removed"]
     for empty in [b"", b"\n \n", b"\xff\xfe\xff"[2:], b"\xff\n\xfe"]:
-        with pytest.raises(ValueError, match="empty caption"):
+        with pytest.raises(BadSampleError) as caught:
             captions_from_bytes(empty)
+        assert caught.value.reason == "empty caption" and isinstance(caught.value, ValueError)
 
 
 def test_random_square_box_covers_the_requested_area():
@@ -337,6 +349,7 @@ def test_full_crop_of_a_square_image_is_a_plain_resize():
 
 # ------------------------------------------------------------------------------------------- webdataset
 
+
 def write_shard(path: Path, members: dict[str, bytes]) -> None:
     with tarfile.open(path, "w") as tar:
         for name, data in members.items():
@@ -355,7 +368,8 @@ def shards(tmp_path: Path) -> Path:
         for i in range(4):
             key = f"s{shard}_{i}"
             fmt = "PNG" if i % 2 else "JPEG"
-            members[f"{key}.{fmt.lower().replace('jpeg', 'jpg')}"] = image_bytes(color=(i * 60, 0, 0), fmt=fmt)
+            extension = "png" if fmt == "PNG" else "jpg"
+            members[f"{key}.{extension}"] = image_bytes(color=(i * 60, 0, 0), fmt=fmt)
             members[f"{key}.txt"] = f"caption {key}".encode()
         write_shard(root / f"shard-{shard:03d}.tar", members)
     write_shard(
@@ -398,13 +412,31 @@ def test_webdataset_reads_good_samples_and_counts_bad_ones(shards):
     for tokens, image in items:
         assert tokens.shape == (TEXT_LEN,) and tokens.dtype == torch.long
         assert image.shape == (3, SIZE, SIZE) and image.dtype == torch.float32
-        assert 0 <= image.min() and image.max() <= 1
+        assert image.min() >= 0 and image.max() <= 1
     assert dataset.skipped == {
         "corrupt image": 1,
         "missing caption": 1,
         "empty caption": 1,
         "unreadable shard": 1,
     }
+
+
+def test_webdataset_truncated_shard_keeps_its_complete_samples(tmp_path):
+    pytest.importorskip("webdataset")
+    members = {}
+    for i in range(6):
+        members[f"{i}.png"] = image_bytes(size=(32, 32), noise=True)
+        members[f"{i}.txt"] = f"caption {i}".encode()
+    write_shard(tmp_path / "a.tar", members)
+    whole = (tmp_path / "a.tar").read_bytes()
+    (tmp_path / "a.tar").write_bytes(whole[: len(whole) // 2 + 700])  # cut inside a member's data
+    write_shard(tmp_path / "b.tar", {"last.png": image_bytes(), "last.txt": b"caption last"})
+    dataset = web_dataset([tmp_path / "a.tar", tmp_path / "b.tar"], shuffle_buffer=0, shuffle_shards=False)
+    captions = [caption_of(tokens) for tokens, _ in read_all(dataset)]
+    assert captions[-1] == "caption last"
+    assert 1 <= len(captions) - 1 < 6
+    assert captions[:-1] == [f"caption {i}" for i in range(len(captions) - 1)]
+    assert dataset.skipped["unreadable shard"] == 1
 
 
 def test_webdataset_shard_specs(shards):
