@@ -25,7 +25,14 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-__all__ = ["DownloadError", "ReleasedFile", "cache_directory", "download", "fetch_released_file", "is_offline"]
+__all__ = [
+    "DownloadError",
+    "ReleasedFile",
+    "cache_directory",
+    "download",
+    "fetch_released_file",
+    "is_offline",
+]
 
 CACHE_ENV = "DALLE_PYTORCH_CACHE"
 OFFLINE_ENV = "DALLE_PYTORCH_OFFLINE"

@@ -125,10 +125,13 @@ class ShapeClassifier(nn.Module):
         # features cost most of the compute without helping to tell these silhouettes apart
         self.features = nn.Sequential(
             nn.Conv2d(1, width, 5, stride=2, padding=2),
+            nn.BatchNorm2d(width),
             nn.ReLU(),
             nn.Conv2d(width, 2 * width, 3, stride=2, padding=1),
+            nn.BatchNorm2d(2 * width),
             nn.ReLU(),
             nn.Conv2d(2 * width, 4 * width, 3, stride=2, padding=1),
+            nn.BatchNorm2d(4 * width),
             nn.ReLU(),
         )
         self.head = nn.Linear(8 * width, len(self.shape_names))

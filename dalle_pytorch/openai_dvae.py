@@ -147,7 +147,9 @@ def _read_pickled_module(path: str | os.PathLike, module: str, name: str) -> tup
 def _int_attribute(state: dict, key: str, path: Any, minimum: int = 1) -> int:
     value = state.get(key)
     if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise CheckpointFormatError(f"{path}: attribute {key!r} should be an int >= {minimum}, found {value!r}")
+        raise CheckpointFormatError(
+            f"{path}: attribute {key!r} should be an int >= {minimum}, found {value!r}"
+        )
     return value
 
 

@@ -100,10 +100,13 @@ class _ImageTokenizer(nn.Module):
 
     def _check_codes(self, img_seq: Any) -> torch.Tensor:
         """(b, fmap_size ** 2) token ids -> (b, fmap_size, fmap_size)."""
-        if not isinstance(img_seq, torch.Tensor) or img_seq.is_floating_point() or img_seq.dtype == torch.bool:
+        is_tensor = isinstance(img_seq, torch.Tensor)
+        if not is_tensor or img_seq.is_floating_point() or img_seq.dtype == torch.bool:
             raise TypeError("img_seq must be an integer tensor of token ids")
         if img_seq.dim() != 2 or img_seq.shape[1] != self.fmap_size ** 2:
-            raise ValueError(f"img_seq must have shape (b, {self.fmap_size ** 2}), got {tuple(img_seq.shape)}")
+            raise ValueError(
+                f"img_seq must have shape (b, {self.fmap_size ** 2}), got {tuple(img_seq.shape)}"
+            )
         if img_seq.numel() and (img_seq.min() < 0 or img_seq.max() >= self.num_tokens):
             raise ValueError(f"img_seq ids must be in [0, {self.num_tokens})")
         return rearrange(img_seq.long(), "b (h w) -> b h w", h=self.fmap_size)
@@ -158,7 +161,9 @@ class OpenAIDiscreteVAE(_ImageTokenizer):
     def _build(self, config: Mapping[str, Any]) -> None:
         if not isinstance(config, Mapping) or not isinstance(config.get("encoder"), Mapping) \
                 or not isinstance(config.get("decoder"), Mapping):
-            raise ValueError("config must be a mapping with 'image_size', 'vocab_size', 'encoder' and 'decoder'")
+            raise ValueError(
+                "config must be a mapping with 'image_size', 'vocab_size', 'encoder' and 'decoder'"
+            )
         image_size = _positive_int(config.get("image_size"), "config['image_size']")
         vocab_size = _positive_int(config.get("vocab_size"), "config['vocab_size']")
         encoder = {key: _positive_int(config["encoder"].get(key), f"config['encoder']['{key}']")
@@ -167,7 +172,9 @@ class OpenAIDiscreteVAE(_ImageTokenizer):
                    for key in ("n_init", "n_hid", "n_blk_per_group")}
         if image_size % 8 or encoder["n_hid"] % 4 or decoder["n_hid"] % 4:
             raise ValueError("config image_size must be a multiple of 8 and n_hid a multiple of 4")
-        self.config = {"image_size": image_size, "vocab_size": vocab_size, "encoder": encoder, "decoder": decoder}
+        self.config = {
+            "image_size": image_size, "vocab_size": vocab_size, "encoder": encoder, "decoder": decoder,
+        }
         self.image_size, self.num_tokens, self.num_layers, self.channels = image_size, vocab_size, 3, 3
         self.encoder = OpenAIEncoder(vocab_size=vocab_size, **encoder)
         self.decoder = OpenAIDecoder(vocab_size=vocab_size, **decoder)
@@ -181,7 +188,7 @@ class OpenAIDiscreteVAE(_ImageTokenizer):
 
     @torch.no_grad()
     def decode(self, img_seq: torch.Tensor) -> torch.Tensor:
-        """Token ids (b, 1024) -> images (b, 3, 256, 256) in [0, 1] (the mean of each pixel's distribution)."""
+        """Token ids (b, 1024) -> images (b, 3, 256, 256) in [0, 1]: each pixel distribution's mean."""
         stats = self.decoder(self._check_codes(img_seq))
         return unmap_pixels(torch.sigmoid(stats[:, : self.channels]))
 
@@ -199,9 +206,15 @@ class VQGanVAE(_ImageTokenizer):
                  cache_dir: str | os.PathLike | None = None) -> None:
         super().__init__()
         if (vqgan_model_path is None) != (vqgan_config_path is None):
-            raise ValueError("give both vqgan_model_path and vqgan_config_path, or neither for the default model")
-        config_path = _resolve_path(vqgan_config_path, VQGAN_F16_1024_CONFIG_FILE, cache_dir, "vqgan_config_path")
-        model_path = _resolve_path(vqgan_model_path, VQGAN_F16_1024_CHECKPOINT_FILE, cache_dir, "vqgan_model_path")
+            raise ValueError(
+                "give both vqgan_model_path and vqgan_config_path, or neither for the default model"
+            )
+        config_path = _resolve_path(
+            vqgan_config_path, VQGAN_F16_1024_CONFIG_FILE, cache_dir, "vqgan_config_path"
+        )
+        model_path = _resolve_path(
+            vqgan_model_path, VQGAN_F16_1024_CHECKPOINT_FILE, cache_dir, "vqgan_model_path"
+        )
         self._build(read_vqgan_yaml(config_path))
         load_tensors_strict(self.model, read_vqgan_checkpoint(model_path), f"VQGAN checkpoint {model_path}")
 

@@ -130,7 +130,8 @@ def _as_shape(value: Any, what: str) -> tuple[int, ...]:
     return tuple(value)
 
 
-def _rebuild_tensor(storage: Any, storage_offset: Any, size: Any, stride: Any, *_ignored: Any) -> torch.Tensor:
+def _rebuild_tensor(storage: Any, storage_offset: Any, size: Any, stride: Any,
+                    *_ignored: Any) -> torch.Tensor:
     if not isinstance(storage, _Storage):
         raise CheckpointFormatError(f"tensor data must come from a storage record, got {storage!r}")
     if not isinstance(storage_offset, int) or storage_offset < 0:
@@ -239,7 +240,9 @@ def _load_zip(path: Path) -> Any:
     try:
         archive = zipfile.ZipFile(path)
     except (zipfile.BadZipFile, OSError) as error:
-        raise CheckpointFormatError(f"{path} is truncated or not a PyTorch zip checkpoint: {error}") from error
+        raise CheckpointFormatError(
+            f"{path} is truncated or not a PyTorch zip checkpoint: {error}"
+        ) from error
     with archive, open(path, "rb") as raw:
         pickles = [name for name in archive.namelist() if name.endswith("data.pkl") and name.count("/") == 1]
         if len(pickles) != 1:
@@ -253,9 +256,10 @@ def _load_zip(path: Path) -> Any:
 
         def load_storage(pid: tuple) -> _Storage:
             _, storage_type, key, _location, numel = pid[:5]
-            dtype = _storage_dtype(storage_type)
             if key not in storages:
-                storages[key] = _Storage(_read_zip_storage(archive, mapped, f"{prefix}data/{key}", dtype, numel))
+                dtype = _storage_dtype(storage_type)
+                flat = _read_zip_storage(archive, mapped, f"{prefix}data/{key}", dtype, numel)
+                storages[key] = _Storage(flat)
             return storages[key]
 
         return _unpickle(io.BytesIO(archive.read(pickles[0])), load_storage, path)

@@ -96,11 +96,11 @@ class Upsample(nn.Module):
 class _Level(nn.Module):
     """One resolution level: residual blocks, attention after each block (if any), then resampling."""
 
-    def __init__(self, widths: list[tuple[int, int]], use_attention: bool, *, downsample: nn.Module | None = None,
-                 upsample: nn.Module | None = None) -> None:
+    def __init__(self, widths: list[tuple[int, int]], use_attention: bool, *,
+                 downsample: nn.Module | None = None, upsample: nn.Module | None = None) -> None:
         super().__init__()
         self.block = nn.ModuleList(ResnetBlock(n_in, n_out) for n_in, n_out in widths)
-        self.attn = nn.ModuleList(AttnBlock(n_out) for _, n_out in widths) if use_attention else nn.ModuleList()
+        self.attn = nn.ModuleList(AttnBlock(n_out) for _, n_out in widths if use_attention)
         # Attribute names (and absence at the last level) match the released parameter names.
         if downsample is not None:
             self.downsample = downsample
@@ -326,8 +326,10 @@ def read_vqgan_yaml(path: str | os.PathLike) -> dict[str, Any]:
     if params.get("remap") is not None:
         raise ValueError(f"{path}: codebook remapping ('remap') is not supported")
     return validate_vqgan_config({
-        "ddconfig": params.get("ddconfig"), "n_embed": params.get("n_embed"),
-        "embed_dim": params.get("embed_dim"), "quantizer": "gumbel" if target_class == "GumbelVQ" else "vector",
+        "ddconfig": params.get("ddconfig"),
+        "n_embed": params.get("n_embed"),
+        "embed_dim": params.get("embed_dim"),
+        "quantizer": "gumbel" if target_class == "GumbelVQ" else "vector",
     })
 
 

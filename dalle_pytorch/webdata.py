@@ -131,8 +131,9 @@ class TextImageWebDataset(IterableDataset):
     `world_size * num_workers` shards or some readers get none. Samples are shuffled in a buffer of
     `shuffle_buffer` (0 disables), with torch's RNG like the crops, so a DataLoader with a seeded
     `generator` is reproducible (without workers: `torch.manual_seed`). `set_epoch` does not reach
-    persistent workers (`persistent_workers=True`), whose shard order then stays fixed. Unreadable shards and bad samples are warned about once, counted in
-    `skipped` (per process: counts made inside DataLoader workers stay in the workers) and skipped.
+    persistent workers (`persistent_workers=True`), whose shard order then stays fixed. Unreadable
+    shards and bad samples are warned about once, counted in `skipped` (per process: counts made inside
+    DataLoader workers stay in the workers) and skipped.
     """
 
     def __init__(

@@ -520,3 +520,17 @@ def test_webdataset_loader_with_workers_is_reproducible(shards):
     assert sorted(captions) == sorted(GOOD_WEB)
     with pytest.raises(ValueError, match="batch_size"):
         webdataset_loader(shards, batch_size=0)
+
+
+def test_webdataset_rejects_bad_arguments(shards):
+    for bad in [
+        {"rank": 0},
+        {"rank": 2, "world_size": 2},
+        {"shuffle_buffer": -1},
+        {"image_key": " ; "},
+        {"resize_ratio": 0.0},
+    ]:
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            web_dataset(shards, **bad)
+    with pytest.raises(TypeError, match="caption_key"):
+        web_dataset(shards, caption_key=None)

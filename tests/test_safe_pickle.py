@@ -95,7 +95,8 @@ def test_modules_named_in_the_file_are_not_imported(tmp_path):
 
     assert "this" not in sys.modules and "not_a_real_module_xyz" not in sys.modules
     assert loaded[0].pickled_module == "this" and loaded[0].pickled_name == "d"
-    assert isinstance(loaded[1], PickledObject) and loaded[1].qualified_name() == "not_a_real_module_xyz.Thing"
+    assert isinstance(loaded[1], PickledObject)
+    assert loaded[1].qualified_name() == "not_a_real_module_xyz.Thing"
 
 
 @pytest.mark.parametrize("file_format", FORMATS)
