@@ -105,7 +105,9 @@ class CLIP(PretrainedMixin, nn.Module):
     def embed_text(self, text: Tensor, text_mask: Tensor | None = None) -> Tensor:
         """text (b, n <= text_seq_len) long -> unit-norm latents (b, dim_latent)."""
         if not torch.is_tensor(text) or text.dtype not in (torch.int64, torch.int32) or text.ndim != 2:
-            raise TypeError(f"text must be a (batch, n) tensor of integer token ids, got {getattr(text, 'dtype', type(text))}")
+            raise TypeError(
+                f"text must be a (batch, n) tensor of integer token ids, got {getattr(text, 'dtype', type(text))}"
+            )
         if text.shape[1] > self.text_seq_len:
             raise ValueError(f"text has {text.shape[1]} tokens, more than text_seq_len={self.text_seq_len}")
         if text.numel() and (text.min() < 0 or text.max() >= self.num_text_tokens):
@@ -113,7 +115,9 @@ class CLIP(PretrainedMixin, nn.Module):
         mask = text != 0
         if text_mask is not None:
             if text_mask.shape != text.shape:
-                raise ValueError(f"text_mask must have the shape of text {tuple(text.shape)}, got {tuple(text_mask.shape)}")
+                raise ValueError(
+                    f"text_mask must have the shape of text {tuple(text.shape)}, got {tuple(text_mask.shape)}"
+                )
             mask = mask & text_mask.bool()
         x = self.text_emb(text) + self.text_pos_emb(torch.arange(text.shape[1], device=text.device))
         x = self.text_transformer(x, mask)
@@ -125,14 +129,18 @@ class CLIP(PretrainedMixin, nn.Module):
         if not torch.is_tensor(image) or not image.is_floating_point():
             raise TypeError(f"image must be a float tensor, got {getattr(image, 'dtype', type(image))}")
         if image.ndim != 4 or tuple(image.shape[1:]) != expected:
-            raise ValueError(f"image must have shape (batch, {', '.join(map(str, expected))}), got {tuple(image.shape)}")
+            raise ValueError(
+                f"image must have shape (batch, {', '.join(map(str, expected))}), got {tuple(image.shape)}"
+            )
         patches = rearrange(image, "b c (h p1) (w p2) -> b (h w) (p1 p2 c)", p1=self.patch_size, p2=self.patch_size)
         x = self.to_patch_emb(patches)
         x = x + self.visual_pos_emb(torch.arange(x.shape[1], device=x.device))
         x = self.visual_transformer(x)
         return F.normalize(self.to_visual_latent(x.mean(dim=1)), dim=-1)
 
-    def forward(self, text: Tensor, image: Tensor, text_mask: Tensor | None = None, return_loss: bool = False) -> Tensor:
+    def forward(
+        self, text: Tensor, image: Tensor, text_mask: Tensor | None = None, return_loss: bool = False
+    ) -> Tensor:
         """Per-pair similarity (b,) of text i and image i, or the symmetric contrastive loss."""
         if text.shape[0] != image.shape[0]:
             raise ValueError(f"text and image batch sizes differ: {text.shape[0]} vs {image.shape[0]}")

@@ -174,12 +174,16 @@ class DALLE(PretrainedMixin, nn.Module):
         if image.is_floating_point():
             expected = (self.channels, self.image_size, self.image_size)
             if image.ndim != 4 or tuple(image.shape[1:]) != expected:
-                raise ValueError(f"image must have shape (batch, {', '.join(map(str, expected))}), got {tuple(image.shape)}")
+                raise ValueError(
+                    f"image must have shape (batch, {', '.join(map(str, expected))}), got {tuple(image.shape)}"
+                )
             return self.vae.get_codebook_indices(image.to(self.device)).long()
         if image.ndim != 2 or image.shape[1] != self.image_seq_len:
             raise ValueError(f"image token ids must have shape (batch, {self.image_seq_len}), got {tuple(image.shape)}")
         if image.numel() and (image.min() < 0 or image.max() >= self.num_image_tokens):
-            raise ValueError(f"image token ids must be in [0, {self.num_image_tokens}), got [{image.min()}, {image.max()}]")
+            raise ValueError(
+                f"image token ids must be in [0, {self.num_image_tokens}), got [{image.min()}, {image.max()}]"
+            )
         return image.long().to(self.device)
 
     def _embed_text(self, text_ids: Tensor) -> Tensor:

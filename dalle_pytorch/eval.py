@@ -218,12 +218,12 @@ def _accuracy(classifier: ShapeClassifier, images: torch.Tensor, labels: torch.T
 def train_shape_classifier(
     image_size: int = 32,
     seed: int = 0,
-    steps: int = 600,
+    steps: int = 200,
     batch_size: int = 64,
     shapes: Sequence[str] = DEFAULT_SHAPES,
     num_train_images: int = 2000,
     num_test_images: int = 1000,
-    learning_rate: float = 3e-3,
+    learning_rate: float = 1e-2,
 ) -> tuple[ShapeClassifier, float]:
     """Train a :class:`ShapeClassifier` on ground-truth shapes (all colours, sizes and fills).
 

@@ -29,7 +29,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 from types import MappingProxyType
 
@@ -125,7 +125,7 @@ def _centre_bbox(points: np.ndarray) -> np.ndarray:
     return points - (points.max(axis=0) + points.min(axis=0)) / 2
 
 
-@lru_cache(maxsize=None)
+@cache
 def _unit_polygon(shape: str) -> np.ndarray:
     makers: dict[str, Callable[[], np.ndarray]] = {
         "square": lambda: np.array([(-0.8, -0.8), (0.8, -0.8), (0.8, 0.8), (-0.8, 0.8)]),

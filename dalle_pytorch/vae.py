@@ -81,7 +81,7 @@ class DiscreteVAE(PretrainedMixin, nn.Module):
         if num_layers < 1:
             raise ValueError(f"num_layers must be >= 1, got {num_layers}")
         if image_size % (2**num_layers) != 0:
-            raise ValueError(f"image_size ({image_size}) must be divisible by 2 ** num_layers ({2 ** num_layers})")
+            raise ValueError(f"image_size ({image_size}) must be divisible by 2 ** num_layers ({2**num_layers})")
         if num_tokens < 2:
             raise ValueError(f"num_tokens must be >= 2, got {num_tokens}")
         if temperature <= 0:

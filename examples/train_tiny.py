@@ -31,7 +31,7 @@ def main(argv=None) -> Path:
 
     vae = DiscreteVAE(image_size=32, num_layers=2, num_tokens=64, codebook_dim=32, hidden_dim=32)
     opt = torch.optim.Adam(vae.parameters(), lr=3e-3)
-    for step in range(args.steps):
+    for _ in range(args.steps):
         loss = vae(blocky_images(8, 32, g), return_loss=True)
         opt.zero_grad()
         loss.backward()
@@ -40,7 +40,7 @@ def main(argv=None) -> Path:
 
     dalle = DALLE(dim=64, vae=vae, num_text_tokens=100, text_seq_len=8, depth=2, heads=4, dim_head=16)
     opt = torch.optim.Adam([p for p in dalle.parameters() if p.requires_grad], lr=1e-3)
-    for step in range(args.steps):
+    for _ in range(args.steps):
         text = torch.randint(1, 100, (8, 8), generator=g)
         loss = dalle(text, blocky_images(8, 32, g), return_loss=True)
         opt.zero_grad()

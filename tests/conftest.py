@@ -18,7 +18,9 @@ def make_vae(**overrides) -> DiscreteVAE:
 def make_dalle(vae=None, **overrides) -> DALLE:
     vae = vae if vae is not None else make_vae()
     torch.manual_seed(0)
-    config = dict(dim=32, vae=vae, num_text_tokens=NUM_TEXT_TOKENS, text_seq_len=TEXT_SEQ_LEN, depth=2, heads=2, dim_head=16)
+    config = dict(
+        dim=32, vae=vae, num_text_tokens=NUM_TEXT_TOKENS, text_seq_len=TEXT_SEQ_LEN, depth=2, heads=2, dim_head=16
+    )
     return DALLE(**{**config, **overrides})
 
 

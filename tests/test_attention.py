@@ -62,9 +62,14 @@ def test_sparse_layout():
             local = 0 <= block[i] - block[j] < 2
             text_block = block[j] == 0  # holds the text positions 0-2
             assert mask[i, j] == (j <= i and (local or text_block)), (i, j)
-    with_random = attention_mask("sparse", 3, 4, sparse_block_size=4, sparse_num_local_blocks=1, sparse_num_random_blocks=1)
+    with_random = attention_mask(
+        "sparse", 3, 4, sparse_block_size=4, sparse_num_local_blocks=1, sparse_num_random_blocks=1
+    )
     assert torch.equal(with_random, with_random.tril())
-    assert torch.equal(with_random, attention_mask("sparse", 3, 4, sparse_block_size=4, sparse_num_local_blocks=1, sparse_num_random_blocks=1))
+    assert torch.equal(
+        with_random,
+        attention_mask("sparse", 3, 4, sparse_block_size=4, sparse_num_local_blocks=1, sparse_num_random_blocks=1),
+    )
 
 
 @pytest.mark.parametrize("attn_type", ["full", "axial_row", "axial_col", "conv_like", "sparse"])

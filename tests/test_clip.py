@@ -23,7 +23,9 @@ def test_loss_is_symmetric_contrastive(clip):
     t, i = clip.embed_text(text), clip.embed_image(images)
     logits = t @ i.t() * clip.log_temperature.exp()
     labels = torch.arange(3)
-    expected = (torch.nn.functional.cross_entropy(logits, labels) + torch.nn.functional.cross_entropy(logits.t(), labels)) / 2
+    expected = (
+        torch.nn.functional.cross_entropy(logits, labels) + torch.nn.functional.cross_entropy(logits.t(), labels)
+    ) / 2
     torch.testing.assert_close(clip(text, images, return_loss=True), expected)
 
 

@@ -2,7 +2,14 @@ import pytest
 import torch
 from conftest import NUM_TEXT_TOKENS, TEXT_SEQ_LEN, make_dalle, make_vae, random_images, random_text
 
-ATTN_MIXES = [("full",), ("axial_row",), ("axial_col",), ("conv_like",), ("sparse",), ("full", "axial_row", "axial_col", "conv_like")]
+ATTN_MIXES = [
+    ("full",),
+    ("axial_row",),
+    ("axial_col",),
+    ("conv_like",),
+    ("sparse",),
+    ("full", "axial_row", "axial_col", "conv_like"),
+]
 
 
 def test_loss_and_logits_shapes(dalle):
@@ -33,8 +40,15 @@ def test_loss_is_the_weighted_mean_of_text_and_image_ce(dalle):
     torch.testing.assert_close(dalle(text, images, return_loss=True), expected)
 
 
-@pytest.mark.parametrize("options", [dict(), dict(reversible=True), dict(rotary_emb=False, shift_tokens=False),
-                                     dict(share_input_output_emb=True, stable=True, sandwich_norm=True)])
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(),
+        dict(reversible=True),
+        dict(rotary_emb=False, shift_tokens=False),
+        dict(share_input_output_emb=True, stable=True, sandwich_norm=True),
+    ],
+)
 def test_gradients_reach_every_trainable_parameter_and_not_the_vae(options):
     dalle = make_dalle(**options)
     dalle(random_text(2), random_images(2), return_loss=True).backward()
@@ -100,7 +114,9 @@ def test_deterministic_with_seed():
 def test_null_cond_prob_one_drops_all_text(dalle):
     text, images = random_text(2), random_images(2)
     null = torch.zeros_like(text)
-    torch.testing.assert_close(dalle(text, images, return_loss=True, null_cond_prob=1.0), dalle(null, images, return_loss=True))
+    torch.testing.assert_close(
+        dalle(text, images, return_loss=True, null_cond_prob=1.0), dalle(null, images, return_loss=True)
+    )
 
 
 def test_inputs_are_not_modified(dalle):

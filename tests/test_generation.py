@@ -20,7 +20,11 @@ CONFIGS = {
 def _decode(dalle, use_cache, **kwargs):
     logits = []
     codes = dalle.generate_image_codes(
-        kwargs.pop("text"), use_cache=use_cache, generator=torch.Generator().manual_seed(11), step_logits=logits, **kwargs
+        kwargs.pop("text"),
+        use_cache=use_cache,
+        generator=torch.Generator().manual_seed(11),
+        step_logits=logits,
+        **kwargs,
     )
     return codes, torch.stack(logits)
 
@@ -75,12 +79,15 @@ def test_short_text_is_padded_and_long_text_is_an_error_unless_truncated(dalle):
     text = random_text(1)
     short = text.clone()
     short[:, 4:] = 0
-    torch.testing.assert_close(dalle.generate_images(short[:, :4], generator=g()), dalle.generate_images(short, generator=g()))
+    torch.testing.assert_close(
+        dalle.generate_images(short[:, :4], generator=g()), dalle.generate_images(short, generator=g())
+    )
     long = random_text(1, length=10)
     with pytest.raises(ValueError, match="truncate_text"):
         dalle.generate_images(long)
     torch.testing.assert_close(
-        dalle.generate_images(long, truncate_text=True, generator=g()), dalle.generate_images(long[:, :6], generator=g())
+        dalle.generate_images(long, truncate_text=True, generator=g()),
+        dalle.generate_images(long[:, :6], generator=g()),
     )
 
 

@@ -8,7 +8,11 @@ from dalle_pytorch.reversible import ReversibleSequence
 def _loss_and_grads(dalle, checkpointing: bool, monkeypatch, seed: int = 3):
     original = ReversibleSequence.__call__
     with monkeypatch.context() as patch:
-        patch.setattr(ReversibleSequence, "__call__", lambda self, x, ctx, use_checkpointing=True: original(self, x, ctx, checkpointing))
+        patch.setattr(
+            ReversibleSequence,
+            "__call__",
+            lambda self, x, ctx, use_checkpointing=True: original(self, x, ctx, checkpointing),
+        )
         torch.manual_seed(seed)
         loss = dalle(random_text(2), random_images(2), return_loss=True)
         dalle.zero_grad()
@@ -19,7 +23,9 @@ def _loss_and_grads(dalle, checkpointing: bool, monkeypatch, seed: int = 3):
 @pytest.mark.parametrize("dropout", [0.0, 0.2])
 def test_reversible_gradients_equal_plain_autograd(dropout, monkeypatch):
     # the memory-saving backward recomputes each sublayer (replaying dropout) and must match autograd
-    dalle = make_dalle(reversible=True, depth=3, attn_dropout=dropout, ff_dropout=dropout, attn_types=("full", "axial_row"))
+    dalle = make_dalle(
+        reversible=True, depth=3, attn_dropout=dropout, ff_dropout=dropout, attn_types=("full", "axial_row")
+    )
     loss_fast, grads_fast = _loss_and_grads(dalle, True, monkeypatch)
     loss_ref, grads_ref = _loss_and_grads(dalle, False, monkeypatch)
     torch.testing.assert_close(loss_fast, loss_ref)
