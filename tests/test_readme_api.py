@@ -41,3 +41,16 @@ def test_readme_code_small():
 def test_readme_code_full_size():
     run_readme_code(image_size=256, num_tokens=8192, codebook_dim=512, dim=1024, text_seq_len=256, depth=12,
                     heads=16, batch=4, clip_depth=6, patch=32)  # fmt: skip
+
+
+def test_original_import_paths_still_work():
+    from dalle_pytorch import OpenAIDiscreteVAE, VQGanVAE
+    from dalle_pytorch.data import TextImageDataset
+    from dalle_pytorch.loader import TextImageDataset as LoaderDataset
+    from dalle_pytorch.tokenizer import tokenizer
+    from dalle_pytorch.vae import OpenAIDiscreteVAE as FromVae
+    from dalle_pytorch.vae import VQGanVAE as VqganFromVae
+
+    assert LoaderDataset is TextImageDataset
+    assert FromVae is OpenAIDiscreteVAE and VqganFromVae is VQGanVAE
+    assert tokenizer.vocab_size > 49000
