@@ -102,13 +102,27 @@ def attention_mask(
 def _block_sparse_mask(
     n: int, text_len: int, block_size: int, num_local: int, num_random: int, seed: int
 ) -> Tensor:
+    layout = block_sparse_layout(n, text_len, block_size, num_local, num_random, seed)
+    block_of = torch.arange(n) // block_size
+    return layout[block_of[:, None], block_of[None, :]]
+
+
+def block_sparse_layout(
+    n: int, text_len: int, block_size: int, num_local: int, num_random: int, seed: int
+) -> Tensor:
+    """(num_blocks, num_blocks) bool: which key block each query block of ``block_size`` positions may see.
+
+    Local blocks (the ``num_local`` ending at the query block), every block holding text, and ``num_random``
+    earlier blocks drawn from ``seed``. The draws for block q depend only on the blocks before it, so the
+    layout of a shorter sequence is the top-left corner of the layout of a longer one. Not yet causal inside
+    a block: :func:`attention_mask` intersects it with the causal mask.
+    """
     if block_size < 1 or num_local < 1 or num_random < 0:
         raise ValueError(
             "sparse attention needs sparse_block_size >= 1, sparse_num_local_blocks >= 1 and "
             f"sparse_num_random_blocks >= 0, got {block_size}, {num_local}, {num_random}"
         )
     num_blocks = -(-n // block_size)
-    block_of = torch.arange(n) // block_size
     qb, kb = torch.meshgrid(torch.arange(num_blocks), torch.arange(num_blocks), indexing="ij")
     layout = (qb - kb >= 0) & (qb - kb < num_local)
     layout |= (kb * block_size < text_len) & (kb <= qb)  # blocks that hold text are global
@@ -118,7 +132,7 @@ def _block_sparse_mask(
             continue
         picks = torch.randperm(q, generator=generator)[:num_random]
         layout[q, picks] = True
-    return layout[block_of[:, None], block_of[None, :]]
+    return layout
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -110,6 +110,22 @@ def all_reduce_sum(values: torch.Tensor, ctx: DistributedContext) -> torch.Tenso
     return reduced.cpu()
 
 
+def gather_strided(local: torch.Tensor, total: int, ctx: DistributedContext) -> torch.Tensor:
+    """Rows this rank computed for items rank, rank + world_size, ... -> all `total` rows in item order, on
+    every rank (on the CPU)."""
+    if not ctx.is_distributed:
+        return local.cpu()
+    per_rank = -(-total // ctx.world_size)
+    padded = torch.zeros((per_rank, *local.shape[1:]), dtype=local.dtype, device=ctx.device)
+    padded[: len(local)] = local
+    gathered = [torch.empty_like(padded) for _ in range(ctx.world_size)]
+    dist.all_gather(gathered, padded)
+    result = torch.empty((total, *local.shape[1:]), dtype=local.dtype)
+    for rank, rows in enumerate(gathered):
+        result[rank :: ctx.world_size] = rows[: len(range(rank, total, ctx.world_size))].cpu()
+    return result
+
+
 def broadcast_object(value: Any, ctx: DistributedContext) -> Any:
     """Rank 0's `value`, on every rank."""
     if not ctx.is_distributed:

@@ -156,6 +156,10 @@ def _fetch_into(url: str, partial: Path, destination: Path, size: int | None, pr
     with response:
         content_range = response.headers.get("Content-Range", "")
         resumed = offset > 0 and response.status == 206 and content_range.startswith(f"bytes {offset}-")
+        if response.status == 206 and not resumed:
+            partial.unlink(missing_ok=True)
+            raise DownloadError(f"{url} answered with an unexpected range ({content_range!r}); the partial "
+                                "file was deleted: call again to download from the start")
         if not resumed:
             offset = 0  # the server sent the whole file
         length = response.headers.get("Content-Length")

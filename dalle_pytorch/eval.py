@@ -218,10 +218,10 @@ def _accuracy(classifier: ShapeClassifier, images: torch.Tensor, labels: torch.T
 def train_shape_classifier(
     image_size: int = 32,
     seed: int = 0,
-    steps: int = 200,
+    steps: int = 150,
     batch_size: int = 64,
     shapes: Sequence[str] = DEFAULT_SHAPES,
-    num_train_images: int = 2000,
+    num_train_images: int = 1500,
     num_test_images: int = 1000,
     learning_rate: float = 1e-2,
 ) -> tuple[ShapeClassifier, float]:

@@ -21,7 +21,8 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from .download import ReleasedFile, fetch_released_file
+from .checkpoint import PretrainedMixin
+from .download import DownloadError, ReleasedFile, fetch_released_file
 from .openai_dvae import (
     OpenAIDecoder,
     OpenAIEncoder,
@@ -60,14 +61,22 @@ RELEASED_FILES = (OPENAI_ENCODER_FILE, OPENAI_DECODER_FILE, VQGAN_F16_1024_CHECK
                   VQGAN_F16_1024_CONFIG_FILE)
 
 
-def _resolve_path(path: Any, default: ReleasedFile, cache_dir: Any, argument: str) -> str | os.PathLike:
-    if path is None:
-        return fetch_released_file(default, cache_dir, argument=argument)
-    if not isinstance(path, str | os.PathLike):
-        raise TypeError(f"{argument} must be a path (str or os.PathLike) or None, got {type(path).__name__}")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{argument}: no file at {path}")
-    return path
+def _resolve_paths(requests: list[tuple[Any, ReleasedFile, str]], cache_dir: Any) -> list[Any]:
+    """Check given paths; fetch the default file for each None. One error lists every file missing."""
+    for path, _, argument in requests:
+        if path is not None and not isinstance(path, str | os.PathLike):
+            raise TypeError(f"{argument} must be a path (str or os.PathLike) or None, got {type(path).__name__}")
+        if path is not None and not os.path.isfile(path):
+            raise FileNotFoundError(f"{argument}: no file at {path}")
+    resolved, problems = [], []
+    for path, default, argument in requests:
+        try:
+            resolved.append(path if path is not None else fetch_released_file(default, cache_dir, argument=argument))
+        except DownloadError as error:
+            problems.append(str(error))
+    if problems:
+        raise DownloadError("\n".join(problems))
+    return resolved
 
 
 def _positive_int(value: Any, name: str) -> int:
@@ -76,7 +85,7 @@ def _positive_int(value: Any, name: str) -> int:
     return value
 
 
-class _ImageTokenizer(nn.Module):
+class _ImageTokenizer(PretrainedMixin, nn.Module):
     """Shared input checks and the derived grid size of a pretrained image tokenizer."""
 
     image_size: int
@@ -116,9 +125,8 @@ class _ImageTokenizer(nn.Module):
                                   "get_codebook_indices(images) and decode(img_seq)")
 
     @classmethod
-    def _from_config(cls, config: Mapping[str, Any]) -> _ImageTokenizer:
-        """Build the architecture described by `config` (weights uninitialised); no file access."""
-        tokenizer = cls.__new__(cls)
+    def _build_from_config(cls, config: Mapping[str, Any]) -> Any:
+        tokenizer = cls.__new__(cls)  # skips __init__: no path resolution, no file access, no download
         nn.Module.__init__(tokenizer)
         tokenizer._build(config)
         return tokenizer
@@ -140,8 +148,10 @@ class OpenAIDiscreteVAE(_ImageTokenizer):
                  decoder_path: str | os.PathLike | None = None,
                  cache_dir: str | os.PathLike | None = None) -> None:
         super().__init__()
-        encoder_path = _resolve_path(encoder_path, OPENAI_ENCODER_FILE, cache_dir, "encoder_path")
-        decoder_path = _resolve_path(decoder_path, OPENAI_DECODER_FILE, cache_dir, "decoder_path")
+        encoder_path, decoder_path = _resolve_paths([
+            (encoder_path, OPENAI_ENCODER_FILE, "encoder_path"),
+            (decoder_path, OPENAI_DECODER_FILE, "decoder_path"),
+        ], cache_dir)
         encoder_config, encoder_tensors = read_released_encoder(encoder_path)
         decoder_config, decoder_tensors = read_released_decoder(decoder_path)
         if encoder_config["vocab_size"] != decoder_config["vocab_size"]:
@@ -157,6 +167,12 @@ class OpenAIDiscreteVAE(_ImageTokenizer):
         })
         load_tensors_strict(self.encoder, encoder_tensors, f"encoder file {encoder_path}")
         load_tensors_strict(self.decoder, decoder_tensors, f"decoder file {decoder_path}")
+
+    # Defined on the class itself so it wins over any base class's _from_config.
+    @classmethod
+    def _from_config(cls, config: Mapping[str, Any]) -> OpenAIDiscreteVAE:
+        """The architecture described by `config` (weights uninitialised), built without any file."""
+        return cls._build_from_config(config)
 
     def _build(self, config: Mapping[str, Any]) -> None:
         if not isinstance(config, Mapping) or not isinstance(config.get("encoder"), Mapping) \
@@ -209,14 +225,17 @@ class VQGanVAE(_ImageTokenizer):
             raise ValueError(
                 "give both vqgan_model_path and vqgan_config_path, or neither for the default model"
             )
-        config_path = _resolve_path(
-            vqgan_config_path, VQGAN_F16_1024_CONFIG_FILE, cache_dir, "vqgan_config_path"
-        )
-        model_path = _resolve_path(
-            vqgan_model_path, VQGAN_F16_1024_CHECKPOINT_FILE, cache_dir, "vqgan_model_path"
-        )
+        config_path, model_path = _resolve_paths([
+            (vqgan_config_path, VQGAN_F16_1024_CONFIG_FILE, "vqgan_config_path"),
+            (vqgan_model_path, VQGAN_F16_1024_CHECKPOINT_FILE, "vqgan_model_path"),
+        ], cache_dir)
         self._build(read_vqgan_yaml(config_path))
         load_tensors_strict(self.model, read_vqgan_checkpoint(model_path), f"VQGAN checkpoint {model_path}")
+
+    @classmethod
+    def _from_config(cls, config: Mapping[str, Any]) -> VQGanVAE:
+        """The architecture described by `config` (weights uninitialised), built without any file."""
+        return cls._build_from_config(config)
 
     def _build(self, config: Mapping[str, Any]) -> None:
         self.config = validate_vqgan_config(config)

@@ -77,11 +77,12 @@ class RunLogger:
         if self._wandb is not None:
             self._wandb.log(scalars, step=step)
 
-    def log_images(self, step: int, tag: str, images: torch.Tensor, captions: list[str] | None = None) -> Path:
-        """Images (b, c, h, w) in [0, 1]: a grid PNG in `samples/` (captions beside it in a .txt), and the
-        grid / the captioned images to TensorBoard / W&B. Returns the PNG's path."""
+    def log_images(self, step: int, tag: str, images: torch.Tensor, captions: list[str] | None = None,
+                   nrow: int | None = None) -> Path:
+        """Images (b, c, h, w) in [0, 1]: a grid PNG (`nrow` per row) in `samples/` (captions beside it in a
+        .txt), and the grid / the captioned images to TensorBoard / W&B. Returns the PNG's path."""
         images = images.detach().float().cpu().clamp(0, 1)
-        grid = image_grid(images)
+        grid = image_grid(images, nrow)
         path = save_image(grid, self.output_dir / "samples" / f"{tag}-{step:08d}.png")
         if captions:
             path.with_suffix(".txt").write_text("\n".join(captions) + "\n", encoding="utf-8")

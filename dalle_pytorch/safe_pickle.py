@@ -299,13 +299,16 @@ def _load_legacy(path: Path) -> Any:
             raise CheckpointFormatError(f"{path} was written on a big-endian machine; not supported")
 
         storages: dict[str, _Storage] = {}
+        file_size = os.fstat(file.fileno()).st_size
 
         def load_storage(pid: tuple) -> _Storage:
             _, storage_type, key, _location, numel = pid[:5]
-            if not isinstance(numel, int) or numel < 0:
-                raise CheckpointFormatError(f"invalid storage size {numel!r}")
+            dtype = _storage_dtype(storage_type)
+            # The bytes follow in the same file: a larger claim is a truncated or forged file.
+            if not isinstance(numel, int) or numel < 0 or numel * _element_size(dtype) > file_size:
+                raise CheckpointFormatError(f"{path}: invalid storage size {numel!r} (truncated file?)")
             if key not in storages:  # filled in below: the raw bytes follow the pickle
-                storages[key] = _Storage(torch.empty(numel, dtype=_storage_dtype(storage_type)))
+                storages[key] = _Storage(torch.empty(numel, dtype=dtype))
             view_metadata = pid[5] if len(pid) > 5 else None
             if view_metadata is not None:  # (view_key, offset, size) of a storage slice, torch < 1.x
                 _view_key, offset, size = view_metadata

@@ -199,7 +199,7 @@ class VectorQuantizer(nn.Module):
 
     def codes(self, features: torch.Tensor) -> torch.Tensor:
         codebook = self.embedding.weight
-        # |z - e|^2 expanded as |z|^2 + |e|^2 - 2 z.e, the form the released model was trained with
+        # |z - e|^2 expanded as |z|^2 + |e|^2 - 2 z.e, as taming computes it, so near-ties resolve alike
         distances = (features.pow(2).sum(-1, keepdim=True) + codebook.pow(2).sum(-1)
                      - 2 * features @ codebook.t())
         return distances.argmin(dim=-1)

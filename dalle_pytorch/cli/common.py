@@ -1,0 +1,270 @@
+"""What the command-line tools share: flag spellings, the training flags, choosing a tokenizer and a VAE,
+finding checkpoints, `args.json`, and turning failures into clear exit messages.
+
+Flags are spelled with underscores as in the original DALLE-pytorch documentation (`--image_folder`);
+the dashed spelling (`--image-folder`) is accepted too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from dalle_pytorch._version import __version__
+from dalle_pytorch.checkpoint import CONFIG_NAME, TRAINING_STATE_NAME, CheckpointManager, load_pretrained
+from dalle_pytorch.download import DownloadError
+from dalle_pytorch.training import LR_SCHEDULES, PRECISIONS, NonFiniteLossError, TrainingInterrupted
+
+ARGS_NAME = "args.json"
+DEFAULT_SEED = 42
+
+
+def spellings(name: str) -> list[str]:
+    """'--image_folder' -> ['--image_folder', '--image-folder']."""
+    dashed = "--" + name[2:].replace("_", "-")
+    return [name] if dashed == name else [name, dashed]
+
+
+def add_arg(parser: argparse.ArgumentParser | argparse._ArgumentGroup, name: str, **kwargs: Any) -> None:
+    """An option under both spellings, stored under the underscore name."""
+    parser.add_argument(*spellings(name), dest=name[2:], **kwargs)
+
+
+def add_switch(parser: argparse.ArgumentParser | argparse._ArgumentGroup, name: str, default: bool, help: str) -> None:
+    """`--name` turns it on, `--no_name` off."""
+    parser.add_argument(*spellings(name), dest=name[2:], action="store_true", default=default,
+                        help=f"{help} (default: {'on' if default else 'off'})")
+    parser.add_argument(*spellings("--no_" + name[2:]), dest=name[2:], action="store_false",
+                        help=f"turn off {name}")
+
+
+def add_training_args(parser: argparse.ArgumentParser, *, output_dir: str, epochs: int, batch_size: int,
+                      learning_rate: float, clip_grad_norm: float | None = None,
+                      lr_schedule: str = "constant") -> None:
+    """The flags of `TrainingSettings`, plus --seed, --device, --num_workers and --resume."""
+    group = parser.add_argument_group("training")
+    add_arg(group, "--output_dir", default=output_dir,
+            help=f"folder for step-XXXXXXXX/ checkpoints, args.json, metrics.jsonl, samples/ (default: {output_dir})")
+    add_arg(group, "--epochs", type=int, default=epochs, help=f"passes over the data (default: {epochs})")
+    add_arg(group, "--max_steps", type=int, default=None, help="stop after this many optimizer steps in total")
+    add_arg(group, "--batch_size", type=int, default=batch_size,
+            help=f"samples per micro-batch on each process (default: {batch_size})")
+    group.add_argument("--ga_steps", "--ga-steps", "--gradient_accumulation_steps", dest="ga_steps", type=int,
+                       default=1, help="micro-batches whose gradients are accumulated per optimizer step (default: 1)")
+    add_arg(group, "--learning_rate", type=float, default=learning_rate, help=f"AdamW learning rate (default: {learning_rate})")
+    add_arg(group, "--weight_decay", type=float, default=0.0, help="AdamW weight decay (default: 0)")
+    add_arg(group, "--clip_grad_norm", type=float, default=clip_grad_norm,
+            help=f"clip the gradient norm to this (default: {clip_grad_norm or 'no clipping'})")
+    add_arg(group, "--lr_schedule", choices=LR_SCHEDULES, default=lr_schedule,
+            help=f"learning-rate schedule after warmup (default: {lr_schedule})")
+    add_arg(group, "--lr_decay_rate", type=float, default=0.98,
+            help="exponential schedule: multiply the learning rate by this every --lr_decay_every steps (default: 0.98)")
+    add_arg(group, "--lr_decay_every", type=int, default=1000, help="see --lr_decay_rate (default: 1000)")
+    add_arg(group, "--lr_min", type=float, default=0.0, help="the schedule never goes below this learning rate")
+    add_arg(group, "--warmup_steps", type=int, default=0, help="linear learning-rate warmup steps (default: 0)")
+    add_arg(group, "--precision", choices=list(PRECISIONS), default="fp32",
+            help="fp32; bf16 (autocast); fp16 (autocast with loss scaling) (default: fp32)")
+    group.add_argument("--fp16", dest="precision", action="store_const", const="fp16", help="same as --precision fp16")
+    add_arg(group, "--seed", type=int, default=None,
+            help=f"seed of initialisation, data order and sampling (default: {DEFAULT_SEED}, or the resumed run's)")
+    add_arg(group, "--device", default="auto", help="auto (CUDA if present, else CPU), cpu, cuda, cuda:1, mps")
+    add_arg(group, "--num_workers", type=int, default=0, help="DataLoader worker processes (default: 0)")
+    add_arg(group, "--save_every_n_steps", type=int, default=1000, help="checkpoint interval in steps (default: 1000)")
+    add_arg(group, "--keep_n_checkpoints", type=int, default=None, help="keep only the newest N checkpoints")
+    add_arg(group, "--resume", nargs="?", const="latest", default=None,
+            help="continue from a checkpoint folder; without a value, the newest in --output_dir (a fresh start "
+                 "if there is none, so the same command restarts a preempted job)")
+    add_arg(group, "--max_nan_steps", type=int, default=10,
+            help="stop after this many consecutive steps with a NaN/inf loss or gradient (each is skipped)")
+
+    logs = parser.add_argument_group("logging")
+    add_arg(logs, "--log_every_n_steps", type=int, default=10, help="metrics interval in steps (default: 10)")
+    add_arg(logs, "--sample_every_n_steps", type=int, default=500, help="sample-image interval in steps (default: 500)")
+    add_arg(logs, "--log_sample_ids", action="store_true", help="write the dataset indices of every step to metrics.jsonl")
+    logs.add_argument("--no_progress", "--no-progress", dest="progress", action="store_false",
+                      help="no progress bar")
+    add_arg(logs, "--tensorboard", action="store_true", help="also log to TensorBoard in OUTPUT_DIR/tensorboard")
+    add_arg(logs, "--wandb", action="store_true", help="also log to Weights & Biases")
+    add_arg(logs, "--wandb_project", default="dalle_pytorch", help="W&B project (default: dalle_pytorch)")
+    add_arg(logs, "--wandb_name", default=None, help="W&B run name")
+    add_arg(logs, "--wandb_entity", default=None, help="W&B entity (user or team)")
+
+    scale = parser.add_argument_group("several processes (launch with torchrun)")
+    add_arg(scale, "--deepspeed", action="store_true", help="train with DeepSpeed (see install_deepspeed.sh)")
+    add_arg(scale, "--zero_stage", type=int, default=2, choices=[0, 1, 2, 3], help="DeepSpeed ZeRO stage (default: 2)")
+    add_arg(scale, "--deepspeed_config", default=None, help="DeepSpeed JSON config merged over the generated one")
+    add_arg(scale, "--powersgd", action="store_true", help="compress DDP gradients with PowerSGD")
+    add_arg(scale, "--powersgd_rank", type=int, default=1, help="PowerSGD matrix approximation rank (default: 1)")
+    add_arg(scale, "--powersgd_start_iter", type=int, default=10,
+            help="plain all-reduce for this many steps before PowerSGD starts (default: 10)")
+    add_arg(scale, "--find_unused_parameters", action="store_true", help="DDP option for models with unused parameters")
+    add_arg(scale, "--local_rank", type=int, default=None, help="set by old launchers; torchrun uses LOCAL_RANK instead")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# ------------------------------------------------------------------------------------------ checkpoints
+
+
+def resolve_checkpoint(path: str | os.PathLike, flag: str) -> Path:
+    """A model folder, or the newest `step-*` checkpoint inside a training output folder."""
+    path = Path(path)
+    if (path / CONFIG_NAME).is_file():
+        return path
+    latest = CheckpointManager(path).latest()
+    if latest is not None:
+        return latest
+    raise FileNotFoundError(f"{flag}: {path} is neither a model folder (with {CONFIG_NAME}) nor a training "
+                            "output folder with step-* checkpoints")
+
+
+def resume_dir(args: argparse.Namespace) -> Path | None:
+    """The checkpoint `--resume` names (None for a fresh start)."""
+    if args.resume is None:
+        return None
+    if args.resume == "latest":
+        latest = CheckpointManager(args.output_dir).latest()
+        if latest is None:
+            print(f"--resume: no checkpoint in {args.output_dir} yet; starting from scratch", file=sys.stderr)
+        return latest
+    directory = resolve_checkpoint(args.resume, "--resume")
+    if not (directory / TRAINING_STATE_NAME).is_file():
+        raise FileNotFoundError(f"--resume: {directory} holds no {TRAINING_STATE_NAME} to resume from")
+    return directory
+
+
+def choose_seed(args: argparse.Namespace, checkpoint: Path | None) -> int:
+    """--seed, else the seed of the run being resumed, else DEFAULT_SEED."""
+    if args.seed is not None:
+        return args.seed
+    if checkpoint is not None and (checkpoint / TRAINING_STATE_NAME).is_file():
+        state = torch.load(checkpoint / TRAINING_STATE_NAME, map_location="cpu", weights_only=True)
+        seed = (state.get("extra") or {}).get("seed")
+        if isinstance(seed, int):
+            return seed
+    return DEFAULT_SEED
+
+
+def write_args_json(output_dir: str | os.PathLike, tool: str, args: argparse.Namespace, **more: Any) -> Path:
+    """`output_dir/args.json`: the tool, library version and every flag (plus `more`)."""
+    record = {"tool": tool, "library_version": __version__,
+              "args": {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()},
+              **more}
+    path = Path(output_dir) / ARGS_NAME
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=2, default=str) + "\n", encoding="utf-8")
+    return path
+
+
+def read_args_json(checkpoint: Path) -> dict[str, Any]:
+    """The args.json of the training run a checkpoint came from ({} if none)."""
+    for folder in (checkpoint, checkpoint.parent):
+        if (folder / ARGS_NAME).is_file():
+            return json.loads((folder / ARGS_NAME).read_text(encoding="utf-8"))
+    return {}
+
+
+# ------------------------------------------------------------------------------------------ tokenizer
+
+
+def add_tokenizer_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("tokenizer (default: the CLIP BPE tokenizer)")
+    add_arg(group, "--bpe_path", default=None,
+            help="a tokenizer file: Hugging Face tokenizers JSON (.json), a YouTokenToMe model, or with "
+                 "--chinese a WordPiece vocab.txt")
+    add_arg(group, "--hug", action="store_true", help="--bpe_path is a Hugging Face tokenizers file")
+    add_arg(group, "--chinese", action="store_true", help="--bpe_path is a Chinese WordPiece vocab.txt")
+
+
+def tokenizer_spec(args: argparse.Namespace) -> dict[str, Any]:
+    """{'kind': simple|hug|yttm|chinese, 'path': absolute path or None}, as stored in args.json."""
+    if args.bpe_path is None:
+        if args.hug or args.chinese:
+            raise ValueError("--hug and --chinese need --bpe_path (the tokenizer file)")
+        return {"kind": "simple", "path": None}
+    path = str(Path(args.bpe_path).resolve())
+    if args.chinese:
+        return {"kind": "chinese", "path": path}
+    if args.hug or path.endswith(".json"):
+        return {"kind": "hug", "path": path}
+    return {"kind": "yttm", "path": path}
+
+
+def tokenizer_spec_for(args: argparse.Namespace, checkpoint: Path | None) -> dict[str, Any]:
+    """The tokenizer the flags name, else the one the checkpoint's training run used (its args.json), else
+    the default."""
+    if args.bpe_path is not None or args.hug or args.chinese or checkpoint is None:
+        return tokenizer_spec(args)
+    spec = read_args_json(checkpoint).get("tokenizer")
+    if isinstance(spec, dict) and spec.get("kind") in ("simple", "hug", "yttm", "chinese"):
+        return spec
+    return tokenizer_spec(args)
+
+
+def build_tokenizer(spec: dict[str, Any]) -> Any:
+    from dalle_pytorch import tokenizer as tokenizers
+
+    kinds: dict[str, Callable[..., Any]] = {"hug": tokenizers.HugTokenizer, "yttm": tokenizers.YttmTokenizer,
+                                            "chinese": tokenizers.ChineseTokenizer}
+    if spec["kind"] == "simple":
+        return tokenizers.tokenizer
+    if spec["kind"] not in kinds:
+        raise ValueError(f"unknown tokenizer kind {spec['kind']!r}")
+    return kinds[spec["kind"]](spec["path"])
+
+
+# ------------------------------------------------------------------------------------------ VAE
+
+
+def add_vae_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("image tokenizer (default: OpenAI's discrete VAE)")
+    add_arg(group, "--vae_path", default=None, help="a trained VAE: a model folder or a dalle-train-vae output folder")
+    add_arg(group, "--taming", action="store_true", help="use a taming-transformers VQGAN")
+    add_arg(group, "--vqgan_model_path", default=None, help="VQGAN .ckpt (default: the ImageNet f16 1024 model)")
+    add_arg(group, "--vqgan_config_path", default=None, help="VQGAN model.yaml belonging to --vqgan_model_path")
+    add_arg(group, "--openai_encoder_path", default=None, help="OpenAI dVAE encoder.pkl (default: from the cache)")
+    add_arg(group, "--openai_decoder_path", default=None, help="OpenAI dVAE decoder.pkl (default: from the cache)")
+
+
+def load_vae(args: argparse.Namespace) -> torch.nn.Module:
+    """The VAE the flags choose: --vae_path, --taming, else OpenAI's."""
+    if args.vae_path is not None:
+        if args.taming:
+            raise ValueError("give either --vae_path or --taming, not both")
+        return load_pretrained(resolve_checkpoint(args.vae_path, "--vae_path"))
+    from dalle_pytorch.pretrained_vae import OpenAIDiscreteVAE, VQGanVAE
+
+    if args.taming:
+        return VQGanVAE(args.vqgan_model_path, args.vqgan_config_path)
+    return OpenAIDiscreteVAE(args.openai_encoder_path, args.openai_decoder_path)
+
+
+# ------------------------------------------------------------------------------------------ exits
+
+
+def run_main(prog: str, run: Callable[[list[str] | None], Any], argv: list[str] | None) -> None:
+    """Runs a tool, turning expected failures into a one-line message and an exit status."""
+    try:
+        run(argv)
+    except TrainingInterrupted as stop:
+        print(f"{prog}: interrupted; checkpoint: {stop.checkpoint}", file=sys.stderr)
+        raise SystemExit(130) from None
+    except NonFiniteLossError as error:
+        print(f"{prog}: {error}", file=sys.stderr)
+        raise SystemExit(1) from None
+    except (ValueError, OSError, ImportError, DownloadError) as error:
+        print(f"{prog}: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
