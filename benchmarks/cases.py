@@ -10,6 +10,7 @@ type), generation, reversible_memory, clip.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import math
 import statistics
@@ -234,11 +235,9 @@ class StepClock(list):
 def _timed_generation(model, text, generator_seed: int, clock: StepClock, **options) -> tuple[float, list]:
     """Run one generation; returns (prefill seconds, decode step seconds)."""
     start = time.perf_counter()
-    try:
+    with contextlib.suppress(_EnoughSteps):
         model.generate_image_codes(text, generator=torch.Generator().manual_seed(generator_seed),
                                    step_logits=clock, **options)  # fmt: skip
-    except _EnoughSteps:
-        pass
     times = [start, *clock.times]
     return times[1] - times[0], [b - a for a, b in zip(times[1:], times[2:])]
 
@@ -261,7 +260,7 @@ def generation(device: torch.device, quick: bool, attn_type: str, tokens: int, c
             "image_tokens": tokens, "prefill_s": statistics.median(p for p, _ in timed),
             "ms_per_token_step": step_ms, "matmul_flops": sum(steps_flops),
             "step_matmul_flops": statistics.mean(steps_flops[1:]), "flops_formula": model_flops.GENERATION_FORMULA,
-            "ms_per_token_step_definition": "mean time between consecutive sampled tokens, prefill excluded"}  # fmt: skip
+            "ms_per_token_step_definition": "mean time between sampled tokens, prefill excluded"}  # fmt: skip
 
 
 def generation_quickstart(device: torch.device, quick: bool) -> dict:

@@ -41,7 +41,8 @@ def derive(name: str, result: dict, matmul_gflops: float | None, earlier: dict[s
         for window in ("start", "end"):
             flops = out.get(f"step_matmul_flops_window_{window}")
             if flops:
-                out[f"x_step_matmul_time_window_{window}"] = out[f"ms_step_window_{window}"] / (flops / matmul_gflops / 1e6)
+                window_matmul_ms = flops / matmul_gflops / 1e6
+                out[f"x_step_matmul_time_window_{window}"] = out[f"ms_step_window_{window}"] / window_matmul_ms
     full = earlier.get("long_full", {}).get("median_s")
     if name.startswith("long_") and full and median:
         out["speedup_vs_full"] = full / median

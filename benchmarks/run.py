@@ -85,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     names = select(list(registry), args.only)
     device = pick_device(args.device)
     timeout = args.timeout or (120.0 if args.quick else 3600.0)
-    command = "python benchmarks/run.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    given = argv if argv is not None else sys.argv[1:]
+    command = "python benchmarks/run.py " + " ".join(shlex.quote(a) for a in given)
     out_file = args.out.open("w") if args.out else None
     results: dict[str, dict] = {}
     try:
