@@ -83,8 +83,9 @@ def _dalle(quick: bool, device: torch.device, grid: int | None = None, quickstar
     else:
         vae, vae_sizes = _vae(quick, grid)
         sizes = dict(DALLE_SIZES[quick])
-    model = DALLE(vae=vae, **sizes, **options).to(device)
-    config = {**sizes, **options, "vae": vae_sizes, "image_seq_len": model.image_seq_len}
+    sizes.update(options)  # options may override a size (depth)
+    model = DALLE(vae=vae, **sizes).to(device)
+    config = {**sizes, "vae": vae_sizes, "image_seq_len": model.image_seq_len}
     return model, config
 
 
@@ -305,16 +306,30 @@ def generation_quickstart(device: torch.device, quick: bool) -> dict:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def reversible_memory(device: torch.device, quick: bool, depth: int, reversible: bool) -> dict:
-    """Peak training memory = state (weights, gradients, AdamW moments) + the peak of forward + backward.
+def _tensor_mb(tensors) -> float:
+    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor)) / 2**20
 
-    Gradients stay allocated between steps (``zero_grad(set_to_none=False)``) so they count as state and
-    the forward + backward peak is activations and temporaries only.
+
+def _warm_up_runtime(quick: bool, device: torch.device, reversible: bool, generator: torch.Generator) -> None:
+    model, _ = _dalle(quick, device, attn_types=("full",), depth=1, reversible=reversible)
+    text, codes = _text_and_codes(model, TRAIN_BATCH[quick], generator, device)
+    step, _ = _train_step(model, lambda: model(text, codes, return_loss=True))
+    step()
+    gc.collect()
+
+
+def reversible_memory(device: torch.device, quick: bool, depth: int, reversible: bool) -> dict:
+    """Peak training memory = state (weights, buffers, gradients, AdamW moments) + the peak of forward + backward.
+
+    The state is counted from its tensors; the forward + backward peak is measured (high-water RSS above
+    the RSS before it). Gradients stay allocated between steps (``zero_grad(set_to_none=False)``), so the
+    measured peak is activations and temporaries only. A throw-away depth-1 step first pays the runtime's
+    one-time allocations, so they are not charged to the model.
     """
     freed_to_os = device.type == "cpu" and return_freed_memory_to_os()
     probe = MemoryProbe(device)
     generator = _seeded()
-    gc.collect()
+    _warm_up_runtime(quick, device, reversible, generator)
     before = probe.now_mb()
     model, config = _dalle(quick, device, attn_types=("full",), depth=depth, reversible=reversible)
     batch = TRAIN_BATCH[quick]
@@ -323,19 +338,22 @@ def reversible_memory(device: torch.device, quick: bool, depth: int, reversible:
     step, optimizer = _train_step(model, loss_fn, set_to_none=False)
     step()  # allocates gradients and optimizer moments
     gc.collect()
-    state = probe.now_mb()
+    state_rss = probe.now_mb()
     reset_ok = probe.reset_peak()
     optimizer.zero_grad(set_to_none=False)
     loss_fn().backward()
-    activation = probe.peak_mb() - state if reset_ok and state is not None else None
+    activation = probe.peak_mb() - state_rss if reset_ok and state_rss is not None else None
     optimizer.step()
     stats = time_repeats(step, device=device, warmup=0, repeats=3, budget_s=BUDGET_S[quick])
-    state_mb = state - before if state is not None and before is not None else None
-    params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    moments = [t for per_param in optimizer.state.values() for t in per_param.values()]
+    grads = [p.grad for p in model.parameters()]
+    state_mb = _tensor_mb([*model.parameters(), *model.buffers(), *grads, *moments])
     return {**stats, "config": {**config, "batch": batch},
             "state_mb": state_mb, "activation_mb": activation,
-            "train_memory_mb": state_mb + activation if None not in (state_mb, activation) else None,
-            "trainable_params": params, "freed_memory_returned_to_os": freed_to_os}  # fmt: skip
+            "train_memory_mb": state_mb + activation if activation is not None else None,
+            "state_rss_mb": state_rss - before if None not in (state_rss, before) else None,
+            "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+            "freed_memory_returned_to_os": freed_to_os}  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------------

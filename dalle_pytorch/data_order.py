@@ -103,12 +103,21 @@ class IndexedBatches:
     """Batches of a map-style dataset in the resumable order: `iterate(epoch, start_sample)` yields
     `(sample indices (b,) long, collated batch)`."""
 
-    def __init__(self, dataset: Dataset, *, batch_size: int, seed: int, ctx: DistributedContext,
-                 num_workers: int = 0, shuffle: bool = True):
+    def __init__(
+        self,
+        dataset: Dataset,
+        *,
+        batch_size: int,
+        seed: int,
+        ctx: DistributedContext,
+        num_workers: int = 0,
+        shuffle: bool = True,
+    ):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        self.sampler = ResumableSampler(len(dataset), seed=seed, rank=ctx.rank, world_size=ctx.world_size,
-                                        shuffle=shuffle)
+        self.sampler = ResumableSampler(
+            len(dataset), seed=seed, rank=ctx.rank, world_size=ctx.world_size, shuffle=shuffle
+        )
         self.batch_size = batch_size
         self.loader = DataLoader(
             SeededDataset(dataset), batch_size=batch_size, sampler=self.sampler, num_workers=num_workers,

@@ -86,8 +86,12 @@ def init_distributed(device: str = "auto", backend: str | None = None) -> Distri
     if resolved.type == "cuda":
         torch.cuda.set_device(resolved)
     if not dist.is_initialized():
-        dist.init_process_group(backend or ("nccl" if resolved.type == "cuda" else "gloo"), init_method="env://",
-                                rank=rank, world_size=world_size)
+        dist.init_process_group(
+            backend or ("nccl" if resolved.type == "cuda" else "gloo"),
+            init_method="env://",
+            rank=rank,
+            world_size=world_size,
+        )
     return DistributedContext(rank=rank, world_size=world_size, local_rank=local_rank, device=resolved)
 
 
@@ -126,15 +130,6 @@ def gather_strided(local: torch.Tensor, total: int, ctx: DistributedContext) -> 
     return result
 
 
-def broadcast_object(value: Any, ctx: DistributedContext) -> Any:
-    """Rank 0's `value`, on every rank."""
-    if not ctx.is_distributed:
-        return value
-    holder = [value]
-    dist.broadcast_object_list(holder, src=0)
-    return holder[0]
-
-
 def wrap_ddp(
     model: nn.Module,
     ctx: DistributedContext,
@@ -149,14 +144,16 @@ def wrap_ddp(
     if not ctx.is_distributed:
         return model
     device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
-    ddp = nn.parallel.DistributedDataParallel(model, device_ids=device_ids,
-                                              find_unused_parameters=find_unused_parameters)
+    ddp = nn.parallel.DistributedDataParallel(
+        model, device_ids=device_ids, find_unused_parameters=find_unused_parameters
+    )
     if powersgd:
         from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook
 
         # plain all-reduce for the first iterations lets error feedback start from a good state (see the hook's docs)
-        state = powerSGD_hook.PowerSGDState(process_group=None, matrix_approximation_rank=powersgd_rank,
-                                            start_powerSGD_iter=max(2, powersgd_start_iter))
+        state = powerSGD_hook.PowerSGDState(
+            process_group=None, matrix_approximation_rank=powersgd_rank, start_powerSGD_iter=max(2, powersgd_start_iter)
+        )
         ddp.register_comm_hook(state, powerSGD_hook.powerSGD_hook)
     return ddp
 
@@ -206,8 +203,9 @@ def deepspeed_config(
     return config
 
 
-def deepspeed_initialize(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
-                         config: dict[str, Any]) -> Any:
+def deepspeed_initialize(
+    model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, config: dict[str, Any]
+) -> Any:
     """A DeepSpeed engine owning `model`, `optimizer` and `scheduler`."""
     deepspeed = require_deepspeed()
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config)

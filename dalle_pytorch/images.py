@@ -43,7 +43,8 @@ def save_image(image: Tensor, path: str | os.PathLike) -> Path:
 def image_grid(images: Tensor, nrow: int | None = None, padding: int = 2, pad_value: float = 1.0) -> Tensor:
     """Images (b, c, h, w) -> one grid image (c, H, W) with `nrow` images per row (default ~sqrt(b))."""
     if not torch.is_tensor(images) or images.ndim != 4 or images.shape[0] == 0:
-        raise ValueError(f"images must be a non-empty (batch, channels, height, width) tensor, got {getattr(images, 'shape', images)}")
+        shape = getattr(images, "shape", images)
+        raise ValueError(f"images must be a non-empty (batch, channels, height, width) tensor, got {shape}")
     batch, channels, height, width = images.shape
     nrow = nrow or math.ceil(math.sqrt(batch))
     ncol = math.ceil(batch / nrow)

@@ -62,8 +62,15 @@ class RunLogger:
             # the same W&B run continues when training resumes in this folder
             run_id = run_id_file.read_text().strip() if run_id_file.is_file() else wandb_module.util.generate_id()
             run_id_file.write_text(run_id)
-            wandb_module.init(project=wandb_project, name=wandb_name, entity=wandb_entity, config=config or {},
-                              dir=str(self.output_dir), id=run_id, resume="allow")
+            wandb_module.init(
+                project=wandb_project,
+                name=wandb_name,
+                entity=wandb_entity,
+                config=config or {},
+                dir=str(self.output_dir),
+                id=run_id,
+                resume="allow",
+            )
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         """One line of `metrics.jsonl` ({"step": step, **metrics}) and the scalars to TensorBoard / W&B."""
@@ -77,8 +84,9 @@ class RunLogger:
         if self._wandb is not None:
             self._wandb.log(scalars, step=step)
 
-    def log_images(self, step: int, tag: str, images: torch.Tensor, captions: list[str] | None = None,
-                   nrow: int | None = None) -> Path:
+    def log_images(
+        self, step: int, tag: str, images: torch.Tensor, captions: list[str] | None = None, nrow: int | None = None
+    ) -> Path:
         """Images (b, c, h, w) in [0, 1]: a grid PNG (`nrow` per row) in `samples/` (captions beside it in a
         .txt), and the grid / the captioned images to TensorBoard / W&B. Returns the PNG's path."""
         images = images.detach().float().cpu().clamp(0, 1)
@@ -92,8 +100,10 @@ class RunLogger:
                 self._tensorboard.add_text(f"{tag}/captions", "\n\n".join(captions), step)
         if self._wandb is not None:
             captions = captions or [""] * len(images)
-            pictures = [self._wandb.Image(image.permute(1, 2, 0).numpy(), caption=caption)
-                        for image, caption in zip(images, captions)]
+            pictures = [
+                self._wandb.Image(image.permute(1, 2, 0).numpy(), caption=caption)
+                for image, caption in zip(images, captions)
+            ]
             self._wandb.log({tag: pictures}, step=step)
         return path
 

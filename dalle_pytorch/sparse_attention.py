@@ -24,10 +24,10 @@ s key blocks per band, w = s * (block length) band keys.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor
 
@@ -40,141 +40,185 @@ _SCORES_PER_CHUNK = 1 << 21
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The shared kernel: tiles of queries over [prefix keys | a band of gathered key blocks]
+# The shared kernel: causal attention over the prefix, then tiles of queries over [prefix | band] keys
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _chunks(q: Tensor, prefix_len: int, band_len: int) -> list[slice]:
-    b, h, t, c, _ = q.shape
-    per_tile = max(1, b * h * c * (prefix_len + band_len))
+@dataclass(frozen=True)
+class TilePlan:
+    """Which keys each query sees, in the prefix + tiles form every pattern here takes.
+
+    Queries [0, prefix_len) attend causally to keys [0, prefix_len). Every later position is the query of
+    exactly one tile: tile i holds the queries ``query_index[i]`` (t, c) (value n or more: an empty slot) and
+    sees every prefix key plus the band keys ``key_index[i]`` (t, w) (-1: an empty slot) where
+    ``band_mask[i]`` (t or 1, c, w) is True.
+    """
+
+    prefix_len: int
+    query_index: Tensor
+    key_index: Tensor
+    band_mask: Tensor
+
+    def to(self, device: torch.device) -> TilePlan:
+        return TilePlan(self.prefix_len, *(x.to(device) for x in (self.query_index, self.key_index, self.band_mask)))
+
+
+def _chunks(plan: TilePlan, batch_heads: int) -> list[slice]:
+    tiles, c = plan.query_index.shape
+    per_tile = max(1, batch_heads * c * (plan.prefix_len + plan.key_index.shape[1]))
     size = max(1, _SCORES_PER_CHUNK // per_tile)
-    return [slice(i, min(i + size, t)) for i in range(0, t, size)]
-
-
-def _band(blocks: Tensor, index: Tensor) -> Tensor:
-    """blocks (b, h, nb, l, d), index (t, s) -> the band keys of each tile (b, h, t, s * l, d)."""
-    gathered = blocks[:, :, index.clamp(min=0)]  # (b, h, t, s, l, d)
-    return rearrange(gathered, "b h t s l d -> b h t (s l) d")
+    return [slice(i, min(i + size, tiles)) for i in range(0, tiles, size)]
 
 
 def _exp_scores(qs, k_prefix, k_band, masked_out, subtract):
-    """exp(scores - subtract) for prefix keys (b, h, t*c, p) and band keys (b, h, t, c, w), computed in place."""
+    """exp(scores - subtract) against prefix keys (b, h, t*c, p) and band keys (b, h, t, c, w), in place.
+
+    ``subtract`` (b, h, t*c) is the log-normaliser in the backward pass; None in the forward pass, which
+    subtracts the row maximum instead and returns it.
+    """
     s_prefix = rearrange(qs, "b h t c d -> b h (t c) d") @ k_prefix.transpose(-1, -2)
     s_band = (qs @ k_band.transpose(-1, -2)).masked_fill_(masked_out, float("-inf"))
-    if subtract is None:  # forward: subtract the row maximum, and return it
+    if subtract is None:
         subtract = torch.maximum(s_prefix.amax(-1), rearrange(s_band.amax(-1), "b h t c -> b h (t c)"))
     s_prefix.sub_(subtract[..., None]).exp_()
     s_band.sub_(rearrange(subtract, "b h (t c) -> b h t c 1", c=qs.shape[3])).exp_()
     return s_prefix, s_band, subtract
 
 
-def _dropout_masks(generator, p_prefix, p_band, dropout_p):
+def _keep_masks(generator: torch.Generator | None, shapes_like: tuple[Tensor, ...], dropout_p: float) -> list:
+    """Dropout keep masks scaled by 1 / (1 - p), drawn in a fixed order so the backward pass redraws them."""
+    if generator is None:
+        return [None] * len(shapes_like)
     keep = 1.0 - dropout_p
-    masks = []
-    for p in (p_prefix, p_band):
-        masks.append(torch.empty_like(p).bernoulli_(keep, generator=generator).div_(keep))
-    return masks
+    return [torch.empty_like(x).bernoulli_(keep, generator=generator).div_(keep) for x in shapes_like]
 
 
-class _PrefixBandAttention(torch.autograd.Function):
-    """softmax(q [k_prefix | k_band]^T * scale + band mask) [v_prefix | v_band] per tile, recomputed in backward.
+def _times(x: Tensor, mask: Tensor | None) -> Tensor:
+    return x if mask is None else x * mask
 
-    q (b, h, t, c, d); k_prefix, v_prefix (b, h, p, d); k_blocks, v_blocks (b, h, nb, l, d); block_index (t, s)
-    long, the key blocks of each tile's band (-1: none); band_mask (t or 1, c, s * l) bool, True = may attend.
-    Every query must see at least one key (p >= 1 guarantees it). Returns (b, h, t, c, d).
+
+class _TiledAttention(torch.autograd.Function):
+    """softmax(q k^T * scale restricted to a :class:`TilePlan`) v for q, k, v (b, h, n, d), recomputed in backward.
+
+    Forward keeps only the output and the log-normaliser of every query; backward recomputes each chunk's
+    probabilities from them (FlashAttention, arXiv 2205.14135, algorithm 2, in PyTorch ops).
     """
 
     @staticmethod
-    def forward(ctx, q, k_prefix, v_prefix, k_blocks, v_blocks, block_index, band_mask, scale, dropout_p, seed):
-        masked_out = ~band_mask
-        out = torch.empty_like(q)
-        lse = q.new_empty(q.shape[:-1])  # (b, h, t, c) log of each softmax normaliser
+    def forward(ctx, q, k, v, plan: TilePlan, scale: float, dropout_p: float, seed: int):
+        b, h, n, d = q.shape
+        p_len = plan.prefix_len
+        out = torch.empty_like(q, memory_format=torch.contiguous_format)
+        lse = q.new_empty(b, h, n)  # log of each query's softmax normaliser
         generator = _generator(q.device, seed) if dropout_p > 0 else None
-        for chunk in _chunks(q, k_prefix.shape[2], masked_out.shape[-1]):
-            qs = q[:, :, chunk] * scale
-            k_band, v_band = _band(k_blocks, block_index[chunk]), _band(v_blocks, block_index[chunk])
-            mask_chunk = masked_out[chunk] if masked_out.shape[0] > 1 else masked_out
-            e_prefix, e_band, row_max = _exp_scores(qs, k_prefix, k_band, mask_chunk, None)
+        k_prefix, v_prefix = k[:, :, :p_len], v[:, :, :p_len]
+        causal_out = ~torch.ones(p_len, p_len, dtype=torch.bool, device=q.device).tril()
+
+        e, row_max = _prefix_exp_scores(q[:, :, :p_len] * scale, k_prefix, causal_out, None)
+        total = e.sum(-1)
+        (keep,) = _keep_masks(generator, (e,), dropout_p)
+        out[:, :, :p_len] = (_times(e, keep) @ v_prefix) / total[..., None]
+        lse[:, :, :p_len] = row_max + total.log()
+
+        masked_out = ~plan.band_mask
+        for chunk in _chunks(plan, b * h):
+            qi, ki = plan.query_index[chunk], plan.key_index[chunk].clamp(0, n - 1)
+            valid = (qi < n).flatten()
+            qs = q[:, :, qi.clamp(max=n - 1)] * scale  # (b, h, t, c, d)
+            k_band, v_band = k[:, :, ki], v[:, :, ki]  # (b, h, t, w, d)
+            mask = masked_out[chunk] if masked_out.shape[0] > 1 else masked_out
+            e_prefix, e_band, row_max = _exp_scores(qs, k_prefix, k_band, mask, None)
             total = e_prefix.sum(-1) + rearrange(e_band.sum(-1), "b h t c -> b h (t c)")
-            if generator is not None:
-                drop_prefix, drop_band = _dropout_masks(generator, e_prefix, e_band, dropout_p)
-                e_prefix, e_band = e_prefix * drop_prefix, e_band * drop_band
-            o = e_prefix @ v_prefix + rearrange(e_band @ v_band, "b h t c d -> b h (t c) d")
-            out[:, :, chunk] = rearrange(o / total[..., None], "b h (t c) d -> b h t c d", c=q.shape[3])
-            lse[:, :, chunk] = rearrange(row_max + total.log(), "b h (t c) -> b h t c", c=q.shape[3])
-        ctx.save_for_backward(q, k_prefix, v_prefix, k_blocks, v_blocks, block_index, masked_out, out, lse)
-        ctx.scale, ctx.dropout_p, ctx.seed = scale, dropout_p, seed
+            keep_prefix, keep_band = _keep_masks(generator, (e_prefix, e_band), dropout_p)
+            o = _times(e_prefix, keep_prefix) @ v_prefix
+            o += rearrange(_times(e_band, keep_band) @ v_band, "b h t c d -> b h (t c) d")
+            positions = qi.flatten()[valid]
+            out.index_copy_(2, positions, (o / total[..., None])[:, :, valid])
+            lse.index_copy_(2, positions, (row_max + total.log())[:, :, valid])
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.plan, ctx.scale, ctx.dropout_p, ctx.seed = plan, scale, dropout_p, seed
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, k_prefix, v_prefix, k_blocks, v_blocks, block_index, masked_out, out, lse = ctx.saved_tensors
-        scale, dropout_p = ctx.scale, ctx.dropout_p
+        q, k, v, out, lse = ctx.saved_tensors
+        plan, scale, dropout_p = ctx.plan, ctx.scale, ctx.dropout_p
+        b, h, n, d = q.shape
+        p_len = plan.prefix_len
         grad_out = grad_out.contiguous()
-        dq = torch.empty_like(q)
-        dk_prefix, dv_prefix = torch.zeros_like(k_prefix), torch.zeros_like(v_prefix)
-        dk_blocks, dv_blocks = torch.zeros_like(k_blocks), torch.zeros_like(v_blocks)
-        # D = rowsum(P * dP) = rowsum(dO * O), also with dropout (FlashAttention, appendix B.2)
-        delta = rearrange((grad_out * out).sum(-1), "b h t c -> b h (t c)")
+        dq = torch.empty_like(out)
+        dk, dv = torch.zeros_like(out), torch.zeros_like(out)
+        # D = rowsum(P * dP) = rowsum(dO * O), with dropout too (FlashAttention, appendix B.2)
+        delta = (grad_out * out).sum(-1)  # (b, h, n)
         generator = _generator(q.device, ctx.seed) if dropout_p > 0 else None
-        c = q.shape[3]
-        for chunk in _chunks(q, k_prefix.shape[2], masked_out.shape[-1]):
-            qs = q[:, :, chunk] * scale
-            index = block_index[chunk]
-            k_band, v_band = _band(k_blocks, index), _band(v_blocks, index)
-            mask_chunk = masked_out[chunk] if masked_out.shape[0] > 1 else masked_out
-            lse_chunk = rearrange(lse[:, :, chunk], "b h t c -> b h (t c)")
-            p_prefix, p_band, _ = _exp_scores(qs, k_prefix, k_band, mask_chunk, lse_chunk)
-            do = grad_out[:, :, chunk]  # (b, h, t, c, d)
+        k_prefix, v_prefix = k[:, :, :p_len], v[:, :, :p_len]
+        dk_prefix, dv_prefix = dk[:, :, :p_len], dv[:, :, :p_len]  # views: accumulate in place
+        causal_out = ~torch.ones(p_len, p_len, dtype=torch.bool, device=q.device).tril()
+
+        qs = q[:, :, :p_len] * scale
+        p, _ = _prefix_exp_scores(qs, k_prefix, causal_out, lse[:, :, :p_len])
+        (keep,) = _keep_masks(generator, (p,), dropout_p)
+        do = grad_out[:, :, :p_len]
+        dv_prefix += _times(p, keep).transpose(-1, -2) @ do
+        ds = _times(do @ v_prefix.transpose(-1, -2), keep).sub_(delta[:, :, :p_len, None]).mul_(p)
+        dq[:, :, :p_len] = (ds @ k_prefix) * scale
+        dk_prefix += ds.transpose(-1, -2) @ qs
+
+        masked_out = ~plan.band_mask
+        c = plan.query_index.shape[1]
+        for chunk in _chunks(plan, b * h):
+            qi, ki = plan.query_index[chunk], plan.key_index[chunk].clamp(0, n - 1)
+            valid = (qi < n).flatten()
+            gather = qi.clamp(max=n - 1)
+            qs = q[:, :, gather] * scale  # (b, h, t, c, d)
+            k_band, v_band = k[:, :, ki], v[:, :, ki]  # (b, h, t, w, d)
+            mask = masked_out[chunk] if masked_out.shape[0] > 1 else masked_out
+            lse_chunk = rearrange(lse[:, :, gather], "b h t c -> b h (t c)")
+            p_prefix, p_band, _ = _exp_scores(qs, k_prefix, k_band, mask, lse_chunk)
+            keep_prefix, keep_band = _keep_masks(generator, (p_prefix, p_band), dropout_p)
+            # empty query slots (gathered from a real position) must pass no gradient: zero their dO and D
+            is_query = valid.to(grad_out.dtype)
+            do = grad_out[:, :, gather] * rearrange(is_query, "(t c) -> t c 1", c=c)
             do_flat = rearrange(do, "b h t c d -> b h (t c) d")
-            dp_prefix = do_flat @ v_prefix.transpose(-1, -2)  # (b, h, t*c, p)
-            dp_band = do @ v_band.transpose(-1, -2)  # (b, h, t, c, w)
-            if generator is not None:
-                drop_prefix, drop_band = _dropout_masks(generator, p_prefix, p_band, dropout_p)
-                dv_prefix += (p_prefix * drop_prefix).transpose(-1, -2) @ do_flat
-                dv_band = (p_band * drop_band).transpose(-1, -2) @ do
-                dp_prefix.mul_(drop_prefix)
-                dp_band.mul_(drop_band)
-            else:
-                dv_prefix += p_prefix.transpose(-1, -2) @ do_flat
-                dv_band = p_band.transpose(-1, -2) @ do
+            dv_prefix += _times(p_prefix, keep_prefix).transpose(-1, -2) @ do_flat
+            dv_band = _times(p_band, keep_band).transpose(-1, -2) @ do  # (b, h, t, w, d)
+            delta_chunk = rearrange(delta[:, :, gather], "b h t c -> b h (t c)") * is_query
             # dS = P * (dP - D), in place over dP
-            ds_prefix = dp_prefix.sub_(delta[:, :, _flat(chunk, c), None]).mul_(p_prefix)
-            ds_band = dp_band.sub_(rearrange(delta[:, :, _flat(chunk, c)], "b h (t c) -> b h t c 1", c=c)).mul_(p_band)
+            ds_prefix = _times(do_flat @ v_prefix.transpose(-1, -2), keep_prefix)
+            ds_prefix.sub_(delta_chunk[..., None]).mul_(p_prefix)
+            ds_band = _times(do @ v_band.transpose(-1, -2), keep_band)
+            ds_band.sub_(rearrange(delta_chunk, "b h (t c) -> b h t c 1", c=c)).mul_(p_band)
             dq_chunk = ds_prefix @ k_prefix + rearrange(ds_band @ k_band, "b h t c d -> b h (t c) d")
-            dq[:, :, chunk] = rearrange(dq_chunk * scale, "b h (t c) d -> b h t c d", c=c)
+            dq.index_copy_(2, qi.flatten()[valid], (dq_chunk * scale)[:, :, valid])
             dk_prefix += ds_prefix.transpose(-1, -2) @ rearrange(qs, "b h t c d -> b h (t c) d")
-            dk_band = ds_band.transpose(-1, -2) @ qs  # (b, h, t, w, d)
-            _scatter_band(dk_blocks, index, dk_band)
-            _scatter_band(dv_blocks, index, dv_band)
-        return dq, dk_prefix, dv_prefix, dk_blocks, dv_blocks, None, None, None, None, None
+            band_positions = ki.flatten()
+            dk.index_add_(2, band_positions, rearrange(ds_band.transpose(-1, -2) @ qs, "b h t w d -> b h (t w) d"))
+            dv.index_add_(2, band_positions, rearrange(dv_band, "b h t w d -> b h (t w) d"))
+        return dq, dk, dv, None, None, None, None
 
 
-def _flat(chunk: slice, c: int) -> slice:
-    """Tile slice -> slice of the flattened (tile, query) positions."""
-    return slice(chunk.start * c, chunk.stop * c)
-
-
-def _scatter_band(grad_blocks: Tensor, index: Tensor, grad_band: Tensor) -> None:
-    """Add band gradients (b, h, t, s * l, d) back onto their key blocks (b, h, nb, l, d)."""
-    length = grad_blocks.shape[3]
-    grad_band = rearrange(grad_band, "b h t (s l) d -> b h (t s) l d", l=length)
-    # entries with index -1 are fully masked, so their gradient is zero and block 0 may take it
-    grad_blocks.index_add_(2, index.clamp(min=0).flatten(), grad_band)
+def _prefix_exp_scores(qs, k_prefix, masked_out, subtract):
+    """Like :func:`_exp_scores` for the prefix queries (b, h, p, d) over the prefix keys, causally."""
+    s = (qs @ k_prefix.transpose(-1, -2)).masked_fill_(masked_out, float("-inf"))
+    if subtract is None:
+        subtract = s.amax(-1)
+    return s.sub_(subtract[..., None]).exp_(), subtract
 
 
 def _generator(device: torch.device, seed: int) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(seed)
 
 
-def _prefix_band_attention(q_tiles, k_prefix, v_prefix, k_blocks, v_blocks, block_index, band_mask, scale, dropout_p):
+def tiled_attention(
+    q: Tensor, k: Tensor, v: Tensor, plan: TilePlan, *, scale: float | None = None, dropout_p: float = 0.0
+) -> Tensor:
+    """Attention of q, k, v (b, h, n, d) restricted to ``plan``; returns (b, h, n, d)."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
     seed = 0
     if dropout_p > 0:
         # drawn from the global generator, so seeding (and the reversible layers' RNG replay) governs dropout
         seed = int(torch.randint(0, 2**62, ()).item())
-    return _PrefixBandAttention.apply(
-        q_tiles, k_prefix, v_prefix, k_blocks, v_blocks, block_index, band_mask, scale, dropout_p, seed
-    )
+    return _TiledAttention.apply(q, k, v, plan.to(q.device), scale, dropout_p, seed)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -196,30 +240,84 @@ def _check(q: Tensor, k: Tensor, v: Tensor, text_len: int, fmap: int) -> int:
     return n
 
 
-def _causal(q: Tensor, k: Tensor, v: Tensor, scale: float, dropout_p: float) -> Tensor:
-    return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, dropout_p=dropout_p)
+def _grid_plan(prefix_len: int, n: int, tile_positions: Tensor, key_index: Tensor, band_mask: Tensor) -> TilePlan:
+    """Plan for tiles of positions counted from ``prefix_len``; key slots before the grid (-1) stay empty."""
+    query_index = tile_positions + prefix_len
+    key_index = torch.where(key_index >= 0, key_index + prefix_len, -1)
+    return TilePlan(min(prefix_len, n), query_index, key_index, band_mask)
 
 
-def _pad_to(x: Tensor, length: int) -> Tensor:
-    """(b, h, m, d) -> (b, h, length, d) with zeros after m; padded keys always fall after every real query."""
-    return F.pad(x, (0, 0, 0, length - x.shape[2]))
+@functools.lru_cache(maxsize=64)
+def axial_plan(text_len: int, fmap: int, n: int, axis: str, device: torch.device | None = None) -> TilePlan:
+    """Tiles of ``axial_row`` (axis="row": one per image row) or ``axial_col`` (one per column), band = the tile.
+
+    Band keys after a query in its row (column) are causally masked, so keys past n never count.
+    """
+    if axis not in ("row", "col"):
+        raise ValueError(f"axis must be 'row' or 'col', got {axis!r}")
+    rows = max(0, -(-(n - text_len) // fmap))  # image rows holding at least one query
+    grid = torch.arange(rows * fmap).view(rows, fmap)  # grid position of (row, column)
+    tiles = grid if axis == "row" or rows == 0 else grid.t()
+    band_mask = torch.ones(tiles.shape[1], tiles.shape[1], dtype=torch.bool).tril()[None]
+    return _grid_plan(text_len, n, tiles, tiles, band_mask).to(device)
 
 
-def _run(q, k, v, prefix_len, scale, dropout_p, to_tiles, from_tiles, block_index, band_mask):
-    """Causal attention for the prefix queries, prefix + band attention for the rest; returns (b, h, n, d)."""
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    n = q.shape[2]
-    if n <= prefix_len:
-        return _causal(q, k, v, scale, dropout_p)
-    prefix = slice(0, prefix_len)
-    out_prefix = _causal(q[:, :, prefix], k[:, :, prefix], v[:, :, prefix], scale, dropout_p)
-    rest = slice(prefix_len, n)
-    q_tiles, k_blocks, v_blocks = (to_tiles(x[:, :, rest]) for x in (q, k, v))
-    out_tiles = _prefix_band_attention(
-        q_tiles, k[:, :, prefix], v[:, :, prefix], k_blocks, v_blocks, block_index.to(q.device),
-        band_mask.to(q.device), scale, dropout_p,
-    )  # fmt: skip
-    return torch.cat((out_prefix, from_tiles(out_tiles)[:, :, : n - prefix_len]), dim=2)
+@functools.lru_cache(maxsize=64)
+def conv_like_plan(
+    text_len: int, fmap: int, n: int, kernel_size: int = 5, dilation: int = 1, device: torch.device | None = None
+) -> TilePlan:
+    """Tiles of ``conv_like``: one per image row; the band is the ``kernel_size // 2 + 1`` window rows.
+
+    Band slot j of row r holds image row r - (kernel_size // 2 - j) * dilation (the last slot the row
+    itself); the band mask keeps the window's columns, and in the own row only the tokens to the left.
+    """
+    if kernel_size < 1 or kernel_size % 2 == 0:
+        raise ValueError(f"kernel_size must be a positive odd number, got {kernel_size}")
+    if dilation < 1:
+        raise ValueError(f"dilation must be >= 1, got {dilation}")
+    rows = max(0, -(-(n - text_len) // fmap))
+    half = kernel_size // 2
+    offsets = (half - torch.arange(half + 1)) * dilation  # (s,) rows above the query's row
+    key_rows = torch.arange(rows)[:, None] - offsets[None, :]  # (t, s)
+    col = torch.arange(fmap)
+    key_index = torch.where(key_rows[..., None] >= 0, key_rows[..., None] * fmap + col, -1)  # (t, s, c)
+    dc = col[:, None] - col[None, :]  # query column - key column, (c, c)
+    in_window = (dc.abs() <= half * dilation) & (dc % dilation == 0)
+    own_row = (offsets == 0)[:, None, None]  # (s, 1, 1)
+    slot_mask = in_window[None] & (~own_row | (dc >= 0)[None])  # (s, c, c)
+    band_mask = slot_mask[None] & (key_rows >= 0)[:, :, None, None]  # (t, s, c, c)
+    tiles = torch.arange(rows * fmap).view(rows, fmap)
+    return _grid_plan(
+        text_len, n, tiles, rearrange(key_index, "t s c -> t (s c)"), rearrange(band_mask, "t s i j -> t i (s j)")
+    ).to(device)
+
+
+@functools.lru_cache(maxsize=64)
+def block_sparse_plan(
+    text_len: int, fmap: int, n: int, block_size: int = 16, num_local_blocks: int = 4, num_random_blocks: int = 2,
+    seed: int = 0, device: torch.device | None = None,
+) -> TilePlan:  # fmt: skip
+    """Tiles of ``sparse``: the blocks holding text are the prefix; every later block is a tile whose band
+    gathers its local and random blocks, padded with empty slots to the same count for every tile.
+    """
+    layout = block_sparse_layout(text_len + fmap * fmap, text_len, block_size, num_local_blocks, num_random_blocks, seed)
+    text_blocks = -(-text_len // block_size)
+    prefix_len = text_blocks * block_size
+    tiles = max(0, -(-(n - prefix_len) // block_size))
+    seen = layout[text_blocks : text_blocks + tiles, text_blocks : text_blocks + tiles]  # (t, t) key blocks
+    width = max(1, int(seen.sum(1).max())) if tiles else 1
+    # the seen blocks of each tile, latest first (its own block leads), then empty slots (-1)
+    block_index = torch.where(seen, torch.arange(tiles), -1).sort(dim=1, descending=True).values[:, :width]
+    diagonal = (block_index == torch.arange(tiles)[:, None])[:, :, None, None]
+    causal = torch.ones(block_size, block_size, dtype=torch.bool).tril()
+    band_mask = torch.where(diagonal, causal, (block_index >= 0)[:, :, None, None])  # (t, s, c, c)
+    offsets = torch.arange(block_size)
+    key_index = torch.where(block_index[..., None] >= 0, block_index[..., None] * block_size + offsets, -1)
+    query_index = torch.arange(tiles * block_size).view(tiles, block_size)
+    return _grid_plan(
+        prefix_len, n, query_index, rearrange(key_index, "t s l -> t (s l)"),
+        rearrange(band_mask, "t s i j -> t i (s j)"),
+    ).to(device)  # fmt: skip
 
 
 def axial_attention(
@@ -228,62 +326,21 @@ def axial_attention(
 ) -> Tensor:  # fmt: skip
     """``axial_row`` (axis="row") or ``axial_col`` (axis="col") attention; q, k, v, output (b, h, n, d).
 
-    n <= text_len + fmap ** 2 (a prefix of the sequence is fine). Image queries of one row (column) form a
-    tile whose band is that row (column); a causal mask inside it keeps only earlier-or-same tokens.
+    n <= text_len + fmap ** 2: the sequence may stop anywhere (DALLE trains on all but the last image token).
     """
-    if axis not in ("row", "col"):
-        raise ValueError(f"axis must be 'row' or 'col', got {axis!r}")
     n = _check(q, k, v, text_len, fmap)
-    rows = max(0, -(-(n - text_len) // fmap))  # image rows holding at least one query
-    pattern = "b h (r c) d -> b h r c d" if axis == "row" else "b h (r c) d -> b h c r d"
-
-    def to_tiles(x):  # (b, h, m, d) -> (b, h, tiles, tile length, d)
-        return rearrange(_pad_to(x, rows * fmap), pattern, c=fmap).contiguous()
-
-    def from_tiles(x):
-        return rearrange(x, "b h r c d -> b h (r c) d" if axis == "row" else "b h c r d -> b h (r c) d")
-
-    tiles, length = (rows, fmap) if axis == "row" else (fmap, rows)
-    block_index = torch.arange(tiles)[:, None]  # each tile's band is its own row / column
-    band_mask = torch.ones(length, length, dtype=torch.bool).tril()[None]
-    return _run(q, k, v, text_len, scale, dropout_p, to_tiles, from_tiles, block_index, band_mask)
+    plan = axial_plan(text_len, fmap, n, axis, q.device)
+    return tiled_attention(q, k, v, plan, scale=scale, dropout_p=dropout_p)
 
 
 def conv_like_attention(
     q: Tensor, k: Tensor, v: Tensor, text_len: int, fmap: int, *, kernel_size: int = 5, dilation: int = 1,
     scale: float | None = None, dropout_p: float = 0.0,
 ) -> Tensor:  # fmt: skip
-    """``conv_like`` attention; q, k, v, output (b, h, n, d), n <= text_len + fmap ** 2.
-
-    A tile is one image row; its band is the ``kernel_size // 2 + 1`` rows of the causal window (spacing
-    ``dilation``), and the band mask keeps the window's columns and, in the own row, the tokens to the left.
-    """
-    if kernel_size < 1 or kernel_size % 2 == 0:
-        raise ValueError(f"kernel_size must be a positive odd number, got {kernel_size}")
-    if dilation < 1:
-        raise ValueError(f"dilation must be >= 1, got {dilation}")
+    """``conv_like`` attention; q, k, v, output (b, h, n, d), n <= text_len + fmap ** 2."""
     n = _check(q, k, v, text_len, fmap)
-    rows = max(0, -(-(n - text_len) // fmap))
-    half = kernel_size // 2
-    # band slot j of row r holds image row r - (half - j) * dilation; the last slot is the row itself
-    offsets = (half - torch.arange(half + 1)) * dilation  # (s,)
-    block_index = torch.arange(rows)[:, None] - offsets[None, :]  # (rows, s)
-    block_index = block_index.masked_fill(block_index < 0, -1)
-    col = torch.arange(fmap)
-    dc = col[:, None] - col[None, :]  # query column - key column, (c, c)
-    in_window = (dc.abs() <= half * dilation) & (dc % dilation == 0)
-    own_row = (offsets == 0)[:, None, None]  # (s, 1, 1)
-    slot_mask = in_window[None] & (~own_row | (dc >= 0)[None])  # (s, c, c)
-    band_mask = slot_mask[None] & (block_index >= 0)[:, :, None, None]  # (rows, s, c, c)
-    band_mask = rearrange(band_mask, "t s i j -> t i (s j)")
-
-    def to_tiles(x):
-        return rearrange(_pad_to(x, rows * fmap), "b h (r c) d -> b h r c d", c=fmap)
-
-    def from_tiles(x):
-        return rearrange(x, "b h r c d -> b h (r c) d")
-
-    return _run(q, k, v, text_len, scale, dropout_p, to_tiles, from_tiles, block_index, band_mask)
+    plan = conv_like_plan(text_len, fmap, n, kernel_size, dilation, q.device)
+    return tiled_attention(q, k, v, plan, scale=scale, dropout_p=dropout_p)
 
 
 def block_sparse_attention(
@@ -291,35 +348,10 @@ def block_sparse_attention(
     num_local_blocks: int = 4, num_random_blocks: int = 2, seed: int = 0,
     scale: float | None = None, dropout_p: float = 0.0,
 ) -> Tensor:  # fmt: skip
-    """``sparse`` attention (blocks of ``block_size`` positions); q, k, v, output (b, h, n, d).
-
-    The blocks holding text are the prefix every later block sees; a tile is one later block, and its band
-    gathers its local and random blocks (padded with masked slots to the same count for every tile).
-    """
+    """``sparse`` attention (blocks of ``block_size`` positions); q, k, v, output (b, h, n, d)."""
     n = _check(q, k, v, text_len, fmap)
-    layout = block_sparse_layout(
-        text_len + fmap * fmap, text_len, block_size, num_local_blocks, num_random_blocks, seed
-    )
-    text_blocks = -(-text_len // block_size)
-    prefix_len = text_blocks * block_size
-    tiles = max(0, -(-(n - prefix_len) // block_size))
-    # key blocks after the text blocks, per tile; those left of the diagonal are always earlier positions
-    seen = layout[text_blocks : text_blocks + tiles, text_blocks : text_blocks + tiles]  # (t, t)
-    candidates = torch.where(seen, torch.arange(tiles), -1)
-    width = max(1, int(seen.sum(1).max())) if tiles else 1
-    block_index = candidates.sort(dim=1, descending=True).values[:, :width]  # (t, s), -1 = empty slot
-    diagonal = (block_index == torch.arange(tiles)[:, None])[:, :, None, None]
-    causal = torch.ones(block_size, block_size, dtype=torch.bool).tril()
-    band_mask = torch.where(diagonal, causal, (block_index >= 0)[:, :, None, None])  # (t, s, c, c)
-    band_mask = rearrange(band_mask, "t s i j -> t i (s j)")
-
-    def to_tiles(x):
-        return rearrange(_pad_to(x, tiles * block_size), "b h (t c) d -> b h t c d", c=block_size)
-
-    def from_tiles(x):
-        return rearrange(x, "b h t c d -> b h (t c) d")
-
-    return _run(q, k, v, prefix_len, scale, dropout_p, to_tiles, from_tiles, block_index, band_mask)
+    plan = block_sparse_plan(text_len, fmap, n, block_size, num_local_blocks, num_random_blocks, seed, q.device)
+    return tiled_attention(q, k, v, plan, scale=scale, dropout_p=dropout_p)
 
 
 def pattern_attention(

@@ -8,7 +8,7 @@ never stopped. Checkpoints are `step-XXXXXXXX/` model directories with `training
 weights (`dalle_pytorch.checkpoint`), written by rank 0 only (DDP keeps the weights identical on every rank,
 so rank 0's copy is complete).
 
-Mixed precision: https://pytorch.org/docs/stable/amp.html (fp16 with loss scaling, bf16 without).
+Settings and the learning-rate schedule: `dalle_pytorch.training_settings`.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,13 +33,28 @@ from tqdm.auto import tqdm
 from dalle_pytorch.checkpoint import CheckpointManager, PretrainedMixin, load_training_state
 from dalle_pytorch.data_order import derive_seed
 from dalle_pytorch.distributed import (
-    DistributedContext, all_reduce_sum, barrier, deepspeed_config, deepspeed_initialize, gathered_parameters,
-    no_sync, wrap_ddp,
-)  # fmt: skip
+    DistributedContext,
+    all_reduce_sum,
+    barrier,
+    deepspeed_config,
+    deepspeed_initialize,
+    gathered_parameters,
+    no_sync,
+    wrap_ddp,
+)
 from dalle_pytorch.run_logging import RunLogger
+from dalle_pytorch.training_settings import LR_SCHEDULES, PRECISIONS, TrainingSettings, lr_factor_fn
 
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-LR_SCHEDULES = ("constant", "exponential", "cosine")
+__all__ = [
+    "LR_SCHEDULES",
+    "PRECISIONS",
+    "NonFiniteLossError",
+    "Trainer",
+    "TrainingInterrupted",
+    "TrainingSettings",
+    "TrainResult",
+]
+
 HISTORY_LENGTH = 10_000
 
 # loss_fn(model, batch, step) -> loss, or (loss, {name: float}) of extra values to log
@@ -58,91 +73,6 @@ class TrainingInterrupted(KeyboardInterrupt):
     def __init__(self, checkpoint: Path | None):
         super().__init__(f"training interrupted; checkpoint: {checkpoint}")
         self.checkpoint = checkpoint
-
-
-@dataclass
-class TrainingSettings:
-    """What the training tools share; field names are the command-line flags."""
-
-    output_dir: str | Path
-    batch_size: int = 4
-    epochs: int = 1
-    max_steps: int | None = None
-    ga_steps: int = 1  # micro-batches accumulated per optimizer step
-    learning_rate: float = 3e-4
-    weight_decay: float = 0.0
-    clip_grad_norm: float | None = None
-    lr_schedule: str = "constant"
-    lr_decay_rate: float = 0.98  # exponential: factor per lr_decay_every steps
-    lr_decay_every: int = 1000
-    lr_min: float = 0.0
-    warmup_steps: int = 0
-    precision: str = "fp32"
-    seed: int = 42
-    save_every_n_steps: int = 1000
-    keep_n_checkpoints: int | None = None
-    log_every_n_steps: int = 10
-    sample_every_n_steps: int = 500
-    max_nan_steps: int = 10  # consecutive skipped steps before stopping
-    log_sample_ids: bool = False
-    progress: bool = True
-    tensorboard: bool = False
-    wandb: bool = False
-    wandb_project: str = "dalle_pytorch"
-    wandb_name: str | None = None
-    wandb_entity: str | None = None
-    deepspeed: bool = False
-    zero_stage: int = 2
-    deepspeed_config: str | None = None  # a DeepSpeed JSON config merged over the one made from these flags
-    powersgd: bool = False
-    powersgd_rank: int = 1
-    powersgd_start_iter: int = 10
-    find_unused_parameters: bool = False
-    run_config: dict[str, Any] = field(default_factory=dict)  # shown in W&B
-
-    def __post_init__(self) -> None:
-        positive = ("batch_size", "epochs", "ga_steps", "save_every_n_steps", "log_every_n_steps",
-                    "sample_every_n_steps", "max_nan_steps", "lr_decay_every")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("max_steps", "keep_n_checkpoints"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1 (or not given), got {getattr(self, name)}")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {self.precision!r}")
-        if self.lr_schedule not in LR_SCHEDULES:
-            raise ValueError(f"lr_schedule must be one of {list(LR_SCHEDULES)}, got {self.lr_schedule!r}")
-        if self.learning_rate <= 0 or self.lr_min < 0 or self.warmup_steps < 0:
-            raise ValueError("learning_rate must be > 0, lr_min and warmup_steps >= 0")
-        if self.clip_grad_norm is not None and self.clip_grad_norm <= 0:
-            raise ValueError(f"clip_grad_norm must be > 0, got {self.clip_grad_norm}")
-
-    @classmethod
-    def from_args(cls, args: Any, **overrides: Any) -> TrainingSettings:
-        """Settings from an argparse namespace holding (some of) the fields."""
-        names = {f.name for f in fields(cls)}
-        values = {name: getattr(args, name) for name in names if hasattr(args, name)}
-        return cls(**{**values, **overrides})
-
-
-def lr_factor_fn(settings: TrainingSettings, total_steps: int | None) -> Callable[[int], float]:
-    """Step -> learning-rate multiplier: linear warmup, then the schedule, never below lr_min."""
-    if settings.lr_schedule == "cosine" and total_steps is None:
-        raise ValueError("--lr_schedule cosine needs a known number of steps: give --max_steps")
-    floor = settings.lr_min / settings.learning_rate
-
-    def factor(step: int) -> float:
-        warmup = min(1.0, (step + 1) / settings.warmup_steps) if settings.warmup_steps else 1.0
-        if settings.lr_schedule == "exponential":
-            decay = settings.lr_decay_rate ** (step / settings.lr_decay_every)
-        elif settings.lr_schedule == "cosine":
-            decay = 0.5 * (1 + math.cos(math.pi * min(step / total_steps, 1.0)))
-        else:
-            decay = 1.0
-        return warmup * max(decay, floor)
-
-    return factor
 
 
 @dataclass
@@ -179,8 +109,16 @@ def _with_last_flag(items: Iterator[Any]) -> Iterator[tuple[Any, bool]]:
 class Trainer:
     """Trains `model` (a PretrainedMixin module) on `data` (IndexedBatches or StreamingBatches)."""
 
-    def __init__(self, model: PretrainedMixin, data: Any, loss_fn: LossFn, settings: TrainingSettings,
-                 ctx: DistributedContext, *, on_sample: SampleFn | None = None):
+    def __init__(
+        self,
+        model: PretrainedMixin,
+        data: Any,
+        loss_fn: LossFn,
+        settings: TrainingSettings,
+        ctx: DistributedContext,
+        *,
+        on_sample: SampleFn | None = None,
+    ):
         self.model, self.data, self.loss_fn, self.settings, self.ctx = model, data, loss_fn, settings, ctx
         self.on_sample = on_sample
         self.model.to(ctx.device)
@@ -190,8 +128,10 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(self.params, lr=settings.learning_rate, weight_decay=settings.weight_decay)
         per_epoch = data.batches_per_epoch
         self.total_steps = settings.max_steps or (
-            settings.epochs * -(-per_epoch // settings.ga_steps) if per_epoch is not None else None)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_factor_fn(settings, self.total_steps))
+            settings.epochs * -(-per_epoch // settings.ga_steps) if per_epoch is not None else None
+        )
+        # the learning rate is a pure function of the step (set before every step), so it resumes exactly
+        self.lr_factor = lr_factor_fn(settings, self.total_steps)
         self.scaler = torch.amp.GradScaler(ctx.device.type, enabled=settings.precision == "fp16")
         self.manager = CheckpointManager(settings.output_dir, settings.keep_n_checkpoints)
         self.step, self.epoch, self.samples_in_epoch, self.nan_streak = 0, 0, 0, 0
@@ -209,16 +149,22 @@ class Trainer:
     def resume(self, directory: str | Path) -> None:
         """Continue from a checkpoint written by this trainer; load the model weights before calling."""
         directory = Path(directory)
-        state = load_training_state(directory, optimizer=None if self.settings.deepspeed else self.optimizer,
-                                    scheduler=self.scheduler, scaler=self.scaler)
+        state = load_training_state(
+            directory,
+            optimizer=None if self.settings.deepspeed else self.optimizer,
+            scaler=self.scaler,
+        )
         extra = state.get("extra") or {}
         position = state.get("data_position") or {}
         self.step, self.last_saved_step = state["step"], state["step"]
         self.epoch, self.samples_in_epoch = position.get("epoch", state["epoch"]), position.get("samples", 0)
         self.nan_streak = extra.get("nan_streak", 0)
         if extra.get("global_batch", self.global_batch) != self.global_batch:
-            warnings.warn(f"resuming with {self.global_batch} samples per step instead of {extra['global_batch']}: "
-                          "the data order continues approximately, not exactly", stacklevel=2)
+            warnings.warn(
+                f"resuming with {self.global_batch} samples per step instead of {extra['global_batch']}: "
+                "the data order continues approximately, not exactly",
+                stacklevel=2,
+            )
         self._resume_dir = directory
 
     def fit(self) -> TrainResult:
@@ -228,11 +174,22 @@ class Trainer:
         self.model.train()
         logger = None
         if ctx.is_main:
-            logger = RunLogger(settings.output_dir, tensorboard=settings.tensorboard, wandb=settings.wandb,
-                               wandb_project=settings.wandb_project, wandb_name=settings.wandb_name,
-                               wandb_entity=settings.wandb_entity, config=settings.run_config)
-        bar = tqdm(total=self.total_steps, initial=self.step, unit="step", dynamic_ncols=True,
-                   disable=not (ctx.is_main and settings.progress))
+            logger = RunLogger(
+                settings.output_dir,
+                tensorboard=settings.tensorboard,
+                wandb=settings.wandb,
+                wandb_project=settings.wandb_project,
+                wandb_name=settings.wandb_name,
+                wandb_entity=settings.wandb_entity,
+                config=settings.run_config,
+            )
+        bar = tqdm(
+            total=self.total_steps,
+            initial=self.step,
+            unit="step",
+            dynamic_ncols=True,
+            disable=not (ctx.is_main and settings.progress),
+        )
         try:
             with self._stop_on_signal():
                 self._loop(model, logger, bar)
@@ -276,18 +233,28 @@ class Trainer:
     def _prepare_model(self) -> nn.Module:
         settings = self.settings
         if not settings.deepspeed:
-            return wrap_ddp(self.model, self.ctx, powersgd=settings.powersgd, powersgd_rank=settings.powersgd_rank,
-                            powersgd_start_iter=settings.powersgd_start_iter,
-                            find_unused_parameters=settings.find_unused_parameters)
-        config = deepspeed_config(batch_size=settings.batch_size, ga_steps=settings.ga_steps,
-                                  clip_grad_norm=settings.clip_grad_norm, precision=settings.precision,
-                                  zero_stage=settings.zero_stage)
+            return wrap_ddp(
+                self.model,
+                self.ctx,
+                powersgd=settings.powersgd,
+                powersgd_rank=settings.powersgd_rank,
+                powersgd_start_iter=settings.powersgd_start_iter,
+                find_unused_parameters=settings.find_unused_parameters,
+            )
+        config = deepspeed_config(
+            batch_size=settings.batch_size,
+            ga_steps=settings.ga_steps,
+            clip_grad_norm=settings.clip_grad_norm,
+            precision=settings.precision,
+            zero_stage=settings.zero_stage,
+        )
         if settings.deepspeed_config:
             config.update(json.loads(Path(settings.deepspeed_config).read_text(encoding="utf-8")))
-        self.engine = deepspeed_initialize(self.model, self.optimizer, self.scheduler, config)
+        self.engine = deepspeed_initialize(self.model, self.optimizer, None, config)
         if self._resume_dir is not None:
-            self.engine.load_checkpoint(str(Path(self.settings.output_dir) / "deepspeed"),
-                                        tag=self._resume_dir.name, load_module_only=False)
+            self.engine.load_checkpoint(
+                str(Path(self.settings.output_dir) / "deepspeed"), tag=self._resume_dir.name, load_module_only=False
+            )
         return self.engine
 
     def _loop(self, model: nn.Module, logger: RunLogger | None, bar: tqdm) -> None:
@@ -296,9 +263,13 @@ class Trainer:
             window: list[float] = []
             ids: list[Tensor] = []
             samples = 0
-            for (batch_ids, batch), last_in_epoch in _with_last_flag(self.data.iterate(self.epoch, self.samples_in_epoch)):
+            for (batch_ids, batch), last_in_epoch in _with_last_flag(
+                self.data.iterate(self.epoch, self.samples_in_epoch)
+            ):
                 if not window:
-                    torch.manual_seed(derive_seed("step", settings.seed, self.step, self.ctx.rank))
+                    pass
+                    for group in self.optimizer.param_groups:
+                        group["lr"] = settings.learning_rate * self.lr_factor(self.step)
                     started, extras = time.perf_counter(), collections.Counter()
                 sync = len(window) + 1 == ga or last_in_epoch
                 loss, batch_extras = self._micro_step(model, batch, sync)
@@ -377,12 +348,13 @@ class Trainer:
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
             self.optimizer.zero_grad(set_to_none=True)
-            self.scheduler.step()
         record["skipped"] = skipped
         self.nan_streak = self.nan_streak + 1 if skipped else 0
         if skipped:
-            message = (f"step {self.step + 1}: loss or gradients are NaN/inf; the update was skipped "
-                       f"({self.nan_streak} in a row)")
+            message = (
+                f"step {self.step + 1}: loss or gradients are NaN/inf; the update was skipped "
+                f"({self.nan_streak} in a row)"
+            )
             warnings.warn(message, RuntimeWarning, stacklevel=2)
             if self.nan_streak >= self.settings.max_nan_steps:
                 raise NonFiniteLossError(
@@ -426,7 +398,7 @@ class Trainer:
         with gathered_parameters(self.engine):
             if self.ctx.is_main:
                 path = self.manager.save(
-                    self.model, self.step, optimizer=optimizer, scheduler=self.scheduler, scaler=self.scaler,
+                    self.model, self.step, optimizer=optimizer, scaler=self.scaler,
                     epoch=self.epoch, data_position={"epoch": self.epoch, "samples": self.samples_in_epoch},
                     extra={"seed": self.settings.seed, "global_batch": self.global_batch,
                            "world_size": self.ctx.world_size, "nan_streak": self.nan_streak},

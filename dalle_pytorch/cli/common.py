@@ -41,57 +41,128 @@ def add_arg(parser: argparse.ArgumentParser | argparse._ArgumentGroup, name: str
 
 def add_switch(parser: argparse.ArgumentParser | argparse._ArgumentGroup, name: str, default: bool, help: str) -> None:
     """`--name` turns it on, `--no_name` off."""
-    parser.add_argument(*spellings(name), dest=name[2:], action="store_true", default=default,
-                        help=f"{help} (default: {'on' if default else 'off'})")
-    parser.add_argument(*spellings("--no_" + name[2:]), dest=name[2:], action="store_false",
-                        help=f"turn off {name}")
+    parser.add_argument(
+        *spellings(name),
+        dest=name[2:],
+        action="store_true",
+        default=default,
+        help=f"{help} (default: {'on' if default else 'off'})",
+    )
+    parser.add_argument(*spellings("--no_" + name[2:]), dest=name[2:], action="store_false", help=f"turn off {name}")
 
 
-def add_training_args(parser: argparse.ArgumentParser, *, output_dir: str, epochs: int, batch_size: int,
-                      learning_rate: float, clip_grad_norm: float | None = None,
-                      lr_schedule: str = "constant") -> None:
+def add_training_args(
+    parser: argparse.ArgumentParser,
+    *,
+    output_dir: str,
+    epochs: int,
+    batch_size: int,
+    learning_rate: float,
+    clip_grad_norm: float | None = None,
+    lr_schedule: str = "constant",
+) -> None:
     """The flags of `TrainingSettings`, plus --seed, --device, --num_workers and --resume."""
     group = parser.add_argument_group("training")
-    add_arg(group, "--output_dir", default=output_dir,
-            help=f"folder for step-XXXXXXXX/ checkpoints, args.json, metrics.jsonl, samples/ (default: {output_dir})")
+    add_arg(
+        group,
+        "--output_dir",
+        default=output_dir,
+        help=f"folder for step-XXXXXXXX/ checkpoints, args.json, metrics.jsonl, samples/ (default: {output_dir})",
+    )
     add_arg(group, "--epochs", type=int, default=epochs, help=f"passes over the data (default: {epochs})")
     add_arg(group, "--max_steps", type=int, default=None, help="stop after this many optimizer steps in total")
-    add_arg(group, "--batch_size", type=int, default=batch_size,
-            help=f"samples per micro-batch on each process (default: {batch_size})")
-    group.add_argument("--ga_steps", "--ga-steps", "--gradient_accumulation_steps", dest="ga_steps", type=int,
-                       default=1, help="micro-batches whose gradients are accumulated per optimizer step (default: 1)")
-    add_arg(group, "--learning_rate", type=float, default=learning_rate, help=f"AdamW learning rate (default: {learning_rate})")
+    add_arg(
+        group,
+        "--batch_size",
+        type=int,
+        default=batch_size,
+        help=f"samples per micro-batch on each process (default: {batch_size})",
+    )
+    group.add_argument(
+        "--ga_steps",
+        "--ga-steps",
+        "--gradient_accumulation_steps",
+        "--gradient-accumulation-steps",
+        dest="ga_steps",
+        type=int,
+        default=1,
+        help="micro-batches whose gradients are accumulated per optimizer step (default: 1)",
+    )
+    add_arg(
+        group,
+        "--learning_rate",
+        type=float,
+        default=learning_rate,
+        help=f"AdamW learning rate (default: {learning_rate})",
+    )
     add_arg(group, "--weight_decay", type=float, default=0.0, help="AdamW weight decay (default: 0)")
-    add_arg(group, "--clip_grad_norm", type=float, default=clip_grad_norm,
-            help=f"clip the gradient norm to this (default: {clip_grad_norm or 'no clipping'})")
-    add_arg(group, "--lr_schedule", choices=LR_SCHEDULES, default=lr_schedule,
-            help=f"learning-rate schedule after warmup (default: {lr_schedule})")
-    add_arg(group, "--lr_decay_rate", type=float, default=0.98,
-            help="exponential schedule: multiply the learning rate by this every --lr_decay_every steps (default: 0.98)")
+    add_arg(
+        group,
+        "--clip_grad_norm",
+        type=float,
+        default=clip_grad_norm,
+        help=f"clip the gradient norm to this (default: {clip_grad_norm or 'no clipping'})",
+    )
+    add_arg(
+        group,
+        "--lr_schedule",
+        choices=LR_SCHEDULES,
+        default=lr_schedule,
+        help=f"learning-rate schedule after warmup (default: {lr_schedule})",
+    )
+    add_arg(
+        group,
+        "--lr_decay_rate",
+        type=float,
+        default=0.98,
+        help="exponential schedule: multiply the learning rate by this every --lr_decay_every steps (default: 0.98)",
+    )
     add_arg(group, "--lr_decay_every", type=int, default=1000, help="see --lr_decay_rate (default: 1000)")
     add_arg(group, "--lr_min", type=float, default=0.0, help="the schedule never goes below this learning rate")
     add_arg(group, "--warmup_steps", type=int, default=0, help="linear learning-rate warmup steps (default: 0)")
-    add_arg(group, "--precision", choices=list(PRECISIONS), default="fp32",
-            help="fp32; bf16 (autocast); fp16 (autocast with loss scaling) (default: fp32)")
+    add_arg(
+        group,
+        "--precision",
+        choices=list(PRECISIONS),
+        default="fp32",
+        help="fp32; bf16 (autocast); fp16 (autocast with loss scaling) (default: fp32)",
+    )
     group.add_argument("--fp16", dest="precision", action="store_const", const="fp16", help="same as --precision fp16")
-    add_arg(group, "--seed", type=int, default=None,
-            help=f"seed of initialisation, data order and sampling (default: {DEFAULT_SEED}, or the resumed run's)")
+    add_arg(
+        group,
+        "--seed",
+        type=int,
+        default=None,
+        help=f"seed of initialisation, data order and sampling (default: {DEFAULT_SEED}, or the resumed run's)",
+    )
     add_arg(group, "--device", default="auto", help="auto (CUDA if present, else CPU), cpu, cuda, cuda:1, mps")
     add_arg(group, "--num_workers", type=int, default=0, help="DataLoader worker processes (default: 0)")
     add_arg(group, "--save_every_n_steps", type=int, default=1000, help="checkpoint interval in steps (default: 1000)")
     add_arg(group, "--keep_n_checkpoints", type=int, default=None, help="keep only the newest N checkpoints")
-    add_arg(group, "--resume", nargs="?", const="latest", default=None,
-            help="continue from a checkpoint folder; without a value, the newest in --output_dir (a fresh start "
-                 "if there is none, so the same command restarts a preempted job)")
-    add_arg(group, "--max_nan_steps", type=int, default=10,
-            help="stop after this many consecutive steps with a NaN/inf loss or gradient (each is skipped)")
+    add_arg(
+        group,
+        "--resume",
+        nargs="?",
+        const="latest",
+        default=None,
+        help="continue from a checkpoint folder; without a value, the newest in --output_dir (a fresh start "
+        "if there is none, so the same command restarts a preempted job)",
+    )
+    add_arg(
+        group,
+        "--max_nan_steps",
+        type=int,
+        default=10,
+        help="stop after this many consecutive steps with a NaN/inf loss or gradient (each is skipped)",
+    )
 
     logs = parser.add_argument_group("logging")
     add_arg(logs, "--log_every_n_steps", type=int, default=10, help="metrics interval in steps (default: 10)")
     add_arg(logs, "--sample_every_n_steps", type=int, default=500, help="sample-image interval in steps (default: 500)")
-    add_arg(logs, "--log_sample_ids", action="store_true", help="write the dataset indices of every step to metrics.jsonl")
-    logs.add_argument("--no_progress", "--no-progress", dest="progress", action="store_false",
-                      help="no progress bar")
+    add_arg(
+        logs, "--log_sample_ids", action="store_true", help="write the dataset indices of every step to metrics.jsonl"
+    )
+    logs.add_argument("--no_progress", "--no-progress", dest="progress", action="store_false", help="no progress bar")
     add_arg(logs, "--tensorboard", action="store_true", help="also log to TensorBoard in OUTPUT_DIR/tensorboard")
     add_arg(logs, "--wandb", action="store_true", help="also log to Weights & Biases")
     add_arg(logs, "--wandb_project", default="dalle_pytorch", help="W&B project (default: dalle_pytorch)")
@@ -104,10 +175,17 @@ def add_training_args(parser: argparse.ArgumentParser, *, output_dir: str, epoch
     add_arg(scale, "--deepspeed_config", default=None, help="DeepSpeed JSON config merged over the generated one")
     add_arg(scale, "--powersgd", action="store_true", help="compress DDP gradients with PowerSGD")
     add_arg(scale, "--powersgd_rank", type=int, default=1, help="PowerSGD matrix approximation rank (default: 1)")
-    add_arg(scale, "--powersgd_start_iter", type=int, default=10,
-            help="plain all-reduce for this many steps before PowerSGD starts (default: 10)")
+    add_arg(
+        scale,
+        "--powersgd_start_iter",
+        type=int,
+        default=10,
+        help="plain all-reduce for this many steps before PowerSGD starts (default: 10)",
+    )
     add_arg(scale, "--find_unused_parameters", action="store_true", help="DDP option for models with unused parameters")
-    add_arg(scale, "--local_rank", type=int, default=None, help="set by old launchers; torchrun uses LOCAL_RANK instead")
+    add_arg(
+        scale, "--local_rank", type=int, default=None, help="set by old launchers; torchrun uses LOCAL_RANK instead"
+    )
 
 
 def seed_everything(seed: int) -> None:
@@ -127,8 +205,10 @@ def resolve_checkpoint(path: str | os.PathLike, flag: str) -> Path:
     latest = CheckpointManager(path).latest()
     if latest is not None:
         return latest
-    raise FileNotFoundError(f"{flag}: {path} is neither a model folder (with {CONFIG_NAME}) nor a training "
-                            "output folder with step-* checkpoints")
+    raise FileNotFoundError(
+        f"{flag}: {path} is neither a model folder (with {CONFIG_NAME}) nor a training "
+        "output folder with step-* checkpoints"
+    )
 
 
 def resume_dir(args: argparse.Namespace) -> Path | None:
@@ -160,9 +240,12 @@ def choose_seed(args: argparse.Namespace, checkpoint: Path | None) -> int:
 
 def write_args_json(output_dir: str | os.PathLike, tool: str, args: argparse.Namespace, **more: Any) -> Path:
     """`output_dir/args.json`: the tool, library version and every flag (plus `more`)."""
-    record = {"tool": tool, "library_version": __version__,
-              "args": {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()},
-              **more}
+    record = {
+        "tool": tool,
+        "library_version": __version__,
+        "args": {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()},
+        **more,
+    }
     path = Path(output_dir) / ARGS_NAME
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, indent=2, default=str) + "\n", encoding="utf-8")
@@ -182,9 +265,13 @@ def read_args_json(checkpoint: Path) -> dict[str, Any]:
 
 def add_tokenizer_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("tokenizer (default: the CLIP BPE tokenizer)")
-    add_arg(group, "--bpe_path", default=None,
-            help="a tokenizer file: Hugging Face tokenizers JSON (.json), a YouTokenToMe model, or with "
-                 "--chinese a WordPiece vocab.txt")
+    add_arg(
+        group,
+        "--bpe_path",
+        default=None,
+        help="a tokenizer file: Hugging Face tokenizers JSON (.json), a YouTokenToMe model, or with "
+        "--chinese a WordPiece vocab.txt",
+    )
     add_arg(group, "--hug", action="store_true", help="--bpe_path is a Hugging Face tokenizers file")
     add_arg(group, "--chinese", action="store_true", help="--bpe_path is a Chinese WordPiece vocab.txt")
 
@@ -217,8 +304,11 @@ def tokenizer_spec_for(args: argparse.Namespace, checkpoint: Path | None) -> dic
 def build_tokenizer(spec: dict[str, Any]) -> Any:
     from dalle_pytorch import tokenizer as tokenizers
 
-    kinds: dict[str, Callable[..., Any]] = {"hug": tokenizers.HugTokenizer, "yttm": tokenizers.YttmTokenizer,
-                                            "chinese": tokenizers.ChineseTokenizer}
+    kinds: dict[str, Callable[..., Any]] = {
+        "hug": tokenizers.HugTokenizer,
+        "yttm": tokenizers.YttmTokenizer,
+        "chinese": tokenizers.ChineseTokenizer,
+    }
     if spec["kind"] == "simple":
         return tokenizers.tokenizer
     if spec["kind"] not in kinds:

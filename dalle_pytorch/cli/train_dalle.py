@@ -15,7 +15,7 @@ resumes from the newest, exactly (same data order, same weights as an uninterrup
 from __future__ import annotations
 
 import argparse
-import warnings
+import sys
 from typing import Any
 
 import torch
@@ -24,9 +24,21 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from dalle_pytorch.checkpoint import TRAINING_STATE_NAME
 from dalle_pytorch.cli.common import (
-    add_arg, add_switch, add_tokenizer_args, add_training_args, add_vae_args, build_tokenizer, choose_seed,
-    load_vae, resolve_checkpoint, resume_dir, run_main, seed_everything, tokenizer_spec_for, write_args_json,
-)  # fmt: skip
+    add_arg,
+    add_switch,
+    add_tokenizer_args,
+    add_training_args,
+    add_vae_args,
+    build_tokenizer,
+    choose_seed,
+    load_vae,
+    resolve_checkpoint,
+    resume_dir,
+    run_main,
+    seed_everything,
+    tokenizer_spec_for,
+    write_args_json,
+)
 from dalle_pytorch.dalle import DALLE
 from dalle_pytorch.data import TextImageDataset
 from dalle_pytorch.data_order import IndexedBatches, SeededDataset, StreamingBatches, derive_seed
@@ -36,7 +48,14 @@ from dalle_pytorch.training import Trainer, TrainingSettings, TrainResult
 
 PROG = "dalle-train"
 DEFAULT_WDS_KEYS = "jpg;png;jpeg;webp,txt"
-VAE_FLAGS = ("vae_path", "taming", "vqgan_model_path", "vqgan_config_path", "openai_encoder_path", "openai_decoder_path")
+VAE_FLAGS = (
+    "vae_path",
+    "taming",
+    "vqgan_model_path",
+    "vqgan_config_path",
+    "openai_encoder_path",
+    "openai_decoder_path",
+)
 
 
 def _id_list(text: str) -> list[int | str]:
@@ -47,21 +66,44 @@ def _id_list(text: str) -> list[int | str]:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description="Train DALLE on image-caption pairs.")
     data = parser.add_argument_group("data")
-    add_arg(data, "--image_text_folder", required=True,
-            help="folder of images with same-named .txt captions; with --wds: shard files, a folder of shards, "
-                 "a brace pattern (data/{000..099}.tar) or a URL")
-    add_arg(data, "--wds", nargs="?", const=DEFAULT_WDS_KEYS, default=None,
-            help=f"read WebDataset shards; optional IMAGE_KEYS,CAPTION_KEYS (default: {DEFAULT_WDS_KEYS})")
+    add_arg(
+        data,
+        "--image_text_folder",
+        required=True,
+        help="folder of images with same-named .txt captions; with --wds: shard files, a folder of shards, "
+        "a brace pattern (data/{000..099}.tar) or a URL",
+    )
+    add_arg(
+        data,
+        "--wds",
+        nargs="?",
+        const=DEFAULT_WDS_KEYS,
+        default=None,
+        help=f"read WebDataset shards; optional IMAGE_KEYS,CAPTION_KEYS (default: {DEFAULT_WDS_KEYS})",
+    )
     add_arg(data, "--truncate_captions", action="store_true", help="cut captions longer than --text_seq_len")
-    add_arg(data, "--random_resize_crop_lower_ratio", type=float, default=0.75,
-            help="random square crops cover at least this fraction of each image (default: 0.75)")
-    add_arg(data, "--precompute_image_tokens", action="store_true",
-            help="encode every image once before training (one crop and caption per image) instead of every step")
+    add_arg(
+        data,
+        "--random_resize_crop_lower_ratio",
+        type=float,
+        default=0.75,
+        help="random square crops cover at least this fraction of each image (default: 0.75)",
+    )
+    add_arg(
+        data,
+        "--precompute_image_tokens",
+        action="store_true",
+        help="encode every image once before training (one crop and caption per image) instead of every step",
+    )
     add_tokenizer_args(parser)
     add_vae_args(parser)
     parser.add_argument_group("resume").add_argument(
-        "--dalle_path", "--dalle-path", dest="dalle_path", default=None,
-        help="a DALLE model folder or training output folder: resume (or fine-tune when it has no training state)")
+        "--dalle_path",
+        "--dalle-path",
+        dest="dalle_path",
+        default=None,
+        help="a DALLE model folder or training output folder: resume (or fine-tune when it has no training state)",
+    )
 
     model = parser.add_argument_group("model (ignored with --dalle_path: the checkpoint has them)")
     add_arg(model, "--dim", type=int, default=512, help="model width (default: 512)")
@@ -72,22 +114,52 @@ def build_parser() -> argparse.ArgumentParser:
     add_arg(model, "--ff_mult", type=int, default=4, help="feed-forward expansion (default: 4)")
     add_arg(model, "--ff_dropout", type=float, default=0.0, help="feed-forward dropout (default: 0)")
     add_arg(model, "--attn_dropout", type=float, default=0.0, help="attention dropout (default: 0)")
-    add_arg(model, "--attn_types", default="full",
-            help="comma-separated attention types cycled over the layers: full, sparse, axial_row, axial_col, "
-                 "conv_like (default: full)")
-    add_arg(model, "--loss_img_weight", type=float, default=7, help="weight of the image loss vs the text loss (default: 7)")
+    add_arg(
+        model,
+        "--attn_types",
+        default="full",
+        help="comma-separated attention types cycled over the layers: full, sparse, axial_row, axial_col, "
+        "conv_like (default: full)",
+    )
+    add_arg(
+        model, "--loss_img_weight", type=float, default=7, help="weight of the image loss vs the text loss (default: 7)"
+    )
     add_arg(model, "--reversible", action="store_true", help="reversible layers (less memory, more compute)")
     add_switch(model, "--shift_tokens", True, "token shift along text and image rows")
     add_switch(model, "--rotary_emb", True, "rotary position embeddings")
-    add_arg(model, "--shared_attn_ids", type=_id_list, default=None, help="comma-separated ids: layers with one id share attention")
-    add_arg(model, "--shared_ff_ids", type=_id_list, default=None, help="comma-separated ids: layers with one id share feed-forwards")
+    add_arg(
+        model,
+        "--shared_attn_ids",
+        type=_id_list,
+        default=None,
+        help="comma-separated ids: layers with one id share attention",
+    )
+    add_arg(
+        model,
+        "--shared_ff_ids",
+        type=_id_list,
+        default=None,
+        help="comma-separated ids: layers with one id share feed-forwards",
+    )
     add_arg(model, "--share_input_output_emb", action="store_true", help="tie the output projections to the embeddings")
-    add_arg(model, "--stable_softmax", action="store_true", help="CogView's numerically stable tricks (PB-relax, sandwich)")
+    add_arg(
+        model, "--stable_softmax", action="store_true", help="CogView's numerically stable tricks (PB-relax, sandwich)"
+    )
     add_arg(model, "--sandwich_norm", action="store_true", help="layer norms after attention and feed-forward as well")
-    add_arg(model, "--null_cond_prob", type=float, default=0.0,
-            help="drop the caption with this probability, for classifier-free guidance (--cond_scale) (default: 0)")
+    add_arg(
+        model,
+        "--null_cond_prob",
+        type=float,
+        default=0.0,
+        help="drop the caption with this probability, for classifier-free guidance (--cond_scale) (default: 0)",
+    )
     add_training_args(parser, output_dir="dalle", epochs=20, batch_size=4, learning_rate=3e-4, clip_grad_norm=0.5)
-    parser.add_argument("--dalle_output_file_name", dest="output_dir", help="same as --output_dir (original name)")
+    parser.add_argument(
+        "--dalle_output_file_name",
+        "--dalle-output-file-name",
+        dest="output_dir",
+        help="same as --output_dir (original name)",
+    )
     return parser
 
 
@@ -103,8 +175,9 @@ def build_dalle(args: argparse.Namespace, vae: nn.Module, num_text_tokens: int) 
     )  # fmt: skip
 
 
-def precompute_image_tokens(dataset: Dataset, dalle: DALLE, *, seed: int, batch_size: int,
-                            ctx: DistributedContext, num_workers: int = 0) -> TensorDataset:
+def precompute_image_tokens(
+    dataset: Dataset, dalle: DALLE, *, seed: int, batch_size: int, ctx: DistributedContext, num_workers: int = 0
+) -> TensorDataset:
     """Reads every sample once (crop and caption drawn with a seed of its own) and encodes its image:
     a dataset of (text tokens (text_seq_len,), image codes (image_seq_len,)). Each rank encodes every
     world_size-th sample, then the ranks share their codes."""
@@ -122,23 +195,35 @@ def precompute_image_tokens(dataset: Dataset, dalle: DALLE, *, seed: int, batch_
 
 
 def build_data(args: argparse.Namespace, dalle: DALLE, tokenizer: Any, seed: int, ctx: DistributedContext) -> Any:
-    options = dict(text_len=dalle.text_seq_len, image_size=dalle.image_size, tokenizer=tokenizer,
-                   truncate_captions=args.truncate_captions, resize_ratio=args.random_resize_crop_lower_ratio,
-                   transparent=dalle.channels == 4)
+    options = dict(
+        text_len=dalle.text_seq_len,
+        image_size=dalle.image_size,
+        tokenizer=tokenizer,
+        truncate_captions=args.truncate_captions,
+        resize_ratio=args.random_resize_crop_lower_ratio,
+        transparent=dalle.channels == 4,
+    )
     if args.wds:
         if args.precompute_image_tokens:
             raise ValueError("--precompute_image_tokens needs a folder, not --wds shards")
         from dalle_pytorch.webdata import webdataset_loader
 
         image_key, _, caption_key = args.wds.partition(",")
-        loader = webdataset_loader(args.image_text_folder, batch_size=args.batch_size, num_workers=args.num_workers,
-                                   image_key=image_key or "jpg;png;jpeg;webp", caption_key=caption_key or "txt",
-                                   seed=seed, **options)
+        loader = webdataset_loader(
+            args.image_text_folder,
+            batch_size=args.batch_size,
+            num_workers=args.num_workers,
+            image_key=image_key or "jpg;png;jpeg;webp",
+            caption_key=caption_key or "txt",
+            seed=seed,
+            **options,
+        )
         return StreamingBatches(loader, ctx=ctx)
     dataset: Dataset = TextImageDataset(args.image_text_folder, **options)
     if args.precompute_image_tokens:
-        dataset = precompute_image_tokens(dataset, dalle, seed=seed, batch_size=args.batch_size, ctx=ctx,
-                                          num_workers=args.num_workers)
+        dataset = precompute_image_tokens(
+            dataset, dalle, seed=seed, batch_size=args.batch_size, ctx=ctx, num_workers=args.num_workers
+        )
     return IndexedBatches(dataset, batch_size=args.batch_size, seed=seed, ctx=ctx, num_workers=args.num_workers)
 
 
@@ -157,13 +242,15 @@ def run(argv: list[str] | None = None) -> TrainResult:
         tokenizer = build_tokenizer(spec)
         if start is not None:
             if any(getattr(args, flag) for flag in VAE_FLAGS):
-                warnings.warn("the VAE comes from the checkpoint; the VAE flags are ignored", stacklevel=1)
+                print(f"{PROG}: note: the VAE comes from the checkpoint; the VAE flags are ignored", file=sys.stderr)
             dalle = DALLE.from_pretrained(start)
         else:
             dalle = build_dalle(args, load_vae(args), tokenizer.vocab_size)
         if tokenizer.vocab_size > dalle.num_text_tokens:
-            raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the DALLE only "
-                             f"{dalle.num_text_tokens}: use the tokenizer it was trained with (--bpe_path)")
+            raise ValueError(
+                f"the tokenizer has {tokenizer.vocab_size} tokens but the DALLE only "
+                f"{dalle.num_text_tokens}: use the tokenizer it was trained with (--bpe_path)"
+            )
         dalle.to(ctx.device)
         data = build_data(args, dalle, tokenizer, seed, ctx)
 
@@ -183,8 +270,14 @@ def run(argv: list[str] | None = None) -> TrainResult:
         if resuming:
             trainer.resume(start)
         if ctx.is_main:
-            write_args_json(args.output_dir, PROG, args, seed=seed, tokenizer=spec,
-                            resumed_from=str(start) if start is not None else None)
+            write_args_json(
+                args.output_dir,
+                PROG,
+                args,
+                seed=seed,
+                tokenizer=spec,
+                resumed_from=str(start) if start is not None else None,
+            )
         return trainer.fit()
     finally:
         shutdown_distributed()

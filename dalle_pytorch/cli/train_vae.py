@@ -24,8 +24,14 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from dalle_pytorch.cli.common import (
-    add_arg, add_training_args, choose_seed, resume_dir, run_main, seed_everything, write_args_json,
-)  # fmt: skip
+    add_arg,
+    add_training_args,
+    choose_seed,
+    resume_dir,
+    run_main,
+    seed_everything,
+    write_args_json,
+)
 from dalle_pytorch.data import IMAGE_EXTENSIONS, SAMPLE_ERRORS, SkipLog, open_image, preprocess_image, reason_for
 from dalle_pytorch.data_order import IndexedBatches
 from dalle_pytorch.distributed import init_distributed, shutdown_distributed
@@ -42,16 +48,20 @@ class ImageFolderDataset(Dataset):
     covering at least `resize_ratio` of the image. Unreadable images are warned about once and replaced by
     the next readable one."""
 
-    def __init__(self, folder: str | os.PathLike, image_size: int, resize_ratio: float = 1.0,
-                 transparent: bool = False):
+    def __init__(
+        self, folder: str | os.PathLike, image_size: int, resize_ratio: float = 1.0, transparent: bool = False
+    ):
         root = Path(folder)
         if not root.is_dir():
             raise ValueError(f"--image_folder: {folder} is not a directory")
         paths = []
         for current, dirs, files in os.walk(root):
             dirs[:] = sorted(name for name in dirs if not name.startswith("."))
-            paths += [Path(current, name) for name in sorted(files)
-                      if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_EXTENSIONS]
+            paths += [
+                Path(current, name)
+                for name in sorted(files)
+                if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_EXTENSIONS
+            ]
         if not paths:
             raise ValueError(f"--image_folder: no images ({', '.join(IMAGE_EXTENSIONS)}) under {folder}")
         self.paths, self.image_size, self.resize_ratio, self.transparent = paths, image_size, resize_ratio, transparent
@@ -86,14 +96,21 @@ def build_parser() -> argparse.ArgumentParser:
     data = parser.add_argument_group("data")
     add_arg(data, "--image_folder", required=True, help="folder of images, flat or in class subfolders")
     add_arg(data, "--image_size", type=int, default=128, help="side of the square training images (default: 128)")
-    add_arg(data, "--random_resize_crop_lower_ratio", type=float, default=1.0,
-            help="random square crops cover at least this fraction of each image (default: 1.0)")
+    add_arg(
+        data,
+        "--random_resize_crop_lower_ratio",
+        type=float,
+        default=1.0,
+        help="random square crops cover at least this fraction of each image (default: 1.0)",
+    )
     add_arg(data, "--transparent", action="store_true", help="keep the alpha channel (RGBA, 4 channels)")
 
     model = parser.add_argument_group("model (ignored when resuming: the checkpoint has them)")
     add_arg(model, "--num_tokens", type=int, default=8192, help="codebook size (default: 8192)")
     add_arg(model, "--num_layers", type=int, default=3, help="downsamplings; the grid is image_size / 2**num_layers")
-    add_arg(model, "--num_resnet_blocks", type=int, default=2, help="residual blocks in encoder and decoder (default: 2)")
+    add_arg(
+        model, "--num_resnet_blocks", type=int, default=2, help="residual blocks in encoder and decoder (default: 2)"
+    )
     add_arg(model, "--emb_dim", type=int, default=512, help="codebook vector size (default: 512)")
     add_arg(model, "--hidden_dim", type=int, default=256, help="convolution channels (default: 256)")
     add_arg(model, "--smooth_l1_loss", action="store_true", help="smooth L1 instead of MSE reconstruction loss")
@@ -130,8 +147,9 @@ def run(argv: list[str] | None = None) -> TrainResult:
         seed = choose_seed(args, checkpoint)
         seed_everything(seed)
         vae = DiscreteVAE.from_pretrained(checkpoint) if checkpoint is not None else build_vae(args)
-        dataset = ImageFolderDataset(args.image_folder, vae.image_size, args.random_resize_crop_lower_ratio,
-                                     transparent=vae.channels == 4)
+        dataset = ImageFolderDataset(
+            args.image_folder, vae.image_size, args.random_resize_crop_lower_ratio, transparent=vae.channels == 4
+        )
         data = IndexedBatches(dataset, batch_size=args.batch_size, seed=seed, ctx=ctx, num_workers=args.num_workers)
 
         def loss_fn(model: nn.Module, images: torch.Tensor, step: int):
