@@ -95,9 +95,20 @@ def _text_and_codes(model, batch: int, generator: torch.Generator, device: torch
     return text.to(device), codes.to(device)
 
 
+TRAIN_STEP = "forward + backward + AdamW step (fused kernel when available)"
+
+
+def _optimizer(params: list) -> torch.optim.Optimizer:
+    # the fused kernel is several times faster than the default per-tensor loop on CPU (torch >= 2.4)
+    try:
+        return torch.optim.AdamW(params, lr=1e-4, fused=True)
+    except (RuntimeError, TypeError, ValueError):
+        return torch.optim.AdamW(params, lr=1e-4)
+
+
 def _train_step(model: torch.nn.Module, loss_fn, set_to_none: bool = True):
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    optimizer = _optimizer(params)
 
     def step():
         optimizer.zero_grad(set_to_none=set_to_none)
@@ -113,7 +124,8 @@ def _train_step(model: torch.nn.Module, loss_fn, set_to_none: bool = True):
 
 
 def matmul(device: torch.device, quick: bool) -> dict:
-    """Dense fp32 (n x n) @ (n x n) throughput; the largest median-based GFLOP/s over the sizes is the peak."""
+    """Dense fp32 (n x n) @ (n x n) throughput, the largest median-based GFLOP/s over the sizes being the
+    reference; also the memory bandwidth of a large copy (read + write), the other roof of the roofline."""
     sizes = (1024,) if quick else (2048, 3072, 4096)
     per_size = {}
     for n in sizes:
@@ -122,8 +134,14 @@ def matmul(device: torch.device, quick: bool) -> dict:
         stats = time_repeats(lambda a=a, b=b, out=out: torch.mm(a, b, out=out), device=device, warmup=2,
                              repeats=5 if quick else 10, budget_s=BUDGET_S[quick])  # fmt: skip
         per_size[n] = {**stats, "gflops": 2 * n**3 / stats["median_s"] / 1e9}
+        del a, b, out
     best = max(per_size, key=lambda n: per_size[n]["gflops"])
-    return {**per_size[best], "matmul_gflops": per_size[best]["gflops"], "config": {"sizes": list(sizes)},
+    source = torch.randn((8 if quick else 64) * 2**20, device=device)  # 32 or 256 MB
+    target = torch.empty_like(source)
+    copy = time_repeats(lambda: target.copy_(source), device=device, warmup=1, repeats=5, budget_s=BUDGET_S[quick])
+    bandwidth = 2 * source.numel() * source.element_size() / copy["median_s"] / 1e9
+    return {**per_size[best], "matmul_gflops": per_size[best]["gflops"], "bandwidth_gbs": bandwidth,
+            "config": {"sizes": list(sizes), "copy_mb": source.numel() * 4 // 2**20},
             "gflops_by_size": {str(n): round(v["gflops"], 1) for n, v in per_size.items()}}  # fmt: skip
 
 
@@ -142,7 +160,7 @@ def vae_train(device: torch.device, quick: bool) -> dict:
     with FlopCounterMode(display=False) as counter:  # convolutions and matmuls, forward + backward
         vae(images, return_loss=True).backward()
     stats = time_repeats(step, device=device, budget_s=BUDGET_S[quick])
-    return {**stats, "config": {**sizes, "batch": batch}, "train_flops": counter.get_total_flops(),
+    return {**stats, "config": {**sizes, "batch": batch, "step": TRAIN_STEP}, "train_flops": counter.get_total_flops(),
             "flops_formula": "counted by torch.utils.flop_counter on one forward + backward",
             "items": batch, "item_name": "images"}  # fmt: skip
 
@@ -162,7 +180,7 @@ def dalle_train(device: torch.device, quick: bool, variant: str) -> dict:
     stats = time_repeats(step, device=device, budget_s=BUDGET_S[quick])
     flops = model_flops.DalleFlops(model)
     tokens = batch * (model.text_seq_len + model.image_seq_len)
-    return {**stats, "config": {**config, "batch": batch, "inputs": "precomputed image codes"},
+    return {**stats, "config": {**config, "batch": batch, "inputs": "precomputed image codes", "step": TRAIN_STEP},
             "train_flops": flops.train_step(batch), "flops_formula": model_flops.TRAIN_FORMULA,
             "items": tokens, "item_name": "tokens"}  # fmt: skip
 
@@ -179,7 +197,7 @@ def clip_train(device: torch.device, quick: bool) -> dict:
     step, _ = _train_step(clip, lambda: clip(text, images, return_loss=True))
     stats = time_repeats(step, device=device, budget_s=BUDGET_S[quick])
     tokens = batch * (sizes["text_seq_len"] + (side // sizes["visual_patch_size"]) ** 2)
-    return {**stats, "config": {**sizes, "batch": batch},
+    return {**stats, "config": {**sizes, "batch": batch, "step": TRAIN_STEP},
             "train_flops": model_flops.clip_train_step(clip, batch, sizes["text_seq_len"]),
             "flops_formula": model_flops.CLIP_FORMULA, "items": tokens, "item_name": "tokens"}  # fmt: skip
 
@@ -198,7 +216,7 @@ def long_sequence(device: torch.device, quick: bool, attn_type: str) -> dict:
     stats = time_repeats(step, device=device, warmup=1, repeats=3, budget_s=BUDGET_S[quick])
     flops = model_flops.DalleFlops(model)
     full_flops = flops.train_step(batch, ["full"] * len(flops.layer_types))
-    return {**stats, "config": {**config, "batch": batch, "inputs": "precomputed image codes"},
+    return {**stats, "config": {**config, "batch": batch, "inputs": "precomputed image codes", "step": TRAIN_STEP},
             "train_flops": flops.train_step(batch), "flops_formula": model_flops.TRAIN_FORMULA,
             "items": batch * (model.text_seq_len + model.image_seq_len), "item_name": "tokens",
             # the speed-up over full attention if time followed model FLOPs exactly
@@ -256,11 +274,14 @@ def generation(device: torch.device, quick: bool, attn_type: str, tokens: int, c
     stats = time_repeats(run, device=device, warmup=1, repeats=3, budget_s=BUDGET_S[quick])
     timed = runs[-stats["repeats"] :]
     step_ms = statistics.median(1000 * statistics.mean(steps) for _, steps in timed)
-    steps_flops = model_flops.DalleFlops(model).generation_steps(GEN_BATCH, guided=True, cached=cached)
+    flops = model_flops.DalleFlops(model)
+    steps_flops = flops.generation_steps(GEN_BATCH, guided=True, cached=cached)
+    step_bytes = [flops.generation_step_bytes(GEN_BATCH, guided=True, token=t) for t in range(1, tokens)]
     return {**stats, "config": {**config, "batch": GEN_BATCH, "cond_scale": COND_SCALE, "use_cache": cached},
             "image_tokens": tokens, "prefill_s": statistics.median(p for p, _ in timed),
             "ms_per_token_step": step_ms, "matmul_flops": sum(steps_flops),
             "step_matmul_flops": statistics.mean(steps_flops[1:]), "flops_formula": model_flops.GENERATION_FORMULA,
+            **({"step_bytes": statistics.mean(step_bytes)} if cached else {}),
             "ms_per_token_step_definition": "mean time between sampled tokens, prefill excluded"}  # fmt: skip
 
 
@@ -287,7 +308,9 @@ def generation_quickstart(device: torch.device, quick: bool) -> dict:
     # decode step t (1 <= t < n) samples token t; window A covers t = 1..window, window B t = n-window..n-1
     centre_a, centre_b = (1 + window) / 2, (2 * n - window - 1) / 2
     mean_step = step_a + (step_b - step_a) * (n / 2 - centre_a) / (centre_b - centre_a)  # linear, at mean t
-    flops = model_flops.DalleFlops(model).generation_steps(GEN_BATCH, guided=True, cached=True)
+    counter = model_flops.DalleFlops(model)
+    flops = counter.generation_steps(GEN_BATCH, guided=True, cached=True)
+    step_bytes = [counter.generation_step_bytes(GEN_BATCH, guided=True, token=t) for t in range(1, n)]
     return {"median_s": prefill_a + (n - 1) * mean_step, "min_s": None, "max_s": None, "repeats": 1,
             "extrapolated": True, "measured_s": elapsed,
             "extrapolation": f"prefill + {n - 1} decode steps, step time linear in position through the median "
@@ -298,6 +321,8 @@ def generation_quickstart(device: torch.device, quick: bool) -> dict:
             "ms_step_window_end": 1000 * step_b, "matmul_flops": sum(flops),
             "step_matmul_flops": statistics.mean(flops[1:]), "step_matmul_flops_window_start": statistics.mean(
                 flops[1 : window + 1]), "step_matmul_flops_window_end": statistics.mean(flops[-window:]),
+            "step_bytes": statistics.mean(step_bytes), "step_bytes_window_start": statistics.mean(step_bytes[:window]),
+            "step_bytes_window_end": statistics.mean(step_bytes[-window:]),
             "flops_formula": model_flops.GENERATION_FORMULA}  # fmt: skip
 
 

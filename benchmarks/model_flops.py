@@ -29,7 +29,8 @@ TRAIN_FORMULA = (
 )
 GENERATION_FORMULA = (
     "per sampled token: 2 * rows * (new positions * W_transformer + W_image_logits)"
-    " + 4 * rows * inner * sum_layers(pairs of the new queries); rows = 2 * batch with guidance"
+    " + 4 * rows * inner * sum_layers(pairs of the new queries); rows = 2 * batch with guidance;"
+    " bytes per cached step: 4 * (W_transformer + W_image_logits + 2 * rows * inner * sum_layers(keys))"
 )
 CLIP_FORMULA = (
     "6 * b * (W_text_encoder * n_text + W_visual_encoder * n_patches + W_latents)"
@@ -111,6 +112,14 @@ class DalleFlops:
             flops = 2 * (end - start) * self.w_transformer + 4 * self.inner * self.attention_pairs(start, end)
             steps.append(rows * (flops + 2 * self.w_image_logits))
         return steps
+
+    def generation_step_bytes(self, batch: int, *, guided: bool, token: int, bytes_per_value: int = 4) -> float:
+        """Bytes a cached decoding step must read at least: every matmul weight once, plus the cached keys
+        and values it attends to (the floor when the step is limited by memory bandwidth, not FLOPs)."""
+        rows = 2 * batch if guided else batch
+        end = self.text_len + token
+        kv_values = 2 * rows * self.inner * self.attention_pairs(end - 1, end)
+        return bytes_per_value * (self.w_transformer + self.w_image_logits + kv_values)
 
 
 def clip_train_step(clip: nn.Module, batch: int, text_len: int) -> float:

@@ -13,10 +13,15 @@ DALL-E paper (Ramesh et al. 2021, https://arxiv.org/abs/2102.12092, appendix B.1
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from dalle_pytorch.sparse_attention import SparsePattern
 
 ATTENTION_TYPES = ("full", "axial_row", "axial_col", "conv_like", "sparse")
 
@@ -91,25 +96,19 @@ def attention_mask(
         if dilation < 1:
             raise ValueError(f"dilation must be >= 1, got {dilation}")
         reach = (kernel_size // 2) * dilation
-        image_part = (
-            (dr.abs() <= reach) & (dc.abs() <= reach) & (dr % dilation == 0) & (dc % dilation == 0)
-        )
+        image_part = (dr.abs() <= reach) & (dc.abs() <= reach) & (dr % dilation == 0) & (dc % dilation == 0)
     # text queries: causal text; image queries: all text + the pattern among image keys
     allowed = ~kj | (qi & kj & image_part)
     return causal & allowed
 
 
-def _block_sparse_mask(
-    n: int, text_len: int, block_size: int, num_local: int, num_random: int, seed: int
-) -> Tensor:
+def _block_sparse_mask(n: int, text_len: int, block_size: int, num_local: int, num_random: int, seed: int) -> Tensor:
     layout = block_sparse_layout(n, text_len, block_size, num_local, num_random, seed)
     block_of = torch.arange(n) // block_size
     return layout[block_of[:, None], block_of[None, :]]
 
 
-def block_sparse_layout(
-    n: int, text_len: int, block_size: int, num_local: int, num_random: int, seed: int
-) -> Tensor:
+def block_sparse_layout(n: int, text_len: int, block_size: int, num_local: int, num_random: int, seed: int) -> Tensor:
     """(num_blocks, num_blocks) bool: which key block each query block of ``block_size`` positions may see.
 
     Local blocks (the ``num_local`` ending at the query block), every block holding text, and ``num_random``
@@ -183,12 +182,16 @@ class Attention(nn.Module):
         rotary: Tensor | None = None,
         cache=None,
         cache_key=None,
+        pattern: SparsePattern | None = None,
     ) -> Tensor:
         """x: (b, n, dim). mask: bool, broadcastable to (b, h, n, keys), True = may attend.
 
         ``causal`` asks for a plain causal mask (a faster kernel path) and may not be combined with ``mask``.
         With ``cache`` (a :class:`~dalle_pytorch.transformer.DecodingCache`), keys and values of x are
         appended to those of earlier positions and the queries of x attend to all of them.
+        ``pattern`` (a :class:`~dalle_pytorch.sparse_attention.SparsePattern`, only for positions [0, n)
+        without a cache) computes the same attention as ``mask`` with a kernel that skips what the mask
+        hides; where that kernel cannot run (see ``SparsePattern.supports``), ``mask`` is used.
         """
         q, k, v = rearrange(self.to_qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.heads)
         if rotary is not None:
@@ -202,12 +205,15 @@ class Attention(nn.Module):
             alpha = 32.0
             q = q / alpha
             scale = alpha / self.dim_head**0.5
+        dropout_p = self.dropout if self.training else 0.0
+        if pattern is not None and cache is None and pattern.supports(q.device, dropout_p):
+            return self.to_out(rearrange(pattern(q, k, v, scale=scale), "b h n d -> b n (h d)"))
         out = F.scaled_dot_product_attention(
             q,
             k,
             v,
             attn_mask=mask,
-            dropout_p=self.dropout if self.training else 0.0,
+            dropout_p=dropout_p,
             is_causal=causal and mask is None,
             scale=scale,
         )

@@ -1,25 +1,31 @@
 """Fast training kernels for DALLE's sparse attention patterns: axial rows / columns, conv-like, block-sparse.
 
-Each function here computes exactly what ``F.scaled_dot_product_attention`` computes with the dense mask of
-:func:`dalle_pytorch.attention.attention_mask`, for the queries ``[0, n)`` of a full-sequence forward pass (no
-cache), but only touches the key blocks the pattern allows. They all share one structure:
+Each function here returns exactly what ``F.scaled_dot_product_attention`` returns with the dense mask of
+:func:`dalle_pytorch.attention.attention_mask` (outputs and gradients), for the positions ``[0, n)`` of a
+full-sequence pass (training; no cache), while only computing the scores the pattern allows. All patterns
+share one structure, a :class:`TilePlan`:
 
-- a *prefix* of keys every later query sees (the text for the grid patterns, the blocks holding text for
-  ``sparse``): its own queries run plain causal attention over it;
-- the remaining queries are cut into *tiles* (an image row, an image column, a block of positions); every query
-  of a tile sees the whole prefix plus a *band* of a few key blocks gathered for its tile (its row, its column,
-  the window rows above it, the local and random blocks), restricted by a small (tile x band) mask.
+- a *prefix* of keys that every later query sees: the text for the grid patterns, the blocks holding text
+  for ``sparse``. Every query attends to it causally, in one call of PyTorch's fused CPU FlashAttention kernel.
+- the positions after the prefix, cut into equal *tiles* (image rows, image columns, blocks of positions).
+  Each tile's queries also see a *band*: a few tiles' worth of keys (its own row, the window rows above it,
+  the local and random blocks), restricted by a small (tile x band) mask. Bands are dense batched matmuls.
 
-One softmax spans prefix and band. :class:`_PrefixBandAttention` computes it tile chunk by tile chunk and
-recomputes the probabilities in the backward pass, like FlashAttention (Dao et al. 2022,
-https://arxiv.org/abs/2205.14135), so it stores O(n d) per layer instead of the (n x keys) probabilities.
+The two partial softmaxes are merged through their log-sum-exps, and the backward pass recomputes the
+probabilities from the merged log-sum-exp, as FlashAttention does (Dao et al. 2022,
+https://arxiv.org/abs/2205.14135, algorithm 2): the fused kernel's backward, given the merged output and
+log-sum-exp, yields exactly the prefix keys' share of the gradient. A layer stores O(n d), never scores.
+
+The fused kernel is ``aten::_scaled_dot_product_flash_attention_for_cpu`` (the kernel behind
+``F.scaled_dot_product_attention`` on CPU); it has no dropout, so :func:`fast_path_available` is False for
+other devices and for attention dropout, and callers keep the dense-mask path there.
 
 Patterns: axial and conv-like attention as in the DALL-E paper (Ramesh et al. 2021,
-https://arxiv.org/abs/2102.12092, appendix B.1) and block-sparse attention after the Sparse Transformer (Child
+https://arxiv.org/abs/2102.12092, appendix B.1); block-sparse attention after the Sparse Transformer (Child
 et al. 2019, https://arxiv.org/abs/1904.10509) and BigBird (Zaheer et al. 2020, https://arxiv.org/abs/2007.14062).
 
-Shape letters: b batch, h heads, n positions, d head dim, p prefix keys, t tiles, c queries per tile,
-s key blocks per band, w = s * (block length) band keys.
+Shape letters: b batch, h heads, n positions, d head dim, p prefix length, t tiles, c positions per tile,
+s band slots (one tile of keys each), w = s * c band keys; "(b h)" is written B in comments.
 """
 
 from __future__ import annotations
@@ -28,201 +34,296 @@ import functools
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from dalle_pytorch.attention import block_sparse_layout
 
 SPARSE_TYPES = ("axial_row", "axial_col", "conv_like", "sparse")
 
-# score elements (b * h * queries * keys) computed at once; bounds the temporary memory of one chunk of tiles
-_SCORES_PER_CHUNK = 1 << 21
+_EXP_FLOOR = -80.0  # see _band_exp_scores
+# band score elements computed at once; bounds the temporary memory of one chunk of tiles (32 MB in fp32)
+_BAND_SCORES_PER_CHUNK = 1 << 23
+
+
+def fast_path_available(device: torch.device, dropout_p: float = 0.0) -> bool:
+    """Whether the kernels here can run: on CPU, without attention dropout (the fused kernel has none)."""
+    return (
+        device.type == "cpu"
+        and dropout_p == 0.0
+        and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The shared kernel: causal attention over the prefix, then tiles of queries over [prefix | band] keys
+# The plan of a pattern: prefix, tiles and the slots of each tile's band
 # ---------------------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class TilePlan:
-    """Which keys each query sees, in the prefix + tiles form every pattern here takes.
+    """Which keys each query sees, in the prefix + tiles form.
 
-    Queries [0, prefix_len) attend causally to keys [0, prefix_len). Every later position is the query of
-    exactly one tile: tile i holds the queries ``query_index[i]`` (t, c) (value n or more: an empty slot) and
-    sees every prefix key plus the band keys ``key_index[i]`` (t, w) (-1: an empty slot) where
-    ``band_mask[i]`` (t or 1, c, w) is True.
+    Positions ``[prefix_len, prefix_len + num_tiles * tile_len)`` (those past n are empty) form ``num_tiles``
+    tiles of ``tile_len`` positions: consecutive runs, or with ``column_major`` the columns of a grid of
+    ``tile_len`` rows by ``num_tiles`` columns. Queries and keys are tiled alike. Band slot j of tile i holds
+    key tile ``i - shifts[j]`` when ``shifts[j]`` is an int, else key tile ``slot_index[i, j]``; -1 (or a
+    negative shift's result) is an empty slot. ``band_mask`` (t or 1, c, s * c) bool says which band keys
+    each query of a tile may see; every query must see at least itself.
     """
 
     prefix_len: int
-    query_index: Tensor
-    key_index: Tensor
-    band_mask: Tensor
+    num_tiles: int
+    tile_len: int
+    column_major: bool
+    shifts: tuple  # one int (key tile = tile - shift) or None (key tile from slot_index) per slot
+    slot_index: Tensor  # (t, s) long
+    band_mask: Tensor  # (t or 1, c, s * c) bool
 
     def to(self, device: torch.device) -> TilePlan:
-        return TilePlan(self.prefix_len, *(x.to(device) for x in (self.query_index, self.key_index, self.band_mask)))
+        fields = dict(self.__dict__, slot_index=self.slot_index.to(device), band_mask=self.band_mask.to(device))
+        return TilePlan(**fields)
 
 
-def _chunks(plan: TilePlan, batch_heads: int) -> list[slice]:
-    tiles, c = plan.query_index.shape
-    per_tile = max(1, batch_heads * c * (plan.prefix_len + plan.key_index.shape[1]))
-    size = max(1, _SCORES_PER_CHUNK // per_tile)
-    return [slice(i, min(i + size, tiles)) for i in range(0, tiles, size)]
+def _shift_slots(num_tiles: int, shifts: Tensor) -> Tensor:
+    """(t, s) key tile of each shift slot, -1 where it would fall before the first tile."""
+    index = torch.arange(num_tiles)[:, None] - shifts[None, :]
+    return index.masked_fill(index < 0, -1)
 
 
-def _exp_scores(qs, k_prefix, k_band, masked_out, subtract):
-    """exp(scores - subtract) against prefix keys (b, h, t*c, p) and band keys (b, h, t, c, w), in place.
+@functools.lru_cache(maxsize=64)
+def axial_plan(text_len: int, fmap: int, n: int, axis: str) -> TilePlan:
+    """``axial_row`` (axis="row": a tile per image row) or ``axial_col`` (a tile per column); band = the tile.
 
-    ``subtract`` (b, h, t*c) is the log-normaliser in the backward pass; None in the forward pass, which
-    subtracts the row maximum instead and returns it.
+    Band keys after a query in its row (column) are causally masked, so keys past n never count.
     """
-    s_prefix = rearrange(qs, "b h t c d -> b h (t c) d") @ k_prefix.transpose(-1, -2)
-    s_band = (qs @ k_band.transpose(-1, -2)).masked_fill_(masked_out, float("-inf"))
-    if subtract is None:
-        subtract = torch.maximum(s_prefix.amax(-1), rearrange(s_band.amax(-1), "b h t c -> b h (t c)"))
-    s_prefix.sub_(subtract[..., None]).exp_()
-    s_band.sub_(rearrange(subtract, "b h (t c) -> b h t c 1", c=qs.shape[3])).exp_()
-    return s_prefix, s_band, subtract
+    if axis not in ("row", "col"):
+        raise ValueError(f"axis must be 'row' or 'col', got {axis!r}")
+    rows = max(0, -(-(n - text_len) // fmap))  # image rows holding at least one position
+    num_tiles, tile_len = (rows, fmap) if axis == "row" else (fmap if rows else 0, rows)
+    causal = torch.ones(tile_len, tile_len, dtype=torch.bool).tril()[None]
+    shifts = torch.zeros(1, dtype=torch.long)
+    return TilePlan(text_len, num_tiles, tile_len, axis == "col", (0,), _shift_slots(num_tiles, shifts), causal)
 
 
-def _keep_masks(generator: torch.Generator | None, shapes_like: tuple[Tensor, ...], dropout_p: float) -> list:
-    """Dropout keep masks scaled by 1 / (1 - p), drawn in a fixed order so the backward pass redraws them."""
-    if generator is None:
-        return [None] * len(shapes_like)
-    keep = 1.0 - dropout_p
-    return [torch.empty_like(x).bernoulli_(keep, generator=generator).div_(keep) for x in shapes_like]
+@functools.lru_cache(maxsize=64)
+def conv_like_plan(text_len: int, fmap: int, n: int, kernel_size: int = 5, dilation: int = 1) -> TilePlan:
+    """``conv_like``: a tile per image row; its band holds the ``kernel_size // 2 + 1`` rows of the window.
 
-
-def _times(x: Tensor, mask: Tensor | None) -> Tensor:
-    return x if mask is None else x * mask
-
-
-class _TiledAttention(torch.autograd.Function):
-    """softmax(q k^T * scale restricted to a :class:`TilePlan`) v for q, k, v (b, h, n, d), recomputed in backward.
-
-    Forward keeps only the output and the log-normaliser of every query; backward recomputes each chunk's
-    probabilities from them (FlashAttention, arXiv 2205.14135, algorithm 2, in PyTorch ops).
+    Slot j holds the row ``(kernel_size // 2 - j) * dilation`` above (the last slot the row itself); the band
+    mask keeps the window's columns, and in the own row only the tokens up to the query.
     """
-
-    @staticmethod
-    def forward(ctx, q, k, v, plan: TilePlan, scale: float, dropout_p: float, seed: int):
-        b, h, n, d = q.shape
-        p_len = plan.prefix_len
-        out = torch.empty_like(q, memory_format=torch.contiguous_format)
-        lse = q.new_empty(b, h, n)  # log of each query's softmax normaliser
-        generator = _generator(q.device, seed) if dropout_p > 0 else None
-        k_prefix, v_prefix = k[:, :, :p_len], v[:, :, :p_len]
-        causal_out = ~torch.ones(p_len, p_len, dtype=torch.bool, device=q.device).tril()
-
-        e, row_max = _prefix_exp_scores(q[:, :, :p_len] * scale, k_prefix, causal_out, None)
-        total = e.sum(-1)
-        (keep,) = _keep_masks(generator, (e,), dropout_p)
-        out[:, :, :p_len] = (_times(e, keep) @ v_prefix) / total[..., None]
-        lse[:, :, :p_len] = row_max + total.log()
-
-        masked_out = ~plan.band_mask
-        for chunk in _chunks(plan, b * h):
-            qi, ki = plan.query_index[chunk], plan.key_index[chunk].clamp(0, n - 1)
-            valid = (qi < n).flatten()
-            qs = q[:, :, qi.clamp(max=n - 1)] * scale  # (b, h, t, c, d)
-            k_band, v_band = k[:, :, ki], v[:, :, ki]  # (b, h, t, w, d)
-            mask = masked_out[chunk] if masked_out.shape[0] > 1 else masked_out
-            e_prefix, e_band, row_max = _exp_scores(qs, k_prefix, k_band, mask, None)
-            total = e_prefix.sum(-1) + rearrange(e_band.sum(-1), "b h t c -> b h (t c)")
-            keep_prefix, keep_band = _keep_masks(generator, (e_prefix, e_band), dropout_p)
-            o = _times(e_prefix, keep_prefix) @ v_prefix
-            o += rearrange(_times(e_band, keep_band) @ v_band, "b h t c d -> b h (t c) d")
-            positions = qi.flatten()[valid]
-            out.index_copy_(2, positions, (o / total[..., None])[:, :, valid])
-            lse.index_copy_(2, positions, (row_max + total.log())[:, :, valid])
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.plan, ctx.scale, ctx.dropout_p, ctx.seed = plan, scale, dropout_p, seed
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        q, k, v, out, lse = ctx.saved_tensors
-        plan, scale, dropout_p = ctx.plan, ctx.scale, ctx.dropout_p
-        b, h, n, d = q.shape
-        p_len = plan.prefix_len
-        grad_out = grad_out.contiguous()
-        dq = torch.empty_like(out)
-        dk, dv = torch.zeros_like(out), torch.zeros_like(out)
-        # D = rowsum(P * dP) = rowsum(dO * O), with dropout too (FlashAttention, appendix B.2)
-        delta = (grad_out * out).sum(-1)  # (b, h, n)
-        generator = _generator(q.device, ctx.seed) if dropout_p > 0 else None
-        k_prefix, v_prefix = k[:, :, :p_len], v[:, :, :p_len]
-        dk_prefix, dv_prefix = dk[:, :, :p_len], dv[:, :, :p_len]  # views: accumulate in place
-        causal_out = ~torch.ones(p_len, p_len, dtype=torch.bool, device=q.device).tril()
-
-        qs = q[:, :, :p_len] * scale
-        p, _ = _prefix_exp_scores(qs, k_prefix, causal_out, lse[:, :, :p_len])
-        (keep,) = _keep_masks(generator, (p,), dropout_p)
-        do = grad_out[:, :, :p_len]
-        dv_prefix += _times(p, keep).transpose(-1, -2) @ do
-        ds = _times(do @ v_prefix.transpose(-1, -2), keep).sub_(delta[:, :, :p_len, None]).mul_(p)
-        dq[:, :, :p_len] = (ds @ k_prefix) * scale
-        dk_prefix += ds.transpose(-1, -2) @ qs
-
-        masked_out = ~plan.band_mask
-        c = plan.query_index.shape[1]
-        for chunk in _chunks(plan, b * h):
-            qi, ki = plan.query_index[chunk], plan.key_index[chunk].clamp(0, n - 1)
-            valid = (qi < n).flatten()
-            gather = qi.clamp(max=n - 1)
-            qs = q[:, :, gather] * scale  # (b, h, t, c, d)
-            k_band, v_band = k[:, :, ki], v[:, :, ki]  # (b, h, t, w, d)
-            mask = masked_out[chunk] if masked_out.shape[0] > 1 else masked_out
-            lse_chunk = rearrange(lse[:, :, gather], "b h t c -> b h (t c)")
-            p_prefix, p_band, _ = _exp_scores(qs, k_prefix, k_band, mask, lse_chunk)
-            keep_prefix, keep_band = _keep_masks(generator, (p_prefix, p_band), dropout_p)
-            # empty query slots (gathered from a real position) must pass no gradient: zero their dO and D
-            is_query = valid.to(grad_out.dtype)
-            do = grad_out[:, :, gather] * rearrange(is_query, "(t c) -> t c 1", c=c)
-            do_flat = rearrange(do, "b h t c d -> b h (t c) d")
-            dv_prefix += _times(p_prefix, keep_prefix).transpose(-1, -2) @ do_flat
-            dv_band = _times(p_band, keep_band).transpose(-1, -2) @ do  # (b, h, t, w, d)
-            delta_chunk = rearrange(delta[:, :, gather], "b h t c -> b h (t c)") * is_query
-            # dS = P * (dP - D), in place over dP
-            ds_prefix = _times(do_flat @ v_prefix.transpose(-1, -2), keep_prefix)
-            ds_prefix.sub_(delta_chunk[..., None]).mul_(p_prefix)
-            ds_band = _times(do @ v_band.transpose(-1, -2), keep_band)
-            ds_band.sub_(rearrange(delta_chunk, "b h (t c) -> b h t c 1", c=c)).mul_(p_band)
-            dq_chunk = ds_prefix @ k_prefix + rearrange(ds_band @ k_band, "b h t c d -> b h (t c) d")
-            dq.index_copy_(2, qi.flatten()[valid], (dq_chunk * scale)[:, :, valid])
-            dk_prefix += ds_prefix.transpose(-1, -2) @ rearrange(qs, "b h t c d -> b h (t c) d")
-            band_positions = ki.flatten()
-            dk.index_add_(2, band_positions, rearrange(ds_band.transpose(-1, -2) @ qs, "b h t w d -> b h (t w) d"))
-            dv.index_add_(2, band_positions, rearrange(dv_band, "b h t w d -> b h (t w) d"))
-        return dq, dk, dv, None, None, None, None
+    if kernel_size < 1 or kernel_size % 2 == 0:
+        raise ValueError(f"kernel_size must be a positive odd number, got {kernel_size}")
+    if dilation < 1:
+        raise ValueError(f"dilation must be >= 1, got {dilation}")
+    rows = max(0, -(-(n - text_len) // fmap))
+    half = kernel_size // 2
+    shifts = (half - torch.arange(half + 1)) * dilation  # (s,)
+    slot_index = _shift_slots(rows, shifts)
+    col = torch.arange(fmap)
+    dc = col[:, None] - col[None, :]  # query column - key column, (c, c)
+    in_window = (dc.abs() <= half * dilation) & (dc % dilation == 0)
+    own_row = (shifts == 0)[:, None, None]  # (s, 1, 1)
+    slot_mask = in_window[None] & (~own_row | (dc >= 0)[None])  # (s, c, c)
+    band_mask = slot_mask[None] & (slot_index >= 0)[:, :, None, None]  # (t, s, c, c)
+    band_mask = rearrange(band_mask, "t s i j -> t i (s j)")
+    return TilePlan(text_len, rows, fmap, False, tuple(shifts.tolist()), slot_index, band_mask)
 
 
-def _prefix_exp_scores(qs, k_prefix, masked_out, subtract):
-    """Like :func:`_exp_scores` for the prefix queries (b, h, p, d) over the prefix keys, causally."""
-    s = (qs @ k_prefix.transpose(-1, -2)).masked_fill_(masked_out, float("-inf"))
-    if subtract is None:
-        subtract = s.amax(-1)
-    return s.sub_(subtract[..., None]).exp_(), subtract
+@functools.lru_cache(maxsize=64)
+def block_sparse_plan(
+    text_len: int, fmap: int, n: int, block_size: int = 16, num_local_blocks: int = 4, num_random_blocks: int = 2,
+    seed: int = 0,
+) -> TilePlan:  # fmt: skip
+    """``sparse``: the blocks holding text are the prefix, every later block is a tile.
 
-
-def _generator(device: torch.device, seed: int) -> torch.Generator:
-    return torch.Generator(device=device).manual_seed(seed)
-
-
-def tiled_attention(
-    q: Tensor, k: Tensor, v: Tensor, plan: TilePlan, *, scale: float | None = None, dropout_p: float = 0.0
-) -> Tensor:
-    """Attention of q, k, v (b, h, n, d) restricted to ``plan``; returns (b, h, n, d)."""
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    seed = 0
-    if dropout_p > 0:
-        # drawn from the global generator, so seeding (and the reversible layers' RNG replay) governs dropout
-        seed = int(torch.randint(0, 2**62, ()).item())
-    return _TiledAttention.apply(q, k, v, plan.to(q.device), scale, dropout_p, seed)
+    A tile's band: ``num_local_blocks`` shift slots (its own block and those before it), then slots for its
+    random blocks that are neither local nor text, padded with empty slots to the same count for all tiles.
+    """
+    layout = block_sparse_layout(
+        text_len + fmap * fmap, text_len, block_size, num_local_blocks, num_random_blocks, seed
+    )
+    text_blocks = -(-text_len // block_size)
+    prefix_len = text_blocks * block_size
+    num_tiles = max(0, -(-(n - prefix_len) // block_size))
+    local = _shift_slots(num_tiles, torch.arange(num_local_blocks))  # (t, local)
+    seen = layout[text_blocks : text_blocks + num_tiles, text_blocks : text_blocks + num_tiles].clone()  # (t, t)
+    distance = torch.arange(num_tiles)[:, None] - torch.arange(num_tiles)[None, :]
+    seen &= distance >= num_local_blocks  # the random blocks left to gather
+    width = int(seen.sum(1).max()) if num_tiles else 0
+    random = torch.where(seen, torch.arange(num_tiles), -1).sort(dim=1, descending=True).values[:, :width]
+    slot_index = torch.cat((local, random), dim=1)  # (t, s)
+    causal = torch.ones(block_size, block_size, dtype=torch.bool).tril()
+    own = torch.arange(slot_index.shape[1]) == 0  # slot 0 = shift 0 = the tile itself
+    band_mask = torch.where(own[None, :, None, None], causal, (slot_index >= 0)[:, :, None, None])  # (t, s, c, c)
+    band_mask = rearrange(band_mask, "t s i j -> t i (s j)")
+    shifts = tuple(range(num_local_blocks)) + (None,) * width
+    return TilePlan(prefix_len, num_tiles, block_size, False, shifts, slot_index, band_mask)
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The patterns: how each one cuts queries into tiles and which key blocks form a tile's band
+# The kernel: fused causal attention over the prefix + batched band attention, merged by log-sum-exp
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _to_tiles(x: Tensor, plan: TilePlan) -> Tensor:
+    """(b, h, n, ...) -> (t, B, c, ...) positions after the prefix, zero-padded to whole tiles."""
+    region = x[:, :, plan.prefix_len :]
+    missing = plan.num_tiles * plan.tile_len - region.shape[2]
+    region = F.pad(region, (0, 0) * (x.ndim - 3) + (0, missing))
+    pattern = "b h (c t) ... -> t (b h) c ..." if plan.column_major else "b h (t c) ... -> t (b h) c ..."
+    return rearrange(region, pattern, t=plan.num_tiles).contiguous()
+
+
+def _from_tiles(x: Tensor, plan: TilePlan, batch: int, length: int) -> Tensor:
+    """(t, B, c, ...) -> (b, h, length, ...), the inverse of :func:`_to_tiles` for ``length`` positions."""
+    pattern = "t (b h) c ... -> b h (c t) ..." if plan.column_major else "t (b h) c ... -> b h (t c) ..."
+    return rearrange(x, pattern, b=batch)[:, :, :length]
+
+
+def _front_padded(tiles: Tensor, pad: int) -> Tensor:
+    """Key tiles (t, B, c, d) with ``pad`` empty tiles in front, so that shifted slots are plain slices."""
+    return F.pad(tiles, (0, 0, 0, 0, 0, 0, pad, 0))
+
+
+def _chunks(plan: TilePlan, batch_heads: int) -> list[slice]:
+    per_tile = max(1, batch_heads * plan.tile_len * plan.band_mask.shape[-1])
+    size = max(1, _BAND_SCORES_PER_CHUNK // per_tile)
+    return [slice(i, min(i + size, plan.num_tiles)) for i in range(0, plan.num_tiles, size)]
+
+
+def _band(padded: Tensor, plan: TilePlan, chunk: slice, pad: int) -> Tensor:
+    """Band keys (or values) of the tiles in ``chunk``: (chunk, B, w, d), the slots side by side."""
+    slots = []
+    for j, shift in enumerate(plan.shifts):
+        if shift is not None:  # a slice of the (front-padded) tiles: no gather
+            slots.append(padded[pad - shift + chunk.start : pad - shift + chunk.stop])
+        else:
+            slots.append(padded[pad:].index_select(0, plan.slot_index[chunk, j].clamp(min=0)))
+    return slots[0] if len(slots) == 1 else torch.cat(slots, dim=2)
+
+
+def _add_band(grad_padded: Tensor, grad_band: Tensor, plan: TilePlan, chunk: slice, pad: int) -> None:
+    """Add band gradients (chunk, B, w, d) back onto the key tiles they came from (the inverse of _band)."""
+    c = plan.tile_len
+    for j, shift in enumerate(plan.shifts):
+        part = grad_band[:, :, j * c : (j + 1) * c]
+        if shift is not None:
+            grad_padded[pad - shift + chunk.start : pad - shift + chunk.stop] += part
+        else:  # empty slots (-1) are fully masked, so the zero gradient they carry may land on tile 0
+            grad_padded.index_add_(0, plan.slot_index[chunk, j].clamp(min=0) + pad, part)
+
+
+def _band_exp_scores(qs: Tensor, keys: Tensor, masked_out: Tensor, subtract: Tensor | None):
+    """exp(band scores - subtract) (chunk, B, c, w), 0 where masked; ``subtract`` defaults to the row maximum.
+
+    Returns (probabilities, subtract). Exponents are floored at ``_EXP_FLOOR``: below it exp() returns
+    denormals (or 0 for -inf) that CPUs compute an order of magnitude slower, and e^-80 ~ 2e-35 is invisible
+    next to a row's largest weight, which is at least 1 / (number of keys).
+    """
+    scores = (qs @ keys.transpose(-1, -2)).masked_fill_(masked_out, float("-inf"))
+    if subtract is None:
+        subtract = scores.amax(-1)
+    probs = scores.sub_(subtract[..., None]).clamp_min_(_EXP_FLOOR).exp_().masked_fill_(masked_out, 0.0)
+    return probs, subtract
+
+
+def _band_forward(q: Tensor, k: Tensor, v: Tensor, plan: TilePlan, scale: float) -> tuple[Tensor, Tensor]:
+    """Band attention of every tiled query: output (t, B, c, d) and log-sum-exp (t, B, c)."""
+    pad = max((s for s in plan.shifts if s is not None), default=0)
+    q_tiles = _to_tiles(q, plan)
+    k_tiles, v_tiles = _front_padded(_to_tiles(k, plan), pad), _front_padded(_to_tiles(v, plan), pad)
+    masked_out = (~plan.band_mask)[:, None]  # (t or 1, 1, c, w)
+    out, lse = torch.empty_like(q_tiles), q_tiles.new_empty(q_tiles.shape[:-1])
+    for chunk in _chunks(plan, q_tiles.shape[1]):
+        mask = masked_out[chunk] if masked_out.shape[0] > 1 else masked_out
+        keys = _band(k_tiles, plan, chunk, pad)
+        weights, row_max = _band_exp_scores(q_tiles[chunk] * scale, keys, mask, None)
+        total = weights.sum(-1)
+        out[chunk] = (weights @ _band(v_tiles, plan, chunk, pad)).div_(total[..., None])
+        lse[chunk] = row_max + total.log()
+    return out, lse
+
+
+def _band_backward(q, k, v, out, lse, grad_out, plan: TilePlan, scale: float):
+    """Gradients (b, h, n - prefix, d) of q, k, v through the band keys, given the merged out and lse."""
+    b, _, n, _ = q.shape
+    pad = max((s for s in plan.shifts if s is not None), default=0)
+    q_tiles, do_tiles = _to_tiles(q, plan), _to_tiles(grad_out, plan)  # empty slots: q = dO = 0
+    k_tiles, v_tiles = _front_padded(_to_tiles(k, plan), pad), _front_padded(_to_tiles(v, plan), pad)
+    lse_tiles = _to_tiles(lse, plan)
+    # D = rowsum(dO * O) (FlashAttention, algorithm 2); zero for empty slots, so they pass no gradient
+    delta_tiles = _to_tiles((grad_out * out).sum(-1), plan)
+    dq_tiles = torch.empty_like(q_tiles)
+    dk_tiles, dv_tiles = torch.zeros_like(k_tiles), torch.zeros_like(v_tiles)
+    masked_out = (~plan.band_mask)[:, None]
+    for chunk in _chunks(plan, q_tiles.shape[1]):
+        mask = masked_out[chunk] if masked_out.shape[0] > 1 else masked_out
+        qs, do = q_tiles[chunk] * scale, do_tiles[chunk]
+        keys, values = _band(k_tiles, plan, chunk, pad), _band(v_tiles, plan, chunk, pad)
+        probs, _ = _band_exp_scores(qs, keys, mask, lse_tiles[chunk])
+        _add_band(dv_tiles, probs.transpose(-1, -2) @ do, plan, chunk, pad)
+        ds = (do @ values.transpose(-1, -2)).sub_(delta_tiles[chunk][..., None]).mul_(probs)  # P * (dP - D)
+        dq_tiles[chunk] = (ds @ keys).mul_(scale)
+        _add_band(dk_tiles, ds.transpose(-1, -2) @ qs, plan, chunk, pad)
+    length = n - plan.prefix_len
+    return tuple(_from_tiles(x, plan, b, length) for x in (dq_tiles, dk_tiles[pad:], dv_tiles[pad:]))
+
+
+class _PlannedAttention(torch.autograd.Function):
+    """softmax(q k^T * scale restricted to a :class:`TilePlan`) v for q, k, v (b, h, n, d); see the module doc."""
+
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, plan: TilePlan, scale: float) -> Tensor:
+        b, _, n, _ = q.shape
+        p = plan.prefix_len
+        # every query over the prefix keys, causally (top-left aligned: queries past p see the whole prefix)
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q, k[:, :, :p], v[:, :, :p], 0.0, True, scale=scale
+        )
+        if plan.num_tiles:
+            band_out, band_lse = _band_forward(q, k, v, plan, scale)
+            band_out, band_lse = _from_tiles(band_out, plan, b, n - p), _from_tiles(band_lse, plan, b, n - p)
+            prefix_lse = lse[:, :, p:]
+            merged = torch.logaddexp(prefix_lse, band_lse)
+            out[:, :, p:] = (
+                out[:, :, p:] * (prefix_lse - merged).exp()[..., None] + band_out * (band_lse - merged).exp()[..., None]
+            )
+            lse[:, :, p:] = merged
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.plan, ctx.scale = plan, scale
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out: Tensor):
+        q, k, v, out, lse = ctx.saved_tensors
+        plan, scale, p = ctx.plan, ctx.scale, ctx.plan.prefix_len
+        grad_out = grad_out.contiguous()
+        # given the merged output and log-sum-exp, the fused backward returns the prefix keys' exact share
+        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            grad_out, q, k[:, :, :p], v[:, :, :p], out, lse, 0.0, True, scale=scale
+        )
+        if plan.num_tiles:
+            dq_band, dk_band, dv_band = _band_backward(q, k, v, out, lse, grad_out, plan, scale)
+            dq[:, :, p:] += dq_band
+            dk, dv = torch.cat((dk, dk_band), dim=2), torch.cat((dv, dv_band), dim=2)
+        return dq, dk, dv, None, None
+
+
+def planned_attention(q: Tensor, k: Tensor, v: Tensor, plan: TilePlan, *, scale: float | None = None) -> Tensor:
+    """Attention of q, k, v (b, h, n, d) restricted to ``plan`` (see :class:`TilePlan`); returns (b, h, n, d)."""
+    if not fast_path_available(q.device):
+        raise ValueError(f"the fast sparse kernels run on CPU only, got tensors on {q.device}")
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    return _PlannedAttention.apply(q, k, v, plan.to(q.device), scale)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Public kernels, one per attention type
 # ---------------------------------------------------------------------------------------------------------
 
 
@@ -240,156 +341,69 @@ def _check(q: Tensor, k: Tensor, v: Tensor, text_len: int, fmap: int) -> int:
     return n
 
 
-def _grid_plan(prefix_len: int, n: int, tile_positions: Tensor, key_index: Tensor, band_mask: Tensor) -> TilePlan:
-    """Plan for tiles of positions counted from ``prefix_len``; key slots before the grid (-1) stay empty."""
-    query_index = tile_positions + prefix_len
-    key_index = torch.where(key_index >= 0, key_index + prefix_len, -1)
-    return TilePlan(min(prefix_len, n), query_index, key_index, band_mask)
-
-
-@functools.lru_cache(maxsize=64)
-def axial_plan(text_len: int, fmap: int, n: int, axis: str, device: torch.device | None = None) -> TilePlan:
-    """Tiles of ``axial_row`` (axis="row": one per image row) or ``axial_col`` (one per column), band = the tile.
-
-    Band keys after a query in its row (column) are causally masked, so keys past n never count.
-    """
-    if axis not in ("row", "col"):
-        raise ValueError(f"axis must be 'row' or 'col', got {axis!r}")
-    rows = max(0, -(-(n - text_len) // fmap))  # image rows holding at least one query
-    grid = torch.arange(rows * fmap).view(rows, fmap)  # grid position of (row, column)
-    tiles = grid if axis == "row" or rows == 0 else grid.t()
-    band_mask = torch.ones(tiles.shape[1], tiles.shape[1], dtype=torch.bool).tril()[None]
-    return _grid_plan(text_len, n, tiles, tiles, band_mask).to(device)
-
-
-@functools.lru_cache(maxsize=64)
-def conv_like_plan(
-    text_len: int, fmap: int, n: int, kernel_size: int = 5, dilation: int = 1, device: torch.device | None = None
-) -> TilePlan:
-    """Tiles of ``conv_like``: one per image row; the band is the ``kernel_size // 2 + 1`` window rows.
-
-    Band slot j of row r holds image row r - (kernel_size // 2 - j) * dilation (the last slot the row
-    itself); the band mask keeps the window's columns, and in the own row only the tokens to the left.
-    """
-    if kernel_size < 1 or kernel_size % 2 == 0:
-        raise ValueError(f"kernel_size must be a positive odd number, got {kernel_size}")
-    if dilation < 1:
-        raise ValueError(f"dilation must be >= 1, got {dilation}")
-    rows = max(0, -(-(n - text_len) // fmap))
-    half = kernel_size // 2
-    offsets = (half - torch.arange(half + 1)) * dilation  # (s,) rows above the query's row
-    key_rows = torch.arange(rows)[:, None] - offsets[None, :]  # (t, s)
-    col = torch.arange(fmap)
-    key_index = torch.where(key_rows[..., None] >= 0, key_rows[..., None] * fmap + col, -1)  # (t, s, c)
-    dc = col[:, None] - col[None, :]  # query column - key column, (c, c)
-    in_window = (dc.abs() <= half * dilation) & (dc % dilation == 0)
-    own_row = (offsets == 0)[:, None, None]  # (s, 1, 1)
-    slot_mask = in_window[None] & (~own_row | (dc >= 0)[None])  # (s, c, c)
-    band_mask = slot_mask[None] & (key_rows >= 0)[:, :, None, None]  # (t, s, c, c)
-    tiles = torch.arange(rows * fmap).view(rows, fmap)
-    return _grid_plan(
-        text_len, n, tiles, rearrange(key_index, "t s c -> t (s c)"), rearrange(band_mask, "t s i j -> t i (s j)")
-    ).to(device)
-
-
-@functools.lru_cache(maxsize=64)
-def block_sparse_plan(
-    text_len: int, fmap: int, n: int, block_size: int = 16, num_local_blocks: int = 4, num_random_blocks: int = 2,
-    seed: int = 0, device: torch.device | None = None,
-) -> TilePlan:  # fmt: skip
-    """Tiles of ``sparse``: the blocks holding text are the prefix; every later block is a tile whose band
-    gathers its local and random blocks, padded with empty slots to the same count for every tile.
-    """
-    layout = block_sparse_layout(text_len + fmap * fmap, text_len, block_size, num_local_blocks, num_random_blocks, seed)
-    text_blocks = -(-text_len // block_size)
-    prefix_len = text_blocks * block_size
-    tiles = max(0, -(-(n - prefix_len) // block_size))
-    seen = layout[text_blocks : text_blocks + tiles, text_blocks : text_blocks + tiles]  # (t, t) key blocks
-    width = max(1, int(seen.sum(1).max())) if tiles else 1
-    # the seen blocks of each tile, latest first (its own block leads), then empty slots (-1)
-    block_index = torch.where(seen, torch.arange(tiles), -1).sort(dim=1, descending=True).values[:, :width]
-    diagonal = (block_index == torch.arange(tiles)[:, None])[:, :, None, None]
-    causal = torch.ones(block_size, block_size, dtype=torch.bool).tril()
-    band_mask = torch.where(diagonal, causal, (block_index >= 0)[:, :, None, None])  # (t, s, c, c)
-    offsets = torch.arange(block_size)
-    key_index = torch.where(block_index[..., None] >= 0, block_index[..., None] * block_size + offsets, -1)
-    query_index = torch.arange(tiles * block_size).view(tiles, block_size)
-    return _grid_plan(
-        prefix_len, n, query_index, rearrange(key_index, "t s l -> t (s l)"),
-        rearrange(band_mask, "t s i j -> t i (s j)"),
-    ).to(device)  # fmt: skip
-
-
 def axial_attention(
-    q: Tensor, k: Tensor, v: Tensor, text_len: int, fmap: int, *, axis: str = "row",
-    scale: float | None = None, dropout_p: float = 0.0,
-) -> Tensor:  # fmt: skip
+    q: Tensor, k: Tensor, v: Tensor, text_len: int, fmap: int, *, axis: str = "row", scale: float | None = None
+) -> Tensor:
     """``axial_row`` (axis="row") or ``axial_col`` (axis="col") attention; q, k, v, output (b, h, n, d).
 
     n <= text_len + fmap ** 2: the sequence may stop anywhere (DALLE trains on all but the last image token).
     """
     n = _check(q, k, v, text_len, fmap)
-    plan = axial_plan(text_len, fmap, n, axis, q.device)
-    return tiled_attention(q, k, v, plan, scale=scale, dropout_p=dropout_p)
+    return planned_attention(q, k, v, axial_plan(text_len, fmap, n, axis), scale=scale)
 
 
 def conv_like_attention(
     q: Tensor, k: Tensor, v: Tensor, text_len: int, fmap: int, *, kernel_size: int = 5, dilation: int = 1,
-    scale: float | None = None, dropout_p: float = 0.0,
+    scale: float | None = None,
 ) -> Tensor:  # fmt: skip
     """``conv_like`` attention; q, k, v, output (b, h, n, d), n <= text_len + fmap ** 2."""
     n = _check(q, k, v, text_len, fmap)
-    plan = conv_like_plan(text_len, fmap, n, kernel_size, dilation, q.device)
-    return tiled_attention(q, k, v, plan, scale=scale, dropout_p=dropout_p)
+    return planned_attention(q, k, v, conv_like_plan(text_len, fmap, n, kernel_size, dilation), scale=scale)
 
 
 def block_sparse_attention(
     q: Tensor, k: Tensor, v: Tensor, text_len: int, fmap: int, *, block_size: int = 16,
-    num_local_blocks: int = 4, num_random_blocks: int = 2, seed: int = 0,
-    scale: float | None = None, dropout_p: float = 0.0,
+    num_local_blocks: int = 4, num_random_blocks: int = 2, seed: int = 0, scale: float | None = None,
 ) -> Tensor:  # fmt: skip
     """``sparse`` attention (blocks of ``block_size`` positions); q, k, v, output (b, h, n, d)."""
     n = _check(q, k, v, text_len, fmap)
-    plan = block_sparse_plan(text_len, fmap, n, block_size, num_local_blocks, num_random_blocks, seed, q.device)
-    return tiled_attention(q, k, v, plan, scale=scale, dropout_p=dropout_p)
+    plan = block_sparse_plan(text_len, fmap, n, block_size, num_local_blocks, num_random_blocks, seed)
+    return planned_attention(q, k, v, plan, scale=scale)
 
 
 def pattern_attention(
-    attn_type: str, q: Tensor, k: Tensor, v: Tensor, text_len: int, fmap: int, *,
-    scale: float | None = None, dropout_p: float = 0.0, kernel_size: int = 5, dilation: int = 1,
-    sparse_block_size: int = 16, sparse_num_local_blocks: int = 4, sparse_num_random_blocks: int = 2,
-    sparse_seed: int = 0,
+    attn_type: str, q: Tensor, k: Tensor, v: Tensor, text_len: int, fmap: int, *, scale: float | None = None,
+    kernel_size: int = 5, dilation: int = 1, sparse_block_size: int = 16, sparse_num_local_blocks: int = 4,
+    sparse_num_random_blocks: int = 2, sparse_seed: int = 0,
 ) -> Tensor:  # fmt: skip
     """The fast kernel of ``attn_type`` (options named as in ``attention_mask``); q, k, v, output (b, h, n, d).
 
-    Equals ``F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask(...)[:n, :n])``.
+    Equals ``F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask(...)[:n, :n], scale=scale)``.
     """
-    if attn_type == "axial_row":
-        return axial_attention(q, k, v, text_len, fmap, axis="row", scale=scale, dropout_p=dropout_p)
-    if attn_type == "axial_col":
-        return axial_attention(q, k, v, text_len, fmap, axis="col", scale=scale, dropout_p=dropout_p)
+    if attn_type in ("axial_row", "axial_col"):
+        return axial_attention(q, k, v, text_len, fmap, axis=attn_type[len("axial_") :], scale=scale)
     if attn_type == "conv_like":
-        return conv_like_attention(
-            q, k, v, text_len, fmap, kernel_size=kernel_size, dilation=dilation, scale=scale, dropout_p=dropout_p
-        )
+        return conv_like_attention(q, k, v, text_len, fmap, kernel_size=kernel_size, dilation=dilation, scale=scale)
     if attn_type == "sparse":
         return block_sparse_attention(
             q, k, v, text_len, fmap, block_size=sparse_block_size, num_local_blocks=sparse_num_local_blocks,
-            num_random_blocks=sparse_num_random_blocks, seed=sparse_seed, scale=scale, dropout_p=dropout_p,
+            num_random_blocks=sparse_num_random_blocks, seed=sparse_seed, scale=scale,
         )  # fmt: skip
     raise ValueError(f"attn_type must be one of {SPARSE_TYPES} for a fast kernel, got {attn_type!r}")
 
 
-@dataclass
+@dataclass(frozen=True)
 class SparsePattern:
-    """A sparse attention type on a given grid; calling it runs :func:`pattern_attention` on (b, h, n, d)."""
+    """A sparse attention type on a grid, with its ``attention_mask`` options; call it on q, k, v (b, h, n, d)."""
 
     attn_type: str
     text_len: int
     fmap: int
-    options: dict
+    options: tuple = ()  # (name, value) pairs of attention_mask options
 
-    def __call__(self, q: Tensor, k: Tensor, v: Tensor, *, scale: float | None = None, dropout_p: float = 0.0) -> Tensor:
-        return pattern_attention(
-            self.attn_type, q, k, v, self.text_len, self.fmap, scale=scale, dropout_p=dropout_p, **self.options
-        )
+    def supports(self, device: torch.device, dropout_p: float = 0.0) -> bool:
+        """Whether the fast kernel runs for tensors on ``device`` with this attention dropout."""
+        return fast_path_available(device, dropout_p)
+
+    def __call__(self, q: Tensor, k: Tensor, v: Tensor, *, scale: float | None = None) -> Tensor:
+        return pattern_attention(self.attn_type, q, k, v, self.text_len, self.fmap, scale=scale, **dict(self.options))

@@ -17,6 +17,7 @@ import collections
 import contextlib
 import json
 import math
+import shutil
 import signal
 import threading
 import time
@@ -253,12 +254,14 @@ class Trainer:
         self.engine = deepspeed_initialize(self.model, self.optimizer, None, config)
         if self._resume_dir is not None:
             self.engine.load_checkpoint(
-                str(Path(self.settings.output_dir) / "deepspeed"), tag=self._resume_dir.name, load_module_only=False
+                str(self._resume_dir.parent / "deepspeed"), tag=self._resume_dir.name, load_module_only=False
             )
         return self.engine
 
     def _loop(self, model: nn.Module, logger: RunLogger | None, bar: tqdm) -> None:
         settings, ga = self.settings, self.settings.ga_steps
+        if settings.max_steps is not None and self.step >= settings.max_steps:
+            return  # resumed from a run that already got there
         while self.epoch < settings.epochs:
             window: list[float] = []
             ids: list[Tensor] = []
@@ -267,7 +270,7 @@ class Trainer:
                 self.data.iterate(self.epoch, self.samples_in_epoch)
             ):
                 if not window:
-                    pass
+                    torch.manual_seed(derive_seed("step", settings.seed, self.step, self.ctx.rank))
                     for group in self.optimizer.param_groups:
                         group["lr"] = settings.learning_rate * self.lr_factor(self.step)
                     started, extras = time.perf_counter(), collections.Counter()
@@ -371,7 +374,14 @@ class Trainer:
         bar.update(1)
         if logger is not None and (step % settings.log_every_n_steps == 0 or record["skipped"]):
             logger.log(step, record)
-        if logger is not None and self.on_sample is not None and step % settings.sample_every_n_steps == 0:
+        # ZeRO-3 parameters are gathered by collectives, which rank 0 cannot run alone: no samples then
+        zero3 = self.engine is not None and self.engine.zero_optimization_stage() >= 3
+        if (
+            logger is not None
+            and self.on_sample is not None
+            and step % settings.sample_every_n_steps == 0
+            and not zero3
+        ):
             devices = [self.ctx.device.index or 0] if self.ctx.device.type == "cuda" else []
             with torch.random.fork_rng(devices=devices), torch.no_grad():  # sampling must not shift training's RNG
                 self.on_sample(step, self.model, move_to(batch, self.ctx.device), logger)
@@ -404,6 +414,11 @@ class Trainer:
                            "world_size": self.ctx.world_size, "nan_streak": self.nan_streak},
                 )  # fmt: skip
                 self.checkpoints.append(path)
+        if self.engine is not None and self.ctx.is_main:  # DeepSpeed's folders follow --keep_n_checkpoints
+            kept = {checkpoint.name for checkpoint in self.manager.checkpoints()}
+            for folder in (Path(self.settings.output_dir) / "deepspeed").glob("step-*"):
+                if folder.name not in kept:
+                    shutil.rmtree(folder, ignore_errors=True)
         self.last_saved_step = self.step
         return path
 

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from dalle_pytorch.attention import ATTENTION_TYPES, Attention, attention_mask
 from dalle_pytorch.reversible import ReversibleSequence
+from dalle_pytorch.sparse_attention import SparsePattern
 
 
 class DecodingCache:
@@ -129,8 +130,10 @@ class Sublayer(nn.Module):
             history = cache.append((key, "shift"), x) if cache is not None else x
             x = shift_tokens(history, ctx["shift_sources"])
         if isinstance(self.fn, Attention):
-            mask, causal = ctx["masks"][ctx["layer_types"][key[0]]]
-            x = self.fn(x, mask, causal=causal, rotary=ctx["rotary"], cache=ctx["cache"], cache_key=key)
+            mask, causal, pattern = ctx["masks"][ctx["layer_types"][key[0]]]
+            x = self.fn(
+                x, mask, causal=causal, rotary=ctx["rotary"], cache=ctx["cache"], cache_key=key, pattern=pattern
+            )
         else:
             x = self.fn(x)
         return self.norm_out(x)
@@ -169,6 +172,7 @@ class Transformer(nn.Module):
         shared_attn_ids: Sequence | None = None,
         shared_ff_ids: Sequence | None = None,
         mask_options: dict | None = None,
+        fast_path: bool = True,
     ):
         super().__init__()
         if depth < 1:
@@ -182,7 +186,10 @@ class Transformer(nn.Module):
         self.reversible = reversible
         self.layer_types = [attn_types[i % len(attn_types)] for i in range(depth)]
 
-        attn_ids, ff_ids = _expand(shared_attn_ids, depth, "shared_attn_ids"), _expand(shared_ff_ids, depth, "shared_ff_ids")
+        attn_ids, ff_ids = (
+            _expand(shared_attn_ids, depth, "shared_attn_ids"),
+            _expand(shared_ff_ids, depth, "shared_ff_ids"),
+        )
         shared_attn: dict = {}
         shared_ff: dict = {}
         layers = []
@@ -213,25 +220,33 @@ class Transformer(nn.Module):
         for t in sorted(set(self.layer_types)):
             if t != "full":
                 self.register_buffer(f"mask_{t}", attention_mask(t, text_len, fmap, **mask_options), persistent=False)
+        # a full-sequence pass (training) runs the sparse types through kernels that skip masked blocks;
+        # ``fast_path = False`` keeps the dense masks everywhere (the reference the tests compare with)
+        self.fast_path = fast_path
+        options = tuple(sorted(mask_options.items()))
+        self.patterns = {t: SparsePattern(t, text_len, fmap, options) for t in set(self.layer_types) if t != "full"}
         self.register_buffer("shift_sources", token_shift_sources(text_len, fmap), persistent=False)
         self.shift = shift_tokens
         self.rotary = rotary_emb
         if rotary_emb:
             self.register_buffer("rotary_angles", rotary_angles(text_len, fmap, dim_head), persistent=False)
 
-    def _masks(self, start: int, end: int) -> dict:
-        """Per attention type: (mask or None, causal flag) for queries [start, end) over keys [0, end)."""
+    def _masks(self, start: int, end: int, cached: bool) -> dict:
+        """Per attention type: (mask or None, causal flag, fast pattern or None) for queries [start, end)
+        over keys [0, end)."""
         masks = {}
         for t in set(self.layer_types):
             if t == "full":
                 if start == 0:
-                    masks[t] = (None, True)
+                    masks[t] = (None, True, None)
                 elif end - start == 1:
-                    masks[t] = (None, False)  # one new query sees every earlier key
+                    masks[t] = (None, False, None)  # one new query sees every earlier key
                 else:
-                    masks[t] = (torch.ones(end, end, dtype=torch.bool, device=self.shift_sources.device).tril()[start:], False)
+                    causal = torch.ones(end, end, dtype=torch.bool, device=self.shift_sources.device).tril()
+                    masks[t] = (causal[start:], False, None)
             else:
-                masks[t] = (getattr(self, f"mask_{t}")[start:end, :end], False)
+                pattern = self.patterns[t] if self.fast_path and not cached else None
+                masks[t] = (getattr(self, f"mask_{t}")[start:end, :end], False, pattern)
         return masks
 
     def forward(self, x: Tensor, cache: DecodingCache | None = None) -> Tensor:
@@ -242,7 +257,7 @@ class Transformer(nn.Module):
             raise ValueError(f"sequence of {end} positions is longer than the {self.seq_len} this model has")
         ctx = {
             "cache": cache,
-            "masks": self._masks(start, end),
+            "masks": self._masks(start, end, cached=cache is not None),
             "layer_types": self.layer_types,
             "rotary": self.rotary_angles[start:end] if self.rotary else None,
             "shift_sources": self.shift_sources[start:end],

@@ -81,17 +81,19 @@ EXACT = ["--batch_size", "1", "--ga_steps", "2", "--ff_dropout", "0.1", "--attn_
 def env(tmp_path_factory) -> SimpleNamespace:
     """Data, a tokenizer trained on its captions, a VAE trained 2 steps, and a DALLE trained 6 steps in one go."""
     root = tmp_path_factory.mktemp("cli")
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    data = write_dataset(root / "data")
-    tokenizer = root / "tokenizer.json"
-    train_tokenizer(data, 300, tokenizer, min_frequency=1)
-    vae = root / "vae"
-    train_vae.main(vae_args(data, vae, "--max_steps", "2"))
-    namespace = SimpleNamespace(root=root, data=data, tokenizer=tokenizer, vae=vae)
-    namespace.reference = root / "reference"
-    train_dalle.main(
-        dalle_args(namespace, namespace.reference, *EXACT, "--max_steps", "6", "--save_every_n_steps", "3")
-    )
+    try:
+        data = write_dataset(root / "data")
+        tokenizer = root / "tokenizer.json"
+        train_tokenizer(data, 300, tokenizer, min_frequency=1)
+        vae = root / "vae"
+        train_vae.main(vae_args(data, vae, "--max_steps", "2"))
+        namespace = SimpleNamespace(root=root, data=data, tokenizer=tokenizer, vae=vae, reference=root / "reference")
+        exact_run = dalle_args(namespace, namespace.reference, *EXACT, "--max_steps", "6", "--save_every_n_steps", "3")
+        train_dalle.main(exact_run)
+    finally:
+        torch.set_num_threads(threads)
     return namespace
 
 
@@ -185,6 +187,9 @@ def test_resume_is_exact(env, tmp_path):
     b = torch.load(env.reference / "step-00000006" / TRAINING_STATE_NAME, weights_only=True)["optimizer"]["state"]
     for key in b:
         torch.testing.assert_close(a[key]["exp_avg_sq"], b[key]["exp_avg_sq"], rtol=0, atol=0)
+    # resuming a run that already reached --max_steps does nothing
+    train_dalle.main(dalle_args(env, out, *EXACT, "--resume", "--max_steps", "6"))
+    assert len(read_metrics(out)) == 6 and sorted(p.name for p in out.glob("step-*"))[-1] == "step-00000006"
 
 
 KILL_DRIVER = textwrap.dedent("""
@@ -422,6 +427,21 @@ def test_keep_n_checkpoints_precision_and_lr_schedule(env, tmp_path):
     train_vae.main(vae_args(env.data, fp16, "--max_steps", "1", "--fp16"))
     state = torch.load(fp16 / "step-00000001" / TRAINING_STATE_NAME, weights_only=True)
     assert state["scaler"]["scale"] > 0  # loss scaling is on and its state is saved for resume
+
+
+def test_tensorboard_logging_or_a_clear_hint_to_install_it(env, tmp_path, capsys):
+    out = tmp_path / "vae"
+    argv = vae_args(env.data, out, "--max_steps", "1", "--tensorboard")
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        with pytest.raises(SystemExit) as stop:
+            train_vae.main(argv)
+        assert stop.value.code == 2
+        assert "pip install 'dalle-pytorch[tensorboard]'" in capsys.readouterr().err
+    else:
+        train_vae.main(argv)
+        assert list((out / "tensorboard").glob("events.out.tfevents.*"))
 
 
 def test_webdataset_shards_and_precomputed_image_tokens(env, tmp_path):

@@ -1,0 +1,220 @@
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import make_dalle, random_images, random_text
+
+from dalle_pytorch import sparse_attention
+from dalle_pytorch.attention import Attention, attention_mask
+from dalle_pytorch.sparse_attention import (
+    SparsePattern,
+    axial_plan,
+    block_sparse_plan,
+    conv_like_plan,
+    fast_path_available,
+    pattern_attention,
+)
+
+CASES = {  # name: (attention type, small options so that tiny grids still have several windows / blocks)
+    "axial_row": ("axial_row", {}),
+    "axial_col": ("axial_col", {}),
+    "conv_3x3": ("conv_like", dict(kernel_size=3)),
+    "conv_5x5_dilated": ("conv_like", dict(kernel_size=5, dilation=2)),
+    "conv_1x1": ("conv_like", dict(kernel_size=1)),
+    "sparse": ("sparse", dict(sparse_block_size=3, sparse_num_local_blocks=2, sparse_num_random_blocks=1)),
+    "sparse_random": (
+        "sparse",
+        dict(sparse_block_size=4, sparse_num_local_blocks=1, sparse_num_random_blocks=3, sparse_seed=5),
+    ),
+}
+
+
+def _lengths(text_len: int, fmap: int) -> list[int]:
+    """Text only, exactly the text, one image token, a partial row, DALLE's input (all but the last), all."""
+    full = text_len + fmap * fmap
+    return sorted({1, text_len, text_len + 1, text_len + fmap + 1, full - 1, full} - {0, full + 1})
+
+
+def _reference_and_fast(attn_type, options, q, k, v, text_len, fmap, scale=None):
+    n = q.shape[2]
+    mask = attention_mask(attn_type, text_len, fmap, **options)[:n, :n]
+    leaves = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+    reference = F.scaled_dot_product_attention(*leaves, attn_mask=mask, scale=scale)
+    grad = torch.randn_like(reference)
+    reference_grads = torch.autograd.grad(reference, leaves, grad)
+    leaves = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+    fast = pattern_attention(attn_type, *leaves, text_len, fmap, scale=scale, **options)
+    fast_grads = torch.autograd.grad(fast, leaves, grad)
+    return (reference, *reference_grads), (fast, *fast_grads)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("text_len, fmap", [(1, 1), (2, 3), (5, 4), (7, 5), (3, 2)])
+def test_fast_kernel_equals_sdpa_with_the_dense_mask(case, text_len, fmap):
+    attn_type, options = CASES[case]
+    generator = torch.Generator().manual_seed(text_len * 10 + fmap)
+    for n in _lengths(text_len, fmap):
+        q, k, v = torch.randn(3, 2, 3, n, 8, dtype=torch.float64, generator=generator)  # batch 2, 3 heads
+        expected, got = _reference_and_fast(attn_type, options, q, k, v, text_len, fmap)
+        for name_, e, g in zip(("out", "dq", "dk", "dv"), expected, got):
+            torch.testing.assert_close(g, e, msg=lambda m, n=n, x=name_: f"{x} at n={n}: {m}")
+
+
+@pytest.mark.parametrize("attn_type", ["axial_row", "axial_col", "conv_like", "sparse"])
+def test_float32_with_a_custom_scale_and_the_dalle_text_length(attn_type):
+    # 17 text positions (16 tokens + BOS) on a 6 x 6 grid; DALLE's input stops one token short
+    text_len, fmap = 17, 6
+    q, k, v = torch.randn(3, 2, 4, text_len + fmap * fmap - 1, 16, generator=torch.Generator().manual_seed(0))
+    options = dict(sparse_block_size=4) if attn_type == "sparse" else {}
+    expected, got = _reference_and_fast(attn_type, options, q, k, v, text_len, fmap, scale=0.3)
+    for e, g in zip(expected, got):
+        torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-4)
+
+
+def test_inputs_are_not_modified():
+    q, k, v = torch.randn(3, 1, 2, 12, 8)
+    copies = [x.clone() for x in (q, k, v)]
+    pattern_attention("conv_like", q, k, v, 3, 3, kernel_size=3)
+    for x, y in zip((q, k, v), copies):
+        assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize(
+    "plan",
+    [
+        axial_plan(5, 4, 20, "row"),
+        axial_plan(5, 4, 20, "col"),
+        conv_like_plan(5, 4, 20, 3, 1),
+        block_sparse_plan(5, 4, 20, 3, 2, 1, 0),
+    ],
+)
+def test_plans_tile_every_later_position_once(plan):
+    n = 20
+    positions = torch.arange(plan.num_tiles * plan.tile_len)
+    grid = (
+        positions.view(plan.tile_len, plan.num_tiles).t() if plan.column_major else positions.view(plan.num_tiles, -1)
+    )
+    covered = sorted(p for p in (grid + plan.prefix_len).flatten().tolist() if p < n)
+    assert covered == list(range(plan.prefix_len, n))
+    assert plan.band_mask.dtype == torch.bool and plan.slot_index.shape == (plan.num_tiles, len(plan.shifts))
+
+
+def test_sparse_prefix_is_the_blocks_holding_text_and_the_band_has_few_keys():
+    plan = block_sparse_plan(257, 32, 257 + 1023, 16, 4, 2, 0)
+    assert plan.prefix_len == 17 * 16 and plan.tile_len == 16
+    assert len(plan.shifts) <= 4 + 2  # local + random slots: each query sees at most 6 * 16 band keys
+
+
+def test_bad_input():
+    q = torch.randn(1, 2, 10, 8)
+    with pytest.raises(ValueError, match="same shape"):
+        pattern_attention("axial_row", q, q[:, :1], q, 1, 3)
+    with pytest.raises(ValueError, match="more than text_len"):
+        pattern_attention("axial_row", q, q, q, 1, 2)
+    with pytest.raises(ValueError, match="attn_type"):
+        pattern_attention("full", q, q, q, 1, 3)
+    with pytest.raises(ValueError, match="kernel_size"):
+        pattern_attention("conv_like", q, q, q, 1, 3, kernel_size=2)
+    with pytest.raises(ValueError, match="axis"):
+        sparse_attention.axial_attention(q, q, q, 1, 3, axis="diagonal")
+    assert fast_path_available(torch.device("cpu"))
+    assert not fast_path_available(torch.device("cpu"), dropout_p=0.1)
+    assert not fast_path_available(torch.device("meta"))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Dispatch: Attention and DALLE use the fast kernels for full-sequence passes only, with the same results
+# ---------------------------------------------------------------------------------------------------------
+
+
+class _Counter:
+    def __init__(self, monkeypatch):
+        self.calls = 0
+        original = sparse_attention._PlannedAttention.apply
+
+        def counted(*args):
+            self.calls += 1
+            return original(*args)
+
+        monkeypatch.setattr(sparse_attention._PlannedAttention, "apply", counted)
+
+
+@pytest.mark.parametrize("stable", [False, True])
+def test_attention_module_pattern_equals_mask(stable, monkeypatch):
+    torch.manual_seed(0)
+    counter = _Counter(monkeypatch)
+    attn = Attention(16, heads=2, dim_head=8, stable=stable)
+    text_len, fmap = 3, 4
+    pattern = SparsePattern("conv_like", text_len, fmap, (("kernel_size", 3),))
+    mask = attention_mask("conv_like", text_len, fmap, kernel_size=3)[:-1, :-1]
+    x = torch.randn(2, text_len + fmap * fmap - 1, 16, requires_grad=True)
+    fast = attn(x, mask, pattern=pattern)
+    (grad_fast,) = torch.autograd.grad(fast.square().sum(), x)
+    assert counter.calls == 1
+    dense = attn(x, mask)
+    (grad_dense,) = torch.autograd.grad(dense.square().sum(), x)
+    torch.testing.assert_close(fast, dense)
+    torch.testing.assert_close(grad_fast, grad_dense)
+
+
+def test_attention_dropout_keeps_the_dense_mask_path(monkeypatch):
+    counter = _Counter(monkeypatch)
+    attn = Attention(16, heads=2, dim_head=8, dropout=0.5).train()
+    pattern = SparsePattern("axial_row", 2, 3, ())
+    x = torch.randn(1, 11, 16)
+    mask = attention_mask("axial_row", 2, 3)
+    torch.manual_seed(3)
+    with_pattern = attn(x, mask, pattern=pattern)
+    torch.manual_seed(3)
+    torch.testing.assert_close(with_pattern, attn(x, mask))
+    assert counter.calls == 0
+    attn.eval()
+    attn(x, mask, pattern=pattern)
+    assert counter.calls == 1
+
+
+DALLE_CONFIGS = {
+    "axial_row": dict(attn_types=("axial_row",)),
+    "axial_col": dict(attn_types=("axial_col",)),
+    "conv_like": dict(attn_types=("conv_like",), conv_kernel_size=3),
+    "sparse": dict(attn_types=("sparse",), sparse_block_size=4, sparse_num_local_blocks=2),
+    "mixed_stable": dict(depth=4, attn_types=("full", "axial_row", "axial_col", "sparse"), stable=True),
+    "reversible": dict(reversible=True, attn_types=("conv_like", "axial_col"), conv_dilation=2),
+}
+
+
+@pytest.mark.parametrize("name", list(DALLE_CONFIGS))
+def test_dalle_loss_and_gradients_equal_with_and_without_the_fast_path(name, monkeypatch):
+    counter = _Counter(monkeypatch)
+    dalle = make_dalle(**DALLE_CONFIGS[name])
+    text, images = random_text(2), random_images(2)
+
+    def loss_and_grads(fast: bool):
+        dalle.transformer.fast_path = fast
+        dalle.zero_grad(set_to_none=True)
+        loss = dalle(text, images, return_loss=True)
+        loss.backward()
+        return loss.detach(), {k: p.grad.clone() for k, p in dalle.named_parameters() if p.grad is not None}
+
+    fast_loss, fast_grads = loss_and_grads(True)
+    sparse_layers = sum(t != "full" for t in dalle.transformer.layer_types)
+    assert counter.calls >= sparse_layers  # the fast kernels ran (reversible runs them again in backward)
+    calls = counter.calls
+    dense_loss, dense_grads = loss_and_grads(False)
+    assert counter.calls == calls
+    torch.testing.assert_close(fast_loss, dense_loss)
+    assert fast_grads.keys() == dense_grads.keys()
+    for key in dense_grads:
+        torch.testing.assert_close(fast_grads[key], dense_grads[key], atol=1e-5, rtol=1e-4, msg=key)
+
+
+def test_text_only_and_cached_passes(monkeypatch):
+    counter = _Counter(monkeypatch)
+    dalle = make_dalle(attn_types=("axial_row", "sparse"), sparse_block_size=4).eval()
+    text = random_text(2)
+    fast = dalle(text)  # text only: shorter than text_len + fmap ** 2
+    dalle.transformer.fast_path = False
+    torch.testing.assert_close(fast, dalle(text))
+    assert counter.calls == 2
+    dalle.transformer.fast_path = True
+    dalle.generate_image_codes(text[:1], filter_thres=0.0)  # cached decoding never takes the fast path
+    assert counter.calls == 2
