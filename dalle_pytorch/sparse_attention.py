@@ -34,7 +34,6 @@ import functools
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor
 from torch.autograd.function import once_differentiable
@@ -43,9 +42,7 @@ from dalle_pytorch.attention import block_sparse_layout
 
 SPARSE_TYPES = ("axial_row", "axial_col", "conv_like", "sparse")
 
-_EXP_FLOOR = -80.0  # see _band_exp_scores
-# band score elements computed at once; bounds the temporary memory of one chunk of tiles (32 MB in fp32)
-_BAND_SCORES_PER_CHUNK = 1 << 23
+_SPARSE_TILE_LEN = 32  # query positions per tile of the sparse pattern, in whole blocks
 
 
 def fast_path_available(device: torch.device, dropout_p: float = 0.0) -> bool:
@@ -58,79 +55,104 @@ def fast_path_available(device: torch.device, dropout_p: float = 0.0) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The plan of a pattern: prefix, tiles and the slots of each tile's band
+# The plan of a pattern: prefix, tiles of queries, and the bands of keys each tile sees
 # ---------------------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
-class TilePlan:
-    """Which keys each query sees, in the prefix + tiles form.
+class Window:
+    """A band read in place: tile t sees the ``length`` keys at region positions
+    ``start + t * tile_step + i * key_step`` (negative positions are zero padding, masked out).
 
-    Positions ``[prefix_len, prefix_len + num_tiles * tile_len)`` (those past n are empty) form ``num_tiles``
-    tiles of ``tile_len`` positions: consecutive runs, or with ``column_major`` the columns of a grid of
-    ``tile_len`` rows by ``num_tiles`` columns. Queries and keys are tiled alike. Band slot j of tile i holds
-    key tile ``i - shifts[j]`` when ``shifts[j]`` is an int, else key tile ``slot_index[i, j]``; -1 (or a
-    negative shift's result) is an empty slot. ``band_mask`` (t or 1, c, s * c) bool says which band keys
-    each query of a tile may see; every query must see at least itself.
+    ``mask`` (t or 1, c, length) bool, or None for a causal band (the tile's own queries, ``length == c``).
+    The backward pass adds key gradients back ``piece`` keys at a time: pieces never overlap across tiles.
+    """
+
+    start: int
+    length: int
+    key_step: int
+    piece: int
+    mask: Tensor | None
+
+
+@dataclass(frozen=True)
+class Gathered:
+    """A band copied per tile: the key blocks ``block_index`` (t, s) of ``block`` region positions
+    (-1: none), side by side; ``mask`` (t, c, s * block) bool."""
+
+    block: int
+    block_index: Tensor
+    mask: Tensor
+
+
+@dataclass(frozen=True)
+class TilePlan:
+    """Which keys each query sees, as a prefix plus tiles with bands.
+
+    Queries [0, prefix_len) see keys [0, prefix_len) causally. The positions after the prefix (the region,
+    ``region_len`` long with padding) are the queries of ``num_tiles`` tiles of ``tile_len``: query i of tile
+    t is region position ``t * tile_step + i * query_step`` (rows: steps (c, 1); columns: (1, fmap)). Each of
+    these queries sees every prefix key plus, in every band, the keys its tile's band mask allows; one softmax
+    spans them all. ``front`` zero positions before the region hold the keys that windows reach before it.
     """
 
     prefix_len: int
     num_tiles: int
     tile_len: int
-    column_major: bool
-    shifts: tuple  # one int (key tile = tile - shift) or None (key tile from slot_index) per slot
-    slot_index: Tensor  # (t, s) long
-    band_mask: Tensor  # (t or 1, c, s * c) bool
+    tile_step: int
+    query_step: int
+    region_len: int
+    front: int
+    bands: tuple  # of Window / Gathered
 
     def to(self, device: torch.device) -> TilePlan:
-        fields = dict(self.__dict__, slot_index=self.slot_index.to(device), band_mask=self.band_mask.to(device))
-        return TilePlan(**fields)
+        def move(band):
+            fields = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in band.__dict__.items()}
+            return type(band)(**fields)
+
+        return TilePlan(**dict(self.__dict__, bands=tuple(move(band) for band in self.bands)))
 
 
-def _shift_slots(num_tiles: int, shifts: Tensor) -> Tensor:
-    """(t, s) key tile of each shift slot, -1 where it would fall before the first tile."""
-    index = torch.arange(num_tiles)[:, None] - shifts[None, :]
-    return index.masked_fill(index < 0, -1)
+def _rows(text_len: int, fmap: int, n: int) -> int:
+    """Image rows holding at least one of the positions [0, n)."""
+    return max(0, -(-(n - text_len) // fmap))
 
 
 @functools.lru_cache(maxsize=64)
 def axial_plan(text_len: int, fmap: int, n: int, axis: str) -> TilePlan:
-    """``axial_row`` (axis="row": a tile per image row) or ``axial_col`` (a tile per column); band = the tile.
-
-    Band keys after a query in its row (column) are causally masked, so keys past n never count.
-    """
+    """``axial_row`` (axis="row": a tile per image row) or ``axial_col`` (a tile per column); the band is the
+    tile itself, causally. Band keys after a query in its row (column) are masked, so positions past n never
+    count."""
     if axis not in ("row", "col"):
         raise ValueError(f"axis must be 'row' or 'col', got {axis!r}")
-    rows = max(0, -(-(n - text_len) // fmap))  # image rows holding at least one position
-    num_tiles, tile_len = (rows, fmap) if axis == "row" else (fmap if rows else 0, rows)
-    causal = torch.ones(tile_len, tile_len, dtype=torch.bool).tril()[None]
-    shifts = torch.zeros(1, dtype=torch.long)
-    return TilePlan(text_len, num_tiles, tile_len, axis == "col", (0,), _shift_slots(num_tiles, shifts), causal)
+    rows = _rows(text_len, fmap, n)
+    if axis == "row":
+        band = Window(start=0, length=fmap, key_step=1, piece=fmap, mask=None)
+        return TilePlan(text_len, rows, fmap, fmap, 1, rows * fmap, 0, (band,))
+    band = Window(start=0, length=rows, key_step=fmap, piece=rows, mask=None)
+    return TilePlan(text_len, fmap if rows else 0, rows, 1, fmap, rows * fmap, 0, (band,))
 
 
 @functools.lru_cache(maxsize=64)
 def conv_like_plan(text_len: int, fmap: int, n: int, kernel_size: int = 5, dilation: int = 1) -> TilePlan:
-    """``conv_like``: a tile per image row; its band holds the ``kernel_size // 2 + 1`` rows of the window.
-
-    Slot j holds the row ``(kernel_size // 2 - j) * dilation`` above (the last slot the row itself); the band
-    mask keeps the window's columns, and in the own row only the tokens up to the query.
-    """
+    """``conv_like``: a tile per image row; its band is the run of rows from the window's top row to its own
+    (``kernel_size // 2 * dilation + 1`` rows, read in place). The mask keeps the window's rows and columns,
+    and in the own row only the tokens up to the query."""
     if kernel_size < 1 or kernel_size % 2 == 0:
         raise ValueError(f"kernel_size must be a positive odd number, got {kernel_size}")
     if dilation < 1:
         raise ValueError(f"dilation must be >= 1, got {dilation}")
-    rows = max(0, -(-(n - text_len) // fmap))
-    half = kernel_size // 2
-    shifts = (half - torch.arange(half + 1)) * dilation  # (s,)
-    slot_index = _shift_slots(rows, shifts)
+    rows = _rows(text_len, fmap, n)
+    reach = kernel_size // 2 * dilation
+    up = reach - torch.arange(reach + 1)  # rows above the query's row, for each row of the band
     col = torch.arange(fmap)
     dc = col[:, None] - col[None, :]  # query column - key column, (c, c)
-    in_window = (dc.abs() <= half * dilation) & (dc % dilation == 0)
-    own_row = (shifts == 0)[:, None, None]  # (s, 1, 1)
-    slot_mask = in_window[None] & (~own_row | (dc >= 0)[None])  # (s, c, c)
-    band_mask = slot_mask[None] & (slot_index >= 0)[:, :, None, None]  # (t, s, c, c)
-    band_mask = rearrange(band_mask, "t s i j -> t i (s j)")
-    return TilePlan(text_len, rows, fmap, False, tuple(shifts.tolist()), slot_index, band_mask)
+    in_window = (dc.abs() <= reach) & (dc % dilation == 0)  # (c, c)
+    row_ok = (up % dilation == 0)[:, None, None] & ((up > 0)[:, None, None] | (dc >= 0))  # (rows of band, c, c)
+    exists = torch.arange(rows)[:, None] >= up[None, :]  # (t, rows of band): not above the first image row
+    mask = rearrange(exists[:, :, None, None] & row_ok & in_window, "t r i j -> t i (r j)")
+    band = Window(start=-reach * fmap, length=(reach + 1) * fmap, key_step=1, piece=fmap, mask=mask)
+    return TilePlan(text_len, rows, fmap, fmap, 1, rows * fmap, reach * fmap, (band,))
 
 
 @functools.lru_cache(maxsize=64)
@@ -138,139 +160,134 @@ def block_sparse_plan(
     text_len: int, fmap: int, n: int, block_size: int = 16, num_local_blocks: int = 4, num_random_blocks: int = 2,
     seed: int = 0,
 ) -> TilePlan:  # fmt: skip
-    """``sparse``: the blocks holding text are the prefix, every later block is a tile.
-
-    A tile's band: ``num_local_blocks`` shift slots (its own block and those before it), then slots for its
-    random blocks that are neither local nor text, padded with empty slots to the same count for all tiles.
-    """
-    layout = block_sparse_layout(
-        text_len + fmap * fmap, text_len, block_size, num_local_blocks, num_random_blocks, seed
-    )
+    """``sparse``: the blocks holding text are the prefix; later blocks are grouped into tiles of about
+    ``_SPARSE_TILE_LEN`` positions. Bands: a window from the first block local to the tile's first block up
+    to its last block (read in place), and the tile's random blocks before that window (gathered). Masks
+    follow the block layout, causal inside a block."""
     text_blocks = -(-text_len // block_size)
     prefix_len = text_blocks * block_size
-    num_tiles = max(0, -(-(n - prefix_len) // block_size))
-    local = _shift_slots(num_tiles, torch.arange(num_local_blocks))  # (t, local)
-    seen = layout[text_blocks : text_blocks + num_tiles, text_blocks : text_blocks + num_tiles].clone()  # (t, t)
-    distance = torch.arange(num_tiles)[:, None] - torch.arange(num_tiles)[None, :]
-    seen &= distance >= num_local_blocks  # the random blocks left to gather
-    width = int(seen.sum(1).max()) if num_tiles else 0
-    random = torch.where(seen, torch.arange(num_tiles), -1).sort(dim=1, descending=True).values[:, :width]
-    slot_index = torch.cat((local, random), dim=1)  # (t, s)
+    group = max(1, _SPARSE_TILE_LEN // block_size)  # blocks per tile
+    tile_len = group * block_size
+    num_tiles = max(0, -(-(n - prefix_len) // tile_len))
+    num_blocks = num_tiles * group
+    layout = block_sparse_layout(
+        prefix_len + num_blocks * block_size, text_len, block_size, num_local_blocks, num_random_blocks, seed
+    )[text_blocks:, text_blocks:]  # (blocks, blocks) after the text blocks
+    query_block = torch.arange(num_tiles)[:, None] * group + torch.arange(group)  # (t, g)
     causal = torch.ones(block_size, block_size, dtype=torch.bool).tril()
-    own = torch.arange(slot_index.shape[1]) == 0  # slot 0 = shift 0 = the tile itself
-    band_mask = torch.where(own[None, :, None, None], causal, (slot_index >= 0)[:, :, None, None])  # (t, s, c, c)
-    band_mask = rearrange(band_mask, "t s i j -> t i (s j)")
-    shifts = tuple(range(num_local_blocks)) + (None,) * width
-    return TilePlan(prefix_len, num_tiles, block_size, False, shifts, slot_index, band_mask)
+
+    def band_mask(key_block: Tensor) -> Tensor:  # (t, s) key blocks -> (t, c, s * block) mask
+        qb, kb = query_block[:, :, None], key_block[:, None, :]
+        seen = (kb >= 0) & layout[qb, kb.clamp(min=0)]  # (t, g, s); the layout is causal between blocks
+        mask = seen[..., None, None] & torch.where((qb == kb)[..., None, None], causal, True)
+        return rearrange(mask, "t g s i j -> t (g i) (s j)")
+
+    first = num_local_blocks - 1  # the window starts this many blocks before the tile's first block
+    window_blocks = torch.arange(num_tiles)[:, None] * group - first + torch.arange(first + group)  # (t, s)
+    window = Window(
+        start=-first * block_size, length=(first + group) * block_size, key_step=1, piece=block_size,
+        mask=band_mask(window_blocks.masked_fill(window_blocks < 0, -1)),
+    )  # fmt: skip
+    before = torch.arange(num_blocks)[None, :] < window_blocks[:, :1]  # (t, blocks) left of the window
+    random = layout.view(num_tiles, group, num_blocks).any(dim=1) & before
+    width = int(random.sum(1).max()) if num_tiles else 0
+    bands = (window,)
+    if width:
+        picks = torch.where(random, torch.arange(num_blocks), -1).sort(dim=1, descending=True).values[:, :width]
+        bands += (Gathered(block_size, picks, band_mask(picks)),)
+    return TilePlan(prefix_len, num_tiles, tile_len, tile_len, 1, num_tiles * tile_len, first * block_size, bands)
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The kernel: fused causal attention over the prefix + batched band attention, merged by log-sum-exp
+# The kernel: the fused attention kernel over the prefix and over every band, merged by log-sum-exp
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _to_tiles(x: Tensor, plan: TilePlan) -> Tensor:
-    """(b, h, n, ...) -> (t, B, c, ...) positions after the prefix, zero-padded to whole tiles."""
-    region = x[:, :, plan.prefix_len :]
-    missing = plan.num_tiles * plan.tile_len - region.shape[2]
-    region = F.pad(region, (0, 0) * (x.ndim - 3) + (0, missing))
-    pattern = "b h (c t) ... -> t (b h) c ..." if plan.column_major else "b h (t c) ... -> t (b h) c ..."
-    return rearrange(region, pattern, t=plan.num_tiles).contiguous()
+def _fused_forward(q, k, v, causal: bool, bias: Tensor | None, scale: float) -> tuple[Tensor, Tensor]:
+    """PyTorch's fused CPU attention: (output, log-sum-exp) of q (x, y, i, d) over k, v (x, y, j, d).
 
-
-def _from_tiles(x: Tensor, plan: TilePlan, batch: int, length: int) -> Tensor:
-    """(t, B, c, ...) -> (b, h, length, ...), the inverse of :func:`_to_tiles` for ``length`` positions."""
-    pattern = "t (b h) c ... -> b h (c t) ..." if plan.column_major else "t (b h) c ... -> b h (t c) ..."
-    return rearrange(x, pattern, b=batch)[:, :, :length]
-
-
-def _front_padded(tiles: Tensor, pad: int) -> Tensor:
-    """Key tiles (t, B, c, d) with ``pad`` empty tiles in front, so that shifted slots are plain slices."""
-    return F.pad(tiles, (0, 0, 0, 0, 0, 0, pad, 0))
-
-
-def _chunks(plan: TilePlan, batch_heads: int) -> list[slice]:
-    per_tile = max(1, batch_heads * plan.tile_len * plan.band_mask.shape[-1])
-    size = max(1, _BAND_SCORES_PER_CHUNK // per_tile)
-    return [slice(i, min(i + size, plan.num_tiles)) for i in range(0, plan.num_tiles, size)]
-
-
-def _band(padded: Tensor, plan: TilePlan, chunk: slice, pad: int) -> Tensor:
-    """Band keys (or values) of the tiles in ``chunk``: (chunk, B, w, d), the slots side by side."""
-    slots = []
-    for j, shift in enumerate(plan.shifts):
-        if shift is not None:  # a slice of the (front-padded) tiles: no gather
-            slots.append(padded[pad - shift + chunk.start : pad - shift + chunk.stop])
-        else:
-            slots.append(padded[pad:].index_select(0, plan.slot_index[chunk, j].clamp(min=0)))
-    return slots[0] if len(slots) == 1 else torch.cat(slots, dim=2)
-
-
-def _add_band(grad_padded: Tensor, grad_band: Tensor, plan: TilePlan, chunk: slice, pad: int) -> None:
-    """Add band gradients (chunk, B, w, d) back onto the key tiles they came from (the inverse of _band)."""
-    c = plan.tile_len
-    for j, shift in enumerate(plan.shifts):
-        part = grad_band[:, :, j * c : (j + 1) * c]
-        if shift is not None:
-            grad_padded[pad - shift + chunk.start : pad - shift + chunk.stop] += part
-        else:  # empty slots (-1) are fully masked, so the zero gradient they carry may land on tile 0
-            grad_padded.index_add_(0, plan.slot_index[chunk, j].clamp(min=0) + pad, part)
-
-
-def _band_exp_scores(qs: Tensor, keys: Tensor, masked_out: Tensor, subtract: Tensor | None):
-    """exp(band scores - subtract) (chunk, B, c, w), 0 where masked; ``subtract`` defaults to the row maximum.
-
-    Returns (probabilities, subtract). Exponents are floored at ``_EXP_FLOOR``: below it exp() returns
-    denormals (or 0 for -inf) that CPUs compute an order of magnitude slower, and e^-80 ~ 2e-35 is invisible
-    next to a row's largest weight, which is at least 1 / (number of keys).
+    Arbitrary strides are read in place, so bands can be overlapping views. A fully masked row gives
+    output 0 and log-sum-exp 0 (not -inf): callers mask such rows' log-sum-exp themselves.
     """
-    scores = (qs @ keys.transpose(-1, -2)).masked_fill_(masked_out, float("-inf"))
-    if subtract is None:
-        subtract = scores.amax(-1)
-    probs = scores.sub_(subtract[..., None]).clamp_min_(_EXP_FLOOR).exp_().masked_fill_(masked_out, 0.0)
-    return probs, subtract
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, attn_mask=bias, scale=scale)
 
 
-def _band_forward(q: Tensor, k: Tensor, v: Tensor, plan: TilePlan, scale: float) -> tuple[Tensor, Tensor]:
-    """Band attention of every tiled query: output (t, B, c, d) and log-sum-exp (t, B, c)."""
-    pad = max((s for s in plan.shifts if s is not None), default=0)
-    q_tiles = _to_tiles(q, plan)
-    k_tiles, v_tiles = _front_padded(_to_tiles(k, plan), pad), _front_padded(_to_tiles(v, plan), pad)
-    masked_out = (~plan.band_mask)[:, None]  # (t or 1, 1, c, w)
-    out, lse = torch.empty_like(q_tiles), q_tiles.new_empty(q_tiles.shape[:-1])
-    for chunk in _chunks(plan, q_tiles.shape[1]):
-        mask = masked_out[chunk] if masked_out.shape[0] > 1 else masked_out
-        keys = _band(k_tiles, plan, chunk, pad)
-        weights, row_max = _band_exp_scores(q_tiles[chunk] * scale, keys, mask, None)
-        total = weights.sum(-1)
-        out[chunk] = (weights @ _band(v_tiles, plan, chunk, pad)).div_(total[..., None])
-        lse[chunk] = row_max + total.log()
-    return out, lse
+def _fused_backward(grad_out, q, k, v, out, lse, causal: bool, bias: Tensor | None, scale: float):
+    """Its backward. For any (out, lse) it returns the gradients through P = exp(q k^T scale - lse) with
+    dS = P (dP - rowsum(dO * out)): given the merged out and lse, exactly these keys' share."""
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        grad_out, q, k, v, out, lse, 0.0, causal, attn_mask=bias, scale=scale
+    )
 
 
-def _band_backward(q, k, v, out, lse, grad_out, plan: TilePlan, scale: float):
-    """Gradients (b, h, n - prefix, d) of q, k, v through the band keys, given the merged out and lse."""
-    b, _, n, _ = q.shape
-    pad = max((s for s in plan.shifts if s is not None), default=0)
-    q_tiles, do_tiles = _to_tiles(q, plan), _to_tiles(grad_out, plan)  # empty slots: q = dO = 0
-    k_tiles, v_tiles = _front_padded(_to_tiles(k, plan), pad), _front_padded(_to_tiles(v, plan), pad)
-    lse_tiles = _to_tiles(lse, plan)
-    # D = rowsum(dO * O) (FlashAttention, algorithm 2); zero for empty slots, so they pass no gradient
-    delta_tiles = _to_tiles((grad_out * out).sum(-1), plan)
-    dq_tiles = torch.empty_like(q_tiles)
-    dk_tiles, dv_tiles = torch.zeros_like(k_tiles), torch.zeros_like(v_tiles)
-    masked_out = (~plan.band_mask)[:, None]
-    for chunk in _chunks(plan, q_tiles.shape[1]):
-        mask = masked_out[chunk] if masked_out.shape[0] > 1 else masked_out
-        qs, do = q_tiles[chunk] * scale, do_tiles[chunk]
-        keys, values = _band(k_tiles, plan, chunk, pad), _band(v_tiles, plan, chunk, pad)
-        probs, _ = _band_exp_scores(qs, keys, mask, lse_tiles[chunk])
-        _add_band(dv_tiles, probs.transpose(-1, -2) @ do, plan, chunk, pad)
-        ds = (do @ values.transpose(-1, -2)).sub_(delta_tiles[chunk][..., None]).mul_(probs)  # P * (dP - D)
-        dq_tiles[chunk] = (ds @ keys).mul_(scale)
-        _add_band(dk_tiles, ds.transpose(-1, -2) @ qs, plan, chunk, pad)
-    length = n - plan.prefix_len
-    return tuple(_from_tiles(x, plan, b, length) for x in (dq_tiles, dk_tiles[pad:], dv_tiles[pad:]))
+def _region_buffer(x: Tensor, plan: TilePlan) -> Tensor:
+    """(b, h, n, ...) -> (B, front + region_len, ...): the positions after the prefix, zero-padded around."""
+    b, h, n = x.shape[:3]
+    buffer = x.new_empty(b * h, plan.front + plan.region_len, *x.shape[3:])
+    end = plan.front + n - plan.prefix_len
+    buffer[:, : plan.front] = 0
+    buffer.view(b, h, *buffer.shape[1:])[:, :, plan.front : end] = x[:, :, plan.prefix_len :]
+    buffer[:, end:] = 0
+    return buffer
+
+
+def _view(buffer: Tensor, plan: TilePlan, start: int, length: int, step: int) -> Tensor:
+    """(t, B, length, ...) view of a region buffer: item i of tile t is region position
+    ``start + t * tile_step + i * step`` (overlapping tiles share memory; nothing is copied)."""
+    per_position = buffer.stride(1)
+    size = (plan.num_tiles, buffer.shape[0], length, *buffer.shape[2:])
+    stride = (plan.tile_step * per_position, buffer.stride(0), step * per_position, *buffer.stride()[2:])
+    return buffer.as_strided(size, stride, buffer.storage_offset() + (plan.front + start) * per_position)
+
+
+def _tiles(buffer: Tensor, plan: TilePlan) -> Tensor:
+    """The query tiles of a region buffer: (t, B, c, ...)."""
+    return _view(buffer, plan, 0, plan.tile_len, plan.query_step)
+
+
+def _from_tiles(tiles: Tensor, plan: TilePlan, x: Tensor) -> Tensor:
+    """Query tiles (t, B, c, ...) back to the region of x's layout: (b, h, n - prefix_len, ...)."""
+    buffer = tiles.new_empty(tiles.shape[1], plan.front + plan.region_len, *tiles.shape[3:])
+    _tiles(buffer, plan).copy_(tiles)
+    region = buffer[:, plan.front : plan.front + x.shape[2] - plan.prefix_len]
+    return region.unflatten(0, x.shape[:2])
+
+
+def _band_keys(buffer: Tensor, plan: TilePlan, band) -> Tensor:
+    """The keys (or values) of a band: (t, B, length, d), a view for a Window, a copy for Gathered."""
+    if isinstance(band, Window):
+        return _view(buffer, plan, band.start, band.length, band.key_step)
+    blocks = buffer[:, plan.front :].unflatten(1, (-1, band.block))  # (B, blocks, block, d)
+    gathered = blocks[:, band.block_index.clamp(min=0)]  # (B, t, s, block, d)
+    return rearrange(gathered, "B t s l d -> t B (s l) d")
+
+
+def _add_band_grad(grad_buffer: Tensor, grad: Tensor, plan: TilePlan, band) -> None:
+    """Add the gradients (t, B, length, d) of a band's keys onto the region buffer they were read from."""
+    if isinstance(band, Window):
+        for i in range(0, band.length, band.piece):  # pieces never overlap across tiles, so += is safe
+            start = band.start + i * band.key_step
+            _view(grad_buffer, plan, start, band.piece, band.key_step).add_(grad[:, :, i : i + band.piece])
+        return
+    blocks = grad_buffer[:, plan.front :].unflatten(1, (-1, band.block))  # (B, blocks, block, d)
+    grad = rearrange(grad, "t B (s l) d -> B (t s) l d", l=band.block)
+    # empty slots (-1) are fully masked, so the zero gradient they carry may land on block 0
+    blocks.index_add_(1, band.block_index.clamp(min=0).flatten(), grad)
+
+
+def _bias(band, dtype: torch.dtype) -> Tensor | None:
+    """A band's mask as the fused kernel's additive bias (t or 1, 1, c, length): 0 or -inf; None if causal."""
+    if band.mask is None:
+        return None
+    return torch.zeros(band.mask.shape, dtype=dtype, device=band.mask.device).masked_fill_(~band.mask, float("-inf"))[
+        :, None
+    ]
+
+
+def _merge(out: Tensor, lse: Tensor, other_out: Tensor, other_lse: Tensor) -> tuple[Tensor, Tensor]:
+    """Combine two softmax attentions over disjoint key sets into one over their union."""
+    merged = torch.logaddexp(lse, other_lse)
+    return out * (lse - merged).exp()[..., None] + other_out * (other_lse - merged).exp()[..., None], merged
 
 
 class _PlannedAttention(torch.autograd.Function):
@@ -278,21 +295,23 @@ class _PlannedAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, plan: TilePlan, scale: float) -> Tensor:
-        b, _, n, _ = q.shape
         p = plan.prefix_len
         # every query over the prefix keys, causally (top-left aligned: queries past p see the whole prefix)
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            q, k[:, :, :p], v[:, :, :p], 0.0, True, scale=scale
-        )
+        out, lse = _fused_forward(q, k[:, :, :p], v[:, :, :p], True, None, scale)
         if plan.num_tiles:
-            band_out, band_lse = _band_forward(q, k, v, plan, scale)
-            band_out, band_lse = _from_tiles(band_out, plan, b, n - p), _from_tiles(band_lse, plan, b, n - p)
-            prefix_lse = lse[:, :, p:]
-            merged = torch.logaddexp(prefix_lse, band_lse)
-            out[:, :, p:] = (
-                out[:, :, p:] * (prefix_lse - merged).exp()[..., None] + band_out * (band_lse - merged).exp()[..., None]
+            q_tiles = _tiles(_region_buffer(q, plan), plan)
+            k_buffer, v_buffer = _region_buffer(k, plan), _region_buffer(v, plan)
+            band_out = band_lse = None
+            for band in plan.bands:
+                keys, values = _band_keys(k_buffer, plan, band), _band_keys(v_buffer, plan, band)
+                o, o_lse = _fused_forward(q_tiles, keys, values, band.mask is None, _bias(band, q.dtype), scale)
+                if band.mask is not None:  # rows that see none of this band
+                    o_lse = o_lse.masked_fill(~band.mask.any(-1)[:, None], float("-inf"))
+                band_out, band_lse = (o, o_lse) if band_out is None else _merge(band_out, band_lse, o, o_lse)
+            region = slice(p, None)
+            out[:, :, region], lse[:, :, region] = _merge(
+                out[:, :, region], lse[:, :, region], _from_tiles(band_out, plan, q), _from_tiles(band_lse, plan, q)
             )
-            lse[:, :, p:] = merged
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.plan, ctx.scale = plan, scale
         return out
@@ -304,14 +323,30 @@ class _PlannedAttention(torch.autograd.Function):
         plan, scale, p = ctx.plan, ctx.scale, ctx.plan.prefix_len
         grad_out = grad_out.contiguous()
         # given the merged output and log-sum-exp, the fused backward returns the prefix keys' exact share
-        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            grad_out, q, k[:, :, :p], v[:, :, :p], out, lse, 0.0, True, scale=scale
-        )
-        if plan.num_tiles:
-            dq_band, dk_band, dv_band = _band_backward(q, k, v, out, lse, grad_out, plan, scale)
-            dq[:, :, p:] += dq_band
-            dk, dv = torch.cat((dk, dk_band), dim=2), torch.cat((dv, dv_band), dim=2)
-        return dq, dk, dv, None, None
+        dq, dk, dv = _fused_backward(grad_out, q, k[:, :, :p], v[:, :, :p], out, lse, True, None, scale)
+        if not plan.num_tiles:
+            return dq, dk, dv, None, None
+        q_tiles = _tiles(_region_buffer(q, plan), plan)
+        # empty query slots have dO = 0, so rowsum(dO * O) = 0 and they pass no gradient
+        do_tiles, out_tiles = _tiles(_region_buffer(grad_out, plan), plan), _tiles(_region_buffer(out, plan), plan)
+        lse_tiles = _tiles(_region_buffer(lse, plan), plan)
+        k_buffer, v_buffer = _region_buffer(k, plan), _region_buffer(v, plan)
+        dk_buffer, dv_buffer = torch.zeros_like(k_buffer), torch.zeros_like(v_buffer)
+        dq_tiles = None
+        for band in plan.bands:
+            keys, values = _band_keys(k_buffer, plan, band), _band_keys(v_buffer, plan, band)
+            dq_band, dk_band, dv_band = _fused_backward(
+                do_tiles, q_tiles, keys, values, out_tiles, lse_tiles, band.mask is None, _bias(band, q.dtype), scale
+            )
+            dq_tiles = dq_band if dq_tiles is None else dq_tiles.add_(dq_band)
+            _add_band_grad(dk_buffer, dk_band, plan, band)
+            _add_band_grad(dv_buffer, dv_band, plan, band)
+        dq[:, :, p:] += _from_tiles(dq_tiles, plan, q)
+        n = q.shape[2]
+        regions = [
+            buffer[:, plan.front : plan.front + n - p].unflatten(0, q.shape[:2]) for buffer in (dk_buffer, dv_buffer)
+        ]
+        return dq, torch.cat((dk, regions[0]), dim=2), torch.cat((dv, regions[1]), dim=2), None, None
 
 
 def planned_attention(q: Tensor, k: Tensor, v: Tensor, plan: TilePlan, *, scale: float | None = None) -> Tensor:

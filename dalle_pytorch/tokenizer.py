@@ -7,7 +7,8 @@ Id 0 is padding everywhere, because DALLE pads its text with 0; no real token is
 - `SimpleTokenizer`: OpenAI CLIP's byte-level BPE (Radford et al. 2021, https://arxiv.org/abs/2103.00020;
   BPE: Sennrich et al. 2016, https://arxiv.org/abs/1508.07909). CLIP's own ids are shifted up by one.
 - `HugTokenizer`: any Hugging Face `tokenizers` JSON file (https://huggingface.co/docs/tokenizers);
-  `train_tokenizer` makes one from your own captions.
+  `train_tokenizer` (in `dalle_pytorch.tokenizer_training`, also importable from here) makes one from your
+  own captions.
 - `YttmTokenizer`: a YouTokenToMe BPE model (optional package `youtokentome`).
 - `ChineseTokenizer`: BERT-style WordPiece from a local `vocab.txt` (https://arxiv.org/abs/1810.04805).
 
@@ -22,14 +23,14 @@ import html
 import operator
 import os
 from abc import ABC, abstractmethod
-from collections.abc import Collection, Iterable, Iterator, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from functools import cached_property
 from pathlib import Path
 
 import ftfy
 import regex
 import torch
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
 
 __all__ = [
     "BaseTokenizer",
@@ -37,7 +38,7 @@ __all__ = [
     "HugTokenizer",
     "YttmTokenizer",
     "ChineseTokenizer",
-    "train_tokenizer",
+    "train_tokenizer",  # noqa: F822 (provided by __getattr__ at the bottom)
     "tokenizer",
     "PAD_ID",
 ]
@@ -307,76 +308,6 @@ class HugTokenizer(_LibraryTokenizer):
         self.bpe_path = path
 
 
-def _read_caption_folder(folder: Path) -> Iterator[str]:
-    """Every non-empty line of every .txt file under `folder` (recursively, symlinked dirs not followed)."""
-    for root, dirs, files in os.walk(folder):
-        dirs.sort()
-        for name in sorted(files):
-            if name.lower().endswith(".txt"):
-                with open(os.path.join(root, name), encoding="utf-8", errors="replace") as f:
-                    yield from (line.strip() for line in f if line.strip())
-
-
-def train_tokenizer(
-    captions: Iterable[str] | str | os.PathLike,
-    vocab_size: int,
-    out_path: str | os.PathLike,
-    lowercase: bool = True,
-    min_frequency: int = 2,
-) -> HugTokenizer:
-    """Train a byte-level BPE tokenizer on captions, save it as JSON at `out_path`, return it loaded.
-
-    `captions`: an iterable of caption strings, or a folder searched recursively for .txt files holding one
-    caption per line. `vocab_size` counts everything: [PAD] (id 0), the 256 byte symbols and the merges.
-    Byte-level BPE has no unknown token, so any language or emoji can be encoded.
-    """
-    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 258:
-        raise ValueError(f"vocab_size must be an int >= 258 (pad + 256 bytes + 1 merge), got {vocab_size!r}")
-    if isinstance(min_frequency, bool) or not isinstance(min_frequency, int) or min_frequency < 1:
-        raise ValueError(f"min_frequency must be a positive int, got {min_frequency!r}")
-    if isinstance(captions, (str, os.PathLike)):
-        folder = Path(captions)
-        if not folder.is_dir():
-            raise ValueError(f"captions: a str or path must be a folder of .txt caption files, got {folder}")
-        texts: Iterable[str] = _read_caption_folder(folder)
-    elif isinstance(captions, Iterable):
-        texts = captions
-    else:
-        raise TypeError(f"captions must be a folder or an iterable of str, got {type(captions).__name__}")
-
-    counted = 0
-
-    def checked(items: Iterable[str]) -> Iterator[str]:
-        nonlocal counted
-        for text in items:
-            if not isinstance(text, str):
-                raise TypeError(f"captions must contain str, got {type(text).__name__}")
-            counted += 1
-            yield text
-
-    backend = Tokenizer(models.BPE())
-    steps = [normalizers.Strip(), normalizers.NFKC()] + ([normalizers.Lowercase()] if lowercase else [])
-    backend.normalizer = normalizers.Sequence(steps)
-    # a space is put before the first word so that "cube" is one token at the start of a caption as well
-    # as after a space; decoding removes that space again
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
-    backend.decoder = decoders.Sequence([decoders.ByteLevel(), decoders.Fuse(), decoders.Strip(" ", 1, 0)])
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        min_frequency=min_frequency,
-        special_tokens=["[PAD]"],  # first special token gets id 0: padding is reserved
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    backend.train_from_iterator(checked(texts), trainer=trainer)
-    if counted == 0:
-        raise ValueError("captions: no caption found to train on")
-    out = Path(out_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    backend.save(str(out))
-    return HugTokenizer(out)
-
-
 # ---------------------------------------------------------------------------------------------------------
 # YouTokenToMe
 
@@ -453,3 +384,14 @@ class ChineseTokenizer(_LibraryTokenizer):
 
     def decode(self, ids: Sequence[int] | torch.Tensor, pad_tokens: Collection[int] = frozenset()) -> str:
         return _SPACE_BETWEEN_CJK.sub("", super().decode(ids, pad_tokens))
+
+
+def __getattr__(name: str) -> object:
+    # `from dalle_pytorch.tokenizer import train_tokenizer` keeps working. Imported on first use because
+    # tokenizer_training imports this module (a plain import at the bottom would be circular when
+    # tokenizer_training is imported first).
+    if name == "train_tokenizer":
+        from dalle_pytorch.tokenizer_training import train_tokenizer
+
+        return train_tokenizer
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -4,9 +4,9 @@ checkpoints with exact resume, logging, several processes.
 A `Trainer` runs optimizer steps over a batch source (`dalle_pytorch.data_order`). Each optimizer step
 reseeds torch's RNG from (seed, step, rank), and each sample is read with its own seed, so what happens at
 step k depends only on the checkpoint before it: a run resumed from step k continues exactly as if it had
-never stopped. Checkpoints are `step-XXXXXXXX/` model directories with `training_state.pt` beside the
-weights (`dalle_pytorch.checkpoint`), written by rank 0 only (DDP keeps the weights identical on every rank,
-so rank 0's copy is complete).
+never stopped. Checkpoints are `step-XXXXXXXX/` model directories (`dalle_pytorch.checkpoint`) with
+`training_state.pt` beside the weights (`dalle_pytorch.training_state`), written by rank 0 only (DDP keeps
+the weights identical on every rank, so rank 0's copy is complete).
 
 Settings and the learning-rate schedule: `dalle_pytorch.training_settings`.
 """
@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from dalle_pytorch.checkpoint import CheckpointManager, PretrainedMixin, load_training_state
+from dalle_pytorch.checkpoint import PretrainedMixin
 from dalle_pytorch.data_order import derive_seed
 from dalle_pytorch.distributed import (
     DistributedContext,
@@ -45,6 +45,7 @@ from dalle_pytorch.distributed import (
 )
 from dalle_pytorch.run_logging import RunLogger
 from dalle_pytorch.training_settings import LR_SCHEDULES, PRECISIONS, TrainingSettings, lr_factor_fn
+from dalle_pytorch.training_state import CheckpointManager, load_training_state
 
 __all__ = [
     "LR_SCHEDULES",

@@ -20,14 +20,14 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from dalle_pytorch.checkpoint import TRAINING_STATE_NAME
 from dalle_pytorch.cli import generate, train_clip, train_dalle, train_vae
 from dalle_pytorch.cli.generate import prompt_folder, prompt_folder_name
 from dalle_pytorch.data_order import ResumableSampler
 from dalle_pytorch.download import CACHE_ENV, OFFLINE_ENV
 from dalle_pytorch.run_logging import read_metrics
-from dalle_pytorch.tokenizer import train_tokenizer
+from dalle_pytorch.tokenizer_training import train_tokenizer
 from dalle_pytorch.training_settings import TrainingSettings, lr_factor_fn
+from dalle_pytorch.training_state import TRAINING_STATE_NAME
 from dalle_pytorch.vae import DiscreteVAE
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 40)}
@@ -196,9 +196,9 @@ KILL_DRIVER = textwrap.dedent("""
     import sys, time
     from pathlib import Path
     import torch
-    import dalle_pytorch.checkpoint as checkpoint
+    import dalle_pytorch.training_state as training_state
     torch.set_num_threads(1)
-    marker, saves, write = Path(sys.argv[1]), [], checkpoint._write_model_dir
+    marker, saves, write = Path(sys.argv[1]), [], training_state.write_model_dir  # what save_checkpoint calls
 
     def write_then_hang_in_third_save(model, directory):
         write(model, directory)
@@ -208,7 +208,7 @@ KILL_DRIVER = textwrap.dedent("""
                 marker.write_text(str(directory))
                 time.sleep(300)
 
-    checkpoint._write_model_dir = write_then_hang_in_third_save
+    training_state.write_model_dir = write_then_hang_in_third_save
     from dalle_pytorch.cli import train_dalle
     train_dalle.main(sys.argv[2:])
 """)

@@ -17,7 +17,7 @@ from test_cli import one_thread, vae_args, write_dataset  # noqa: F401 (one_thre
 
 from dalle_pytorch.cli import generate, train_vae
 from dalle_pytorch.run_logging import read_metrics
-from dalle_pytorch.tokenizer import train_tokenizer
+from dalle_pytorch.tokenizer_training import train_tokenizer
 
 # each rank runs the real CLI entry point and leaves what only it knows (its weights, its local losses)
 DRIVER = textwrap.dedent("""

@@ -1,4 +1,4 @@
-"""Tests for dalle_pytorch.tokenizer and the dalle-train-tokenizer CLI."""
+"""Tests for dalle_pytorch.tokenizer, dalle_pytorch.tokenizer_training and the dalle-train-tokenizer CLI."""
 
 from __future__ import annotations
 
@@ -20,8 +20,8 @@ from dalle_pytorch.tokenizer import (
     YttmTokenizer,
     clean_text,
     tokenizer,
-    train_tokenizer,
 )
+from dalle_pytorch.tokenizer_training import read_caption_folder, train_tokenizer
 
 ROUND_TRIP_TEXTS = {
     "ascii": "a small red cube on a wooden table",
@@ -232,6 +232,48 @@ def test_train_tokenizer_from_folder(tmp_path):
     assert len(tok.encode("zebra")) == 1  # learned from the nested .txt files
     assert len(tok.encode("giraffe")) > 1  # .csv files are not captions
     assert isinstance(HugTokenizer(tmp_path / "out" / "tok.json").encode("zebra")[0], int)
+
+
+def test_caption_folder_is_read_like_the_datasets_read_it(tmp_path):
+    folder = tmp_path / "captions"
+    (folder / "b").mkdir(parents=True)
+    (folder / "a.txt").write_bytes(b"\xef\xbb\xbf  first caption  \r\n\n \t \nsecond\x00 caption\n")  # UTF-8 BOM
+    (folder / "b" / "broken.txt").write_bytes(b"zebra \xff stripes\n\xfe\xfe\n")  # invalid UTF-8
+    (folder / "b" / "blank.txt").write_bytes(b"\n  \n")  # no caption: skipped, not an error
+    (folder / "b" / "wide.TXT").write_bytes("\ufeffgiraffe\n".encode("utf-16-le"))
+    (folder / "notes.md").write_text("not a caption\n")
+    assert list(read_caption_folder(folder)) == [
+        "first caption",
+        "second caption",
+        "zebra \ufffd stripes",  # the line of only invalid bytes is dropped
+        "giraffe",
+    ]
+
+
+def test_train_tokenizer_stays_importable_from_the_tokenizer_module():
+    import dalle_pytorch.tokenizer as tokenizer_module
+    import dalle_pytorch.tokenizer_training as training_module
+    from dalle_pytorch.tokenizer import train_tokenizer as old_path
+
+    assert old_path is training_module.train_tokenizer is train_tokenizer
+    assert "train_tokenizer" in tokenizer_module.__all__
+    with pytest.raises(AttributeError, match="no_such_name"):
+        tokenizer_module.no_such_name  # noqa: B018
+
+
+def test_tokenizer_training_imports_first_without_a_cycle():
+    code = (
+        "import sys\n"
+        "import dalle_pytorch.tokenizer_training as t\n"  # first, so it imports dalle_pytorch.tokenizer itself
+        "import dalle_pytorch.tokenizer as tok\n"
+        "assert tok.train_tokenizer is t.train_tokenizer\n"
+        # a fresh import of the tokenizers alone loads neither the training module nor dalle_pytorch.data
+        "for name in ('dalle_pytorch.tokenizer', 'dalle_pytorch.tokenizer_training', 'dalle_pytorch.data'):\n"
+        "    del sys.modules[name]\n"
+        "import dalle_pytorch.tokenizer\n"
+        "assert 'dalle_pytorch.tokenizer_training' not in sys.modules and 'dalle_pytorch.data' not in sys.modules\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
 
 def test_train_tokenizer_bad_input(tmp_path):

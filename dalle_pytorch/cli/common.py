@@ -20,9 +20,10 @@ import numpy as np
 import torch
 
 from dalle_pytorch._version import __version__
-from dalle_pytorch.checkpoint import CONFIG_NAME, TRAINING_STATE_NAME, CheckpointManager, load_pretrained
+from dalle_pytorch.checkpoint import CONFIG_NAME, load_pretrained
 from dalle_pytorch.download import DownloadError
 from dalle_pytorch.training import LR_SCHEDULES, PRECISIONS, NonFiniteLossError, TrainingInterrupted
+from dalle_pytorch.training_state import TRAINING_STATE_NAME, CheckpointManager
 
 ARGS_NAME = "args.json"
 DEFAULT_SEED = 42

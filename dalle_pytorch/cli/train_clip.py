@@ -17,7 +17,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from dalle_pytorch.checkpoint import TRAINING_STATE_NAME
 from dalle_pytorch.cli.common import (
     add_arg,
     add_tokenizer_args,
@@ -37,6 +36,7 @@ from dalle_pytorch.data_order import IndexedBatches, StreamingBatches
 from dalle_pytorch.distributed import init_distributed, shutdown_distributed
 from dalle_pytorch.run_logging import RunLogger
 from dalle_pytorch.training import Trainer, TrainingSettings, TrainResult
+from dalle_pytorch.training_state import TRAINING_STATE_NAME
 
 PROG = "dalle-train-clip"
 

@@ -22,7 +22,6 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from dalle_pytorch.checkpoint import TRAINING_STATE_NAME
 from dalle_pytorch.cli.common import (
     add_arg,
     add_switch,
@@ -45,6 +44,7 @@ from dalle_pytorch.data_order import IndexedBatches, SeededDataset, StreamingBat
 from dalle_pytorch.distributed import DistributedContext, gather_strided, init_distributed, shutdown_distributed
 from dalle_pytorch.run_logging import RunLogger
 from dalle_pytorch.training import Trainer, TrainingSettings, TrainResult
+from dalle_pytorch.training_state import TRAINING_STATE_NAME
 
 PROG = "dalle-train"
 DEFAULT_WDS_KEYS = "jpg;png;jpeg;webp,txt"
