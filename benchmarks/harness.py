@@ -170,6 +170,8 @@ def environment(device: torch.device) -> dict:
     }
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
+    if hasattr(os, "getloadavg"):  # includes this measurement's own threads; more means others were running
+        info["load_average_1m"] = round(os.getloadavg()[0], 2)
     return info
 
 

@@ -1,11 +1,17 @@
-"""Training-step time and memory of each attention type at a 32 x 32 image grid, relative to ``full``.
+"""Training cost of each attention type at a 32 x 32 image grid (1024 image tokens), relative to ``full``.
 
-Prints one JSON line per measurement. Each (attention type, fast path) runs in a fresh subprocess, so its
-peak resident memory (``ru_maxrss``) belongs to it alone; rounds interleave the types, and the fastest step
-of all rounds is reported, which is the least disturbed by other work on a shared machine.
+Prints one JSON line per measurement:
 
-    python benchmarks/sparse_vs_full.py                       # text_seq_len 256, batch 1
-    python benchmarks/sparse_vs_full.py --text-seq-len 32 --batch 2 --rounds 3
+- ``"kind": "dalle_step"``: forward + backward of a DALLE training step (loss on text and image codes), for
+  every attention type with its fast kernel and, for the sparse types, with the dense-mask reference path.
+  All models live in one process and are timed round-robin, one step each per round, and the fastest step
+  is kept: on a shared machine that is the measurement least disturbed by other work.
+- ``"kind": "attention"``: forward + backward of the attention kernel alone on random q, k, v.
+- ``"kind": "memory"``: activations saved for the backward pass (counted exactly, per storage) and the peak
+  resident memory of a fresh subprocess that runs two training steps of one configuration.
+
+    python benchmarks/sparse_vs_full.py                                   # text_seq_len 256, batch 1
+    python benchmarks/sparse_vs_full.py --text-seq-len 32 --batch 2 --rounds 8
 """
 
 from __future__ import annotations
@@ -19,35 +25,114 @@ import sys
 import time
 
 TYPES = ("full", "axial_row", "axial_col", "conv_like", "sparse")
+SIZES = ("fmap", "text_seq_len", "text_tokens", "image_tokens", "dim", "depth", "heads", "dim_head", "batch")
 
 
-def _rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
-
-
-def measure(args: argparse.Namespace) -> dict:
-    """One configuration in this process: time fwd + bwd of DALLE training steps, count saved activations."""
+def _dalle(args: argparse.Namespace, attn_type: str, fast: bool):
     import torch
 
     from dalle_pytorch import DALLE, DiscreteVAE
 
-    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     vae = DiscreteVAE(image_size=args.fmap * 8, num_layers=3, num_tokens=args.image_tokens, codebook_dim=64)
     dalle = DALLE(
         dim=args.dim, vae=vae, num_text_tokens=args.text_tokens, text_seq_len=args.text_seq_len, depth=args.depth,
-        heads=args.heads, dim_head=args.dim_head, attn_types=(args.attn_type,),
+        heads=args.heads, dim_head=args.dim_head, attn_types=(attn_type,),
     )  # fmt: skip
-    dalle.transformer.fast_path = args.fast_path
-    text = torch.randint(1, args.text_tokens, (args.batch, args.text_seq_len))
-    codes = torch.randint(0, args.image_tokens, (args.batch, args.fmap**2))
+    dalle.transformer.fast_path = fast
+    generator = torch.Generator().manual_seed(1)
+    text = torch.randint(1, args.text_tokens, (args.batch, args.text_seq_len), generator=generator)
+    codes = torch.randint(0, args.image_tokens, (args.batch, args.fmap**2), generator=generator)
+
+    def loss():
+        return dalle(text, codes, return_loss=True)
 
     def step():
         dalle.zero_grad(set_to_none=True)
-        dalle(text, codes, return_loss=True).backward()
+        loss().backward()
 
-    # bytes kept for the backward pass (activations), counted once per storage
+    return loss, step
+
+
+def _configs(args: argparse.Namespace) -> list[tuple[str, bool]]:
+    types = args.types.split(",")
+    return [(t, True) for t in types] + ([] if args.no_dense_reference else [(t, False) for t in types if t != "full"])
+
+
+def _path(attn_type: str, fast: bool) -> str:
+    return "causal_kernel" if attn_type == "full" else "fast" if fast else "dense_mask"
+
+
+def _round_robin(steps: dict, rounds: int) -> dict:
+    """Time every step function once per round, interleaved; returns per key (wall seconds, cpu seconds)."""
+    for step in steps.values():
+        step()  # warm-up
+    times: dict = {key: ([], []) for key in steps}
+    for _ in range(rounds):
+        for key, step in steps.items():
+            wall, cpu = time.perf_counter(), time.process_time()
+            step()
+            times[key][0].append(time.perf_counter() - wall)
+            times[key][1].append(time.process_time() - cpu)
+    return times
+
+
+def _report(kind: str, times: dict, args: argparse.Namespace, extra: dict) -> None:
+    best = {key: min(walls) for key, (walls, _) in times.items()}
+    best_cpu = {key: min(cpus) for key, (_, cpus) in times.items()}
+    reference = ("full", True)
+    for (attn_type, fast), (walls, _) in times.items():
+        line = {
+            "kind": kind, "attn_type": attn_type, "path": _path(attn_type, fast),
+            "time_s": round(best[(attn_type, fast)], 4), "time_s_median": round(statistics.median(walls), 4),
+            "speedup_vs_full": round(best[reference] / best[(attn_type, fast)], 2),
+            "cpu_time_speedup_vs_full": round(best_cpu[reference] / best_cpu[(attn_type, fast)], 2),
+            "config": {**{k: getattr(args, k) for k in SIZES}, "threads": args.threads, "rounds": args.rounds, **extra},
+        }  # fmt: skip
+        print(json.dumps(line), flush=True)
+
+
+def time_dalle_steps(args: argparse.Namespace) -> None:
+    steps = {config: _dalle(args, *config)[1] for config in _configs(args)}
+    _report("dalle_step", _round_robin(steps, args.rounds), args, {})
+
+
+def time_attention(args: argparse.Namespace) -> None:
+    import torch
+    import torch.nn.functional as F
+
+    from dalle_pytorch.attention import attention_mask
+    from dalle_pytorch.sparse_attention import pattern_attention
+
+    text_len, n = args.text_seq_len + 1, args.text_seq_len + args.fmap**2  # DALLE's input: [BOS, text, image[:-1]]
+    generator = torch.Generator().manual_seed(0)
+    shape = (args.batch, args.heads, n, args.dim_head)
+    q, k, v = (torch.randn(shape, generator=generator).requires_grad_() for _ in range(3))
+
+    def step_for(attn_type: str, fast: bool):
+        mask = None if attn_type == "full" else attention_mask(attn_type, text_len, args.fmap)[:n, :n]
+
+        def step():
+            q.grad = k.grad = v.grad = None
+            if attn_type == "full":
+                out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            elif fast:
+                out = pattern_attention(attn_type, q, k, v, text_len, args.fmap)
+            else:
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            out.sum().backward()
+
+        return step
+
+    steps = {config: step_for(*config) for config in _configs(args)}
+    _report("attention", _round_robin(steps, args.rounds), args, {})
+
+
+def measure_memory(args: argparse.Namespace) -> dict:
+    """One configuration in this (fresh) process: saved activations and peak resident memory of two steps."""
+    import torch
+
+    loss, step = _dalle(args, args.attn_type, bool(args.fast_path))
     saved: dict = {}
 
     def pack(t):
@@ -55,21 +140,34 @@ def measure(args: argparse.Namespace) -> dict:
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = dalle(text, codes, return_loss=True)
-    del loss
-    step()  # warm-up
-    baseline = _rss_mb()
-    walls, cpus = [], []
-    for _ in range(args.steps):
-        wall, cpu = time.perf_counter(), time.process_time()
-        step()
-        walls.append(time.perf_counter() - wall)
-        cpus.append(time.process_time() - cpu)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        value = loss()
+    value.backward()
+    del value
+    step()
     return {
-        "step_s": min(walls), "step_s_median": statistics.median(walls), "cpu_s": min(cpus),
-        "saved_activations_mb": sum(saved.values()) / 2**20, "peak_rss_mb": peak, "rss_before_steps_mb": baseline,
-    }  # fmt: skip
+        "saved_activations_mb": sum(saved.values()) / 2**20,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+
+
+def memory(args: argparse.Namespace) -> None:
+    results = {}
+    shared = [f"--{name.replace('_', '-')}={getattr(args, name)}" for name in (*SIZES, "threads")]
+    for attn_type, fast in _configs(args):
+        command = [sys.executable, __file__, *shared, f"--attn-type={attn_type}", f"--fast-path={int(fast)}"]
+        out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+        results[(attn_type, fast)] = json.loads(out.strip().splitlines()[-1])
+    reference = results[("full", True)]
+    for (attn_type, fast), m in results.items():
+        line = {
+            "kind": "memory", "attn_type": attn_type, "path": _path(attn_type, fast),
+            "saved_activations_mb": round(m["saved_activations_mb"], 1),
+            "saved_activations_vs_full": round(m["saved_activations_mb"] / reference["saved_activations_mb"], 3),
+            "peak_rss_mb": round(m["peak_rss_mb"]),
+            "peak_rss_vs_full": round(m["peak_rss_mb"] / reference["peak_rss_mb"], 3),
+            "config": {**{k: getattr(args, k) for k in SIZES}, "threads": args.threads},
+        }  # fmt: skip
+        print(json.dumps(line), flush=True)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -83,42 +181,24 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--dim-head", type=int, default=64)
     parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=3, help="timed steps per subprocess")
-    parser.add_argument("--rounds", type=int, default=2, help="subprocesses per configuration, interleaved")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (the machine has 2 cores)")
+    parser.add_argument("--rounds", type=int, default=5, help="timed steps per configuration, interleaved")
     parser.add_argument("--types", default=",".join(TYPES), help="comma-separated attention types")
     parser.add_argument("--no-dense-reference", action="store_true", help="skip the sparse types' dense-mask path")
-    parser.add_argument("--attn-type", help=argparse.SUPPRESS)  # internal: measure one configuration
+    parser.add_argument("--only", choices=("attention", "dalle_step", "memory"), help="run one kind only")
+    parser.add_argument("--attn-type", help=argparse.SUPPRESS)  # internal: memory of one configuration
     parser.add_argument("--fast-path", type=int, default=1, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.attn_type:
-        print(json.dumps(measure(args)))
-        return
 
-    configs = [(t, True) for t in args.types.split(",")]
-    if not args.no_dense_reference:
-        configs += [(t, False) for t in args.types.split(",") if t != "full"]
-    runs: dict = {c: [] for c in configs}
-    passthrough = [a for a in (argv if argv is not None else sys.argv[1:]) if not a.startswith("--rounds")]
-    for _ in range(args.rounds):
-        for attn_type, fast in configs:
-            command = [sys.executable, __file__, *passthrough, "--attn-type", attn_type, "--fast-path", str(int(fast))]
-            out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
-            runs[(attn_type, fast)].append(json.loads(out.strip().splitlines()[-1]))
-    best = {c: min(r, key=lambda m: m["step_s"]) for c, r in runs.items()}
-    reference = best[("full", True)]
-    for (attn_type, fast), m in best.items():
-        line = {
-            "attn_type": attn_type, "path": "fast" if fast and attn_type != "full" else "dense_mask",
-            "step_s": round(m["step_s"], 3), "step_s_median": round(m["step_s_median"], 3),
-            "speedup_vs_full": round(reference["step_s"] / m["step_s"], 2),
-            "cpu_speedup_vs_full": round(reference["cpu_s"] / m["cpu_s"], 2),
-            "saved_activations_mb": round(m["saved_activations_mb"], 1),
-            "activations_vs_full": round(m["saved_activations_mb"] / reference["saved_activations_mb"], 2),
-            "peak_rss_mb": round(m["peak_rss_mb"]), "peak_rss_vs_full": round(m["peak_rss_mb"] / reference["peak_rss_mb"], 2),
-            "config": {k: getattr(args, k) for k in ("fmap", "text_seq_len", "dim", "depth", "heads", "dim_head", "batch", "threads")},
-        }  # fmt: skip
-        print(json.dumps(line), flush=True)
+    import torch
+
+    torch.set_num_threads(args.threads)
+    if args.attn_type:
+        print(json.dumps(measure_memory(args)))
+        return
+    for kind, run in (("attention", time_attention), ("dalle_step", time_dalle_steps), ("memory", memory)):
+        if args.only in (None, kind):
+            run(args)
 
 
 if __name__ == "__main__":

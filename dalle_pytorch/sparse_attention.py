@@ -6,34 +6,40 @@ full-sequence pass (training; no cache), while only computing the scores the pat
 share one structure, a :class:`TilePlan`:
 
 - a *prefix* of keys that every later query sees: the text for the grid patterns, the blocks holding text
-  for ``sparse``. Every query attends to it causally, in one call of PyTorch's fused CPU FlashAttention kernel.
-- the positions after the prefix, cut into equal *tiles* (image rows, image columns, blocks of positions).
-  Each tile's queries also see a *band*: a few tiles' worth of keys (its own row, the window rows above it,
-  the local and random blocks), restricted by a small (tile x band) mask. Bands are dense batched matmuls.
+  for ``sparse``. All queries attend to it causally in one call of PyTorch's fused CPU attention kernel.
+- the positions after the prefix, cut into *tiles* of queries (image rows, image columns, runs of blocks).
+  Each tile also sees one or two *bands* of keys: a window read in place through an overlapping strided view
+  (its own row or column, the run of rows above it up to the conv window's top, the local blocks), or a few
+  gathered blocks (the random blocks of ``sparse``), restricted by a small (tile x band) mask. All tiles'
+  bands go through the same fused kernel in one call, the tiles standing in for the batch.
 
-The two partial softmaxes are merged through their log-sum-exps, and the backward pass recomputes the
-probabilities from the merged log-sum-exp, as FlashAttention does (Dao et al. 2022,
-https://arxiv.org/abs/2205.14135, algorithm 2): the fused kernel's backward, given the merged output and
-log-sum-exp, yields exactly the prefix keys' share of the gradient. A layer stores O(n d), never scores.
+The partial softmaxes (prefix, each band) are merged through their log-sum-exps. The backward pass calls
+the kernel's backward once per part with the *merged* output and log-sum-exp: it recomputes the
+probabilities exp(q k^T * scale - lse) and dS = P (dP - rowsum(dO * O)), which is exactly that part's share
+of the merged gradient (FlashAttention, Dao et al. 2022, https://arxiv.org/abs/2205.14135, algorithm 2).
+So a layer keeps only q, k, v, the output and the log-sum-exp, like the causal kernel of ``full``.
 
-The fused kernel is ``aten::_scaled_dot_product_flash_attention_for_cpu`` (the kernel behind
-``F.scaled_dot_product_attention`` on CPU); it has no dropout, so :func:`fast_path_available` is False for
-other devices and for attention dropout, and callers keep the dense-mask path there.
+The fused kernel is ``aten::_scaled_dot_product_flash_attention_for_cpu``, the one behind
+``F.scaled_dot_product_attention`` on CPU; it has no dropout, so :func:`fast_path_available` is False on
+other devices and with attention dropout, where callers keep the dense-mask path. (FlexAttention would be
+the general tool, but it has no backward pass on CPU.)
 
 Patterns: axial and conv-like attention as in the DALL-E paper (Ramesh et al. 2021,
 https://arxiv.org/abs/2102.12092, appendix B.1); block-sparse attention after the Sparse Transformer (Child
 et al. 2019, https://arxiv.org/abs/1904.10509) and BigBird (Zaheer et al. 2020, https://arxiv.org/abs/2007.14062).
 
-Shape letters: b batch, h heads, n positions, d head dim, p prefix length, t tiles, c positions per tile,
-s band slots (one tile of keys each), w = s * c band keys; "(b h)" is written B in comments.
+Shape letters: b batch, h heads, n positions, d head dim, p prefix length, t tiles, c queries per tile,
+B = b * h; a band's keys per tile are its ``length``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor
 from torch.autograd.function import once_differentiable
@@ -74,6 +80,11 @@ class Window:
     piece: int
     mask: Tensor | None
 
+    @functools.cached_property
+    def blind(self) -> Tensor | None:
+        """(t or 1, 1, c) bool: queries that see no key of this band (None: every query sees one)."""
+        return None if self.mask is None else ~self.mask.any(-1)[:, None]
+
 
 @dataclass(frozen=True)
 class Gathered:
@@ -83,6 +94,11 @@ class Gathered:
     block: int
     block_index: Tensor
     mask: Tensor
+
+    @functools.cached_property
+    def blind(self) -> Tensor:
+        """(t, 1, c) bool: queries that see no key of this band."""
+        return ~self.mask.any(-1)[:, None]
 
 
 @dataclass(frozen=True)
@@ -106,11 +122,14 @@ class TilePlan:
     bands: tuple  # of Window / Gathered
 
     def to(self, device: torch.device) -> TilePlan:
-        def move(band):
-            fields = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in band.__dict__.items()}
-            return type(band)(**fields)
+        if all(band.mask is None or band.mask.device == device for band in self.bands):
+            return self
 
-        return TilePlan(**dict(self.__dict__, bands=tuple(move(band) for band in self.bands)))
+        def move(band):
+            values = {f.name: getattr(band, f.name) for f in dataclasses.fields(band)}
+            return type(band)(**{k: v.to(device) if isinstance(v, Tensor) else v for k, v in values.items()})
+
+        return dataclasses.replace(self, bands=tuple(move(band) for band in self.bands))
 
 
 def _rows(text_len: int, fmap: int, n: int) -> int:
@@ -222,13 +241,10 @@ def _fused_backward(grad_out, q, k, v, out, lse, causal: bool, bias: Tensor | No
 
 def _region_buffer(x: Tensor, plan: TilePlan) -> Tensor:
     """(b, h, n, ...) -> (B, front + region_len, ...): the positions after the prefix, zero-padded around."""
-    b, h, n = x.shape[:3]
-    buffer = x.new_empty(b * h, plan.front + plan.region_len, *x.shape[3:])
-    end = plan.front + n - plan.prefix_len
-    buffer[:, : plan.front] = 0
-    buffer.view(b, h, *buffer.shape[1:])[:, :, plan.front : end] = x[:, :, plan.prefix_len :]
-    buffer[:, end:] = 0
-    return buffer
+    region = x[:, :, plan.prefix_len :]
+    back = plan.region_len - region.shape[2]
+    padded = F.pad(region, (0, 0) * (x.ndim - 3) + (plan.front, back))  # one copy
+    return padded.flatten(0, 1)
 
 
 def _view(buffer: Tensor, plan: TilePlan, start: int, length: int, step: int) -> Tensor:
@@ -279,15 +295,17 @@ def _bias(band, dtype: torch.dtype) -> Tensor | None:
     """A band's mask as the fused kernel's additive bias (t or 1, 1, c, length): 0 or -inf; None if causal."""
     if band.mask is None:
         return None
-    return torch.zeros(band.mask.shape, dtype=dtype, device=band.mask.device).masked_fill_(~band.mask, float("-inf"))[
-        :, None
-    ]
+    bias = torch.zeros(band.mask.shape, dtype=dtype, device=band.mask.device)
+    return bias.masked_fill_(~band.mask, float("-inf"))[:, None]
 
 
 def _merge(out: Tensor, lse: Tensor, other_out: Tensor, other_lse: Tensor) -> tuple[Tensor, Tensor]:
-    """Combine two softmax attentions over disjoint key sets into one over their union."""
-    merged = torch.logaddexp(lse, other_lse)
-    return out * (lse - merged).exp()[..., None] + other_out * (other_lse - merged).exp()[..., None], merged
+    """Combine two softmax attentions over disjoint key sets into one over their union.
+
+    The first part's share of the union is exp(lse - logaddexp(lse, other_lse)) = sigmoid(lse - other_lse).
+    """
+    share = torch.sigmoid(lse - other_lse)
+    return torch.lerp(other_out, out, share[..., None].to(out.dtype)), torch.logaddexp(lse, other_lse)
 
 
 class _PlannedAttention(torch.autograd.Function):
@@ -298,22 +316,22 @@ class _PlannedAttention(torch.autograd.Function):
         p = plan.prefix_len
         # every query over the prefix keys, causally (top-left aligned: queries past p see the whole prefix)
         out, lse = _fused_forward(q, k[:, :, :p], v[:, :, :p], True, None, scale)
+        biases = [_bias(band, q.dtype) for band in plan.bands]
         if plan.num_tiles:
             q_tiles = _tiles(_region_buffer(q, plan), plan)
             k_buffer, v_buffer = _region_buffer(k, plan), _region_buffer(v, plan)
             band_out = band_lse = None
-            for band in plan.bands:
+            for band, bias in zip(plan.bands, biases):
                 keys, values = _band_keys(k_buffer, plan, band), _band_keys(v_buffer, plan, band)
-                o, o_lse = _fused_forward(q_tiles, keys, values, band.mask is None, _bias(band, q.dtype), scale)
-                if band.mask is not None:  # rows that see none of this band
-                    o_lse = o_lse.masked_fill(~band.mask.any(-1)[:, None], float("-inf"))
+                o, o_lse = _fused_forward(q_tiles, keys, values, band.mask is None, bias, scale)
+                if band.blind is not None:  # the kernel gives log-sum-exp 0 where a row sees no key
+                    o_lse = o_lse.masked_fill_(band.blind, float("-inf"))
                 band_out, band_lse = (o, o_lse) if band_out is None else _merge(band_out, band_lse, o, o_lse)
-            region = slice(p, None)
-            out[:, :, region], lse[:, :, region] = _merge(
-                out[:, :, region], lse[:, :, region], _from_tiles(band_out, plan, q), _from_tiles(band_lse, plan, q)
+            out[:, :, p:], lse[:, :, p:] = _merge(
+                out[:, :, p:], lse[:, :, p:], _from_tiles(band_out, plan, q), _from_tiles(band_lse, plan, q)
             )
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.plan, ctx.scale = plan, scale
+        ctx.plan, ctx.scale, ctx.biases = plan, scale, biases
         return out
 
     @staticmethod
@@ -333,10 +351,10 @@ class _PlannedAttention(torch.autograd.Function):
         k_buffer, v_buffer = _region_buffer(k, plan), _region_buffer(v, plan)
         dk_buffer, dv_buffer = torch.zeros_like(k_buffer), torch.zeros_like(v_buffer)
         dq_tiles = None
-        for band in plan.bands:
+        for band, bias in zip(plan.bands, ctx.biases):
             keys, values = _band_keys(k_buffer, plan, band), _band_keys(v_buffer, plan, band)
             dq_band, dk_band, dv_band = _fused_backward(
-                do_tiles, q_tiles, keys, values, out_tiles, lse_tiles, band.mask is None, _bias(band, q.dtype), scale
+                do_tiles, q_tiles, keys, values, out_tiles, lse_tiles, band.mask is None, bias, scale
             )
             dq_tiles = dq_band if dq_tiles is None else dq_tiles.add_(dq_band)
             _add_band_grad(dk_buffer, dk_band, plan, band)

@@ -6,6 +6,10 @@ positions in raster order). Each layer is an attention sublayer and a feed-forwa
 https://arxiv.org/abs/1707.04585; Reformer, https://arxiv.org/abs/2001.04451) so activations are recomputed
 in the backward pass instead of stored.
 
+Attention masks are dense per type and serve cached decoding; a pass over positions [0, n) without a cache
+(training) runs the sparse types through the kernels of :mod:`dalle_pytorch.sparse_attention`, which compute
+the same attention while skipping the masked blocks (``fast_path=False`` keeps the dense masks throughout).
+
 Shape letters: b batch, n positions, d model dim.
 """
 

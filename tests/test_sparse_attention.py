@@ -7,6 +7,7 @@ from dalle_pytorch import sparse_attention
 from dalle_pytorch.attention import Attention, attention_mask
 from dalle_pytorch.sparse_attention import (
     SparsePattern,
+    Window,
     axial_plan,
     block_sparse_plan,
     conv_like_plan,
@@ -78,30 +79,37 @@ def test_inputs_are_not_modified():
         assert torch.equal(x, y)
 
 
-@pytest.mark.parametrize(
-    "plan",
-    [
-        axial_plan(5, 4, 20, "row"),
-        axial_plan(5, 4, 20, "col"),
-        conv_like_plan(5, 4, 20, 3, 1),
-        block_sparse_plan(5, 4, 20, 3, 2, 1, 0),
-    ],
-)
-def test_plans_tile_every_later_position_once(plan):
+PLANS = [
+    axial_plan(5, 4, 20, "row"),
+    axial_plan(5, 4, 20, "col"),
+    conv_like_plan(5, 4, 20, 3, 1),
+    conv_like_plan(5, 4, 20, 5, 2),
+    block_sparse_plan(5, 4, 20, 3, 2, 1, 0),
+]
+
+
+@pytest.mark.parametrize("plan", PLANS)
+def test_plans_tile_every_later_position_once_and_window_pieces_never_overlap(plan):
     n = 20
-    positions = torch.arange(plan.num_tiles * plan.tile_len)
-    grid = (
-        positions.view(plan.tile_len, plan.num_tiles).t() if plan.column_major else positions.view(plan.num_tiles, -1)
-    )
-    covered = sorted(p for p in (grid + plan.prefix_len).flatten().tolist() if p < n)
-    assert covered == list(range(plan.prefix_len, n))
-    assert plan.band_mask.dtype == torch.bool and plan.slot_index.shape == (plan.num_tiles, len(plan.shifts))
+    t, i = torch.arange(plan.num_tiles)[:, None], torch.arange(plan.tile_len)[None, :]
+    queries = (t * plan.tile_step + i * plan.query_step).flatten()
+    assert sorted(queries.tolist()) == list(range(plan.region_len))  # each padded region position once
+    assert plan.region_len >= n - plan.prefix_len
+    for band in plan.bands:
+        if isinstance(band, Window):  # the backward adds each piece's gradients in place
+            assert plan.front + band.start >= 0 and band.length % band.piece == 0
+            for first in range(0, band.length, band.piece):
+                j = torch.arange(first, first + band.piece)[None, :]
+                keys = (band.start + t * plan.tile_step + j * band.key_step).flatten()
+                assert keys.unique().numel() == keys.numel()
 
 
-def test_sparse_prefix_is_the_blocks_holding_text_and_the_band_has_few_keys():
+def test_sparse_bands_are_few_keys_per_query():
     plan = block_sparse_plan(257, 32, 257 + 1023, 16, 4, 2, 0)
-    assert plan.prefix_len == 17 * 16 and plan.tile_len == 16
-    assert len(plan.shifts) <= 4 + 2  # local + random slots: each query sees at most 6 * 16 band keys
+    assert plan.prefix_len == 17 * 16  # the blocks holding text
+    window, gathered = plan.bands
+    assert window.length == (3 + plan.tile_len // 16) * 16  # 3 local blocks before the tile + its own
+    assert gathered.block_index.shape[1] <= 2 * plan.tile_len // 16  # 2 random blocks per block of the tile
 
 
 def test_bad_input():
