@@ -217,6 +217,7 @@ def _optimise(
     description: str,
     progress: bool,
     weight_decay: float = 0.0,
+    max_grad_norm: float | None = 1.0,
 ) -> float:
     """Run ``steps`` AdamW steps on ``loss_at(step)`` with warmup + cosine; returns a smoothed final loss."""
     params = [p for p in model.parameters() if p.requires_grad]
@@ -229,7 +230,8 @@ def _optimise(
             loss = loss_at(step)
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            if max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
             optimiser.step()
             schedule.step()
             value = loss.item()
@@ -262,7 +264,7 @@ def train_vae(images: Tensor, config: DemoConfig, progress: bool = True) -> Disc
         temperature = config.vae_final_temperature ** (step / max(1, steps - 1))
         return vae(images[next_batch().to(images.device)], return_loss=True, temp=temperature)
 
-    vae.final_loss = _optimise(vae, loss_at, steps, config.vae_learning_rate, "VAE", progress)
+    vae.final_loss = _optimise(vae, loss_at, steps, config.vae_learning_rate, "VAE", progress, max_grad_norm=None)
     return vae
 
 
