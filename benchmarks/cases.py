@@ -133,14 +133,15 @@ def matmul(device: torch.device, quick: bool) -> dict:
         out = torch.empty(n, n, device=device)
         stats = time_repeats(lambda a=a, b=b, out=out: torch.mm(a, b, out=out), device=device, warmup=2,
                              repeats=5 if quick else 10, budget_s=BUDGET_S[quick])  # fmt: skip
-        per_size[n] = {**stats, "gflops": 2 * n**3 / stats["median_s"] / 1e9}
+        per_size[n] = {**stats, "gflops": 2 * n**3 / stats["median_s"] / 1e9,
+                       "gflops_per_cpu_s": 2 * n**3 / stats["cpu_median_s"] / 1e9}  # fmt: skip
         del a, b, out
     best = max(per_size, key=lambda n: per_size[n]["gflops"])
     source = torch.randn((8 if quick else 64) * 2**20, device=device)  # 32 or 256 MB
     target = torch.empty_like(source)
     copy = time_repeats(lambda: target.copy_(source), device=device, warmup=1, repeats=5, budget_s=BUDGET_S[quick])
     bandwidth = 2 * source.numel() * source.element_size() / copy["median_s"] / 1e9
-    return {**per_size[best], "matmul_gflops": per_size[best]["gflops"], "bandwidth_gbs": bandwidth,
+    return {**per_size[best], "matmul_gflops": per_size[best]["gflops"], "bandwidth_gbs": bandwidth, "size": best,
             "config": {"sizes": list(sizes), "copy_mb": source.numel() * 4 // 2**20},
             "gflops_by_size": {str(n): round(v["gflops"], 1) for n, v in per_size.items()}}  # fmt: skip
 
@@ -241,12 +242,13 @@ class StepClock(list):
 
     def __init__(self, device: torch.device, stop_after: int | None = None):
         super().__init__()
-        self.device, self.stop_after, self.times = device, stop_after, []
+        self.device, self.stop_after, self.times, self.cpu_times = device, stop_after, [], []
 
     def append(self, _logits) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.times.append(time.perf_counter())
+        self.cpu_times.append(time.process_time())
         if self.stop_after is not None and len(self.times) >= self.stop_after:
             raise _EnoughSteps
 
@@ -265,11 +267,12 @@ def generation(device: torch.device, quick: bool, attn_type: str, tokens: int, c
     generator = _seeded()
     model, config = _dalle(quick, device, grid=math.isqrt(tokens), attn_types=(attn_type,))
     text, _ = _text_and_codes(model, GEN_BATCH, generator, device)
-    runs = []
+    runs, cpu_step_ms = [], []
 
     def run():
         clock = StepClock(device=device)
         runs.append(_timed_generation(model, text, len(runs), clock, cond_scale=COND_SCALE, use_cache=cached))
+        cpu_step_ms.append(1000 * (clock.cpu_times[-1] - clock.cpu_times[0]) / (len(clock.cpu_times) - 1))
 
     stats = time_repeats(run, device=device, warmup=1, repeats=3, budget_s=BUDGET_S[quick])
     timed = runs[-stats["repeats"] :]
@@ -279,7 +282,8 @@ def generation(device: torch.device, quick: bool, attn_type: str, tokens: int, c
     step_bytes = [flops.generation_step_bytes(GEN_BATCH, guided=True, token=t) for t in range(1, tokens)]
     return {**stats, "config": {**config, "batch": GEN_BATCH, "cond_scale": COND_SCALE, "use_cache": cached},
             "image_tokens": tokens, "prefill_s": statistics.median(p for p, _ in timed),
-            "ms_per_token_step": step_ms, "matmul_flops": sum(steps_flops),
+            "ms_per_token_step": step_ms, "ms_per_token_step_cpu": statistics.median(cpu_step_ms[-stats["repeats"] :]),
+            "matmul_flops": sum(steps_flops),
             "step_matmul_flops": statistics.mean(steps_flops[1:]), "flops_formula": model_flops.GENERATION_FORMULA,
             **({"step_bytes": statistics.mean(step_bytes)} if cached else {}),
             "ms_per_token_step_definition": "mean time between sampled tokens, prefill excluded"}  # fmt: skip

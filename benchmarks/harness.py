@@ -32,6 +32,14 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _timed(fn: Callable[[], Any], device: torch.device) -> tuple[float, float]:
+    """(wall seconds, process CPU seconds) of one call."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    fn()
+    synchronize(device)
+    return time.perf_counter() - wall, time.process_time() - cpu
+
+
 def time_repeats(
     fn: Callable[[], Any],
     *,
@@ -40,31 +48,27 @@ def time_repeats(
     repeats: int = 5,
     budget_s: float = 30.0,
 ) -> dict:
-    """Run ``fn`` ``warmup`` times untimed-for-the-result, then up to ``repeats`` timed runs.
+    """Run ``fn`` ``warmup`` times, then up to ``repeats`` timed runs: wall-clock median / min / max seconds.
 
     Repeats stop early once ``budget_s`` seconds of timed runs have accumulated (at least one always runs).
     When a single warm-up run alone exceeds the budget, it is taken as the only sample (one-time costs are
-    negligible next to such a long run) and ``warmup_reused`` is set.
+    negligible next to such a long run) and ``warmup_reused`` is set. ``cpu_median_s`` is the median CPU
+    time of this process (all threads) per run: unlike wall time it does not grow while other programs
+    hold the cores, so with one thread it is the steadier figure on a shared machine.
     """
-    warm_times = []
-    for _ in range(warmup):
-        start = time.perf_counter()
-        fn()
-        synchronize(device)
-        warm_times.append(time.perf_counter() - start)
-    if warm_times and warm_times[-1] > budget_s:
-        times, reused = [warm_times[-1]], True
+    warm = [_timed(fn, device) for _ in range(warmup)]
+    if warm and warm[-1][0] > budget_s:
+        samples, reused = [warm[-1]], True
     else:
-        times, reused = [], False
-        while len(times) < repeats and (not times or sum(times) < budget_s):
-            start = time.perf_counter()
-            fn()
-            synchronize(device)
-            times.append(time.perf_counter() - start)
+        samples, reused = [], False
+        while len(samples) < repeats and (not samples or sum(w for w, _ in samples) < budget_s):
+            samples.append(_timed(fn, device))
+    times = [w for w, _ in samples]
     return {
         "median_s": statistics.median(times),
         "min_s": min(times),
         "max_s": max(times),
+        "cpu_median_s": statistics.median(c for _, c in samples),
         "repeats": len(times),
         "warmup": warmup,
         "warmup_reused": reused,

@@ -35,6 +35,9 @@ def derive(name: str, result: dict, earlier: dict[str, dict]) -> dict:
         out["mfu"] = out["achieved_gflops"] / gflops
         if best:
             out["mfu_best"] = out["train_flops"] / best / 1e9 / gflops
+        per_cpu_s = earlier["matmul"].get("gflops_per_cpu_s")
+        if per_cpu_s and out.get("cpu_median_s"):  # FLOPs per CPU-second, relative to the matmul's
+            out["mfu_cpu"] = out["train_flops"] / out["cpu_median_s"] / 1e9 / per_cpu_s
     if median and "items" in out:
         out[f"{out['item_name']}_per_s"] = out["items"] / median
     if gflops and median and "matmul_flops" in out:
@@ -56,6 +59,8 @@ def derive(name: str, result: dict, earlier: dict[str, dict]) -> dict:
         out["speedup_vs_full"] = full["median_s"] / median
         if best and full.get("min_s"):
             out["speedup_vs_full_best"] = full["min_s"] / best
+        if out.get("cpu_median_s") and full.get("cpu_median_s"):
+            out["speedup_vs_full_cpu"] = full["cpu_median_s"] / out["cpu_median_s"]
     match = re.fullmatch(r"memory_(plain|reversible)_depth(\d+)", name)
     if match:
         base = earlier.get(f"memory_{match[1]}_depth4", out if match[2] == "4" else {})
@@ -73,7 +78,9 @@ def check_targets(results: dict[str, dict], quick: bool = False) -> list[dict]:
         value = results.get(case, {}).get(field)
         met = None if value is None or quick else (value >= threshold if comparison == ">=" else value <= threshold)
         best = results.get(case, {}).get(f"{field}_best")
-        rows.append({"target": description, "case": case, "field": field, "value": value, "best": best, "met": met})
+        cpu = results.get(case, {}).get(f"{field}_cpu")
+        rows.append({"target": description, "case": case, "field": field, "value": value, "best": best, "cpu": cpu,
+                     "met": met})  # fmt: skip
     return rows
 
 
@@ -102,16 +109,20 @@ def headline(result: dict) -> str:
         return "; ".join(parts)
     if "mfu" in result:
         per_s = f"{result['item_name']}_per_s"
+        variants = [f"{label} {100 * result[key]:.1f}%" for key, label in (("mfu_best", "best repeat"),
+                    ("mfu_cpu", "CPU time")) if key in result]  # fmt: skip
         parts.append(f"{_fmt(result[per_s])} {result['item_name']}/s, MFU {100 * result['mfu']:.1f}%"
-                     f" (best repeat {100 * result.get('mfu_best', float('nan')):.1f}%)")  # fmt: skip
+                     f" ({', '.join(variants)})")  # fmt: skip
     if "speedup_vs_full" in result:
-        best = _fmt(result.get("speedup_vs_full_best"))
-        parts.append(f"x{_fmt(result['speedup_vs_full'])} vs full (best repeats x{best},"
+        best, cpu = _fmt(result.get("speedup_vs_full_best")), _fmt(result.get("speedup_vs_full_cpu"))
+        parts.append(f"x{_fmt(result['speedup_vs_full'])} vs full (best repeats x{best}, CPU time x{cpu},"
                      f" FLOPs bound x{_fmt(result['flops_speedup_bound'])})")  # fmt: skip
     if "ms_per_token_step" in result:
         step = f"{_fmt(result['ms_per_token_step'])} ms/step = x{_fmt(result.get('x_step_matmul_time'))} matmul time"
         if "x_step_roofline" in result:
             step += f", x{_fmt(result['x_step_roofline'])} roofline"
+        if "ms_per_token_step_cpu" in result:
+            step += f" (CPU time {_fmt(result['ms_per_token_step_cpu'])} ms/step)"
         parts.append(f"{step}; prefill {_fmt(result['prefill_s'])} s")
         if result.get("extrapolated"):
             parts.append("extrapolated (see JSON)")
@@ -122,16 +133,21 @@ def markdown(results: dict[str, dict], command: str, quick: bool = False) -> str
     """A results table and the targets table, in markdown."""
     lines = [f"Command: `{command}`", ""]
     first = next((r for r in results.values() if "torch" in r), {})
-    lines += [f"torch {first.get('torch')}, {first.get('threads')} threads, device {first.get('device')}.", ""]
-    lines += ["| measurement | median s (min-max) | figures | peak RSS MB |", "|---|---|---|---|"]
+    lines += [f"torch {first.get('torch')}, {first.get('threads')} threads, device {first.get('device')}. "
+              "*load*: the 1-minute load average at the end of the measurement, its own threads included;"
+              " much above the thread count means other programs shared the cores and slowed it.", ""]  # fmt: skip
+    lines += ["| measurement | median s (min-max) | figures | peak RSS MB | load |", "|---|---|---|---|---|"]
     for name, result in results.items():
         spread = f"{_fmt(result.get('median_s'))} ({_fmt(result.get('min_s'))}-{_fmt(result.get('max_s'))})"
         if result.get("extrapolated"):
             spread = f"{_fmt(result.get('median_s'))} (extrapolated)"
-        lines.append(f"| {name} | {spread} | {headline(result)} | {_fmt(result.get('peak_rss_mb'), 4)} |")
+        load = _fmt(result.get("load_average_1m"))
+        lines.append(f"| {name} | {spread} | {headline(result)} | {_fmt(result.get('peak_rss_mb'), 4)} | {load} |")
     lines += ["", "| target | measured | met |", "|---|---|---|"]
     for row in check_targets(results, quick):
         met = {True: "yes", False: "**no**", None: "n/a (--quick)" if quick else "not measured"}[row["met"]]
-        best = f" (best repeat {_fmt(row['best'])})" if row["best"] is not None else ""
-        lines.append(f"| {row['target']} | {row['field']} = {_fmt(row['value'])}{best} | {met} |")
+        others = [f"{label} {_fmt(row[key])}" for key, label in (("best", "best repeat"), ("cpu", "CPU time"))
+                  if row[key] is not None]  # fmt: skip
+        others_text = f" ({'; '.join(others)})" if others else ""
+        lines.append(f"| {row['target']} | {row['field']} = {_fmt(row['value'])}{others_text} | {met} |")
     return "\n".join(lines) + "\n"

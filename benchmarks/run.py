@@ -65,6 +65,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="auto", help="cpu, cuda or auto (cuda when available)")
     parser.add_argument("--timeout", type=float, help="seconds per measurement (default 3600, quick 120)")
     parser.add_argument("--list", action="store_true", help="print the measurement names and exit")
+    parser.add_argument("--from", dest="from_file", type=Path,
+                        help="measure nothing: report the JSON lines of an earlier --out file")  # fmt: skip
     args = parser.parse_args(argv)
     if args.threads < 1:
         parser.error(f"--threads must be >= 1, got {args.threads}")
@@ -82,13 +84,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.list:
         print("\n".join(registry))
         return 0
-    names = select(list(registry), args.only)
-    device = pick_device(args.device)
-    timeout = args.timeout or (120.0 if args.quick else 3600.0)
     given = argv if argv is not None else sys.argv[1:]
     command = "python benchmarks/run.py " + " ".join(shlex.quote(a) for a in given)
-    out_file = args.out.open("w") if args.out else None
     results: dict[str, dict] = {}
+    if args.from_file:
+        for line in args.from_file.read_text().splitlines():
+            stored = json.loads(line)
+            results[stored["name"]] = report.derive(stored["name"], stored, results)
+        names, out_file = [], None
+    else:
+        names = select(list(registry), args.only)
+        out_file = args.out.open("w") if args.out else None
+    device = pick_device(args.device)
+    timeout = args.timeout or (120.0 if args.quick else 3600.0)
     try:
         for name in names:
             target, params = registry[name]

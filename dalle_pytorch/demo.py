@@ -22,11 +22,12 @@ Captions are tokenized word by word: the dataset's vocabulary is some 25 words, 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -91,12 +92,12 @@ class DemoConfig:
     dalle_depth: int = 3
     dalle_heads: int = 4
     dalle_ff_mult: int = 2
-    dalle_steps: int = 2000
+    dalle_steps: int = 1600
     dalle_batch_size: int = 32
     dalle_learning_rate: float = 2e-3
     null_cond_prob: float = 0.2
     # CLIP for reranking
-    clip_steps: int = 0
+    clip_steps: int = 500
     clip_dim: int = 64
     clip_batch_size: int = 64
     clip_learning_rate: float = 1e-3
@@ -104,9 +105,9 @@ class DemoConfig:
     classifier_steps: int = 150
     # generation
     samples_per_prompt: int = 8
-    candidates_per_sample: int = 1
-    cond_scale: float = 2.0
-    temperature: float = 1.0
+    candidates_per_sample: int = 4
+    cond_scale: float = 1.5
+    temperature: float = 0.7
     filter_thres: float = 0.5
     seed: int = 0
 
@@ -128,8 +129,14 @@ class DemoConfig:
 
 DEFAULT_CONFIG = DemoConfig()
 FAST_CONFIG = dataclasses.replace(
-    DEFAULT_CONFIG, num_train_images=2000, vae_steps=400, dalle_steps=350, dalle_learning_rate=3e-3,
-    classifier_steps=80, samples_per_prompt=4,
+    DEFAULT_CONFIG,
+    num_train_images=2000,
+    vae_steps=1000,
+    dalle_steps=250,
+    dalle_learning_rate=3e-3,
+    clip_steps=0,
+    candidates_per_sample=1,
+    samples_per_prompt=4,
 )
 
 
@@ -249,9 +256,9 @@ def _batches(num_samples: int, batch_size: int, seed: int) -> Callable[[], Tenso
     return lambda: torch.randint(0, num_samples, (batch_size,), generator=generator)
 
 
-def train_vae(images: Tensor, config: DemoConfig, progress: bool = True) -> DiscreteVAE:
+def train_vae(images: Tensor, config: DemoConfig, progress: bool = True) -> tuple[DiscreteVAE, float]:
     """Train a DiscreteVAE on ``images`` (n, 3, s, s) in [0, 1] (on their device), temperature annealed
-    exponentially from 1 to ``config.vae_final_temperature``. Returns it in eval mode."""
+    exponentially from 1 to ``config.vae_final_temperature``. Returns it in eval mode and the smoothed final loss."""
     vae = DiscreteVAE(
         image_size=config.image_size, num_layers=config.vae_num_layers, num_tokens=config.vae_num_tokens,
         codebook_dim=config.vae_codebook_dim, hidden_dim=config.vae_hidden_dim,
@@ -264,8 +271,8 @@ def train_vae(images: Tensor, config: DemoConfig, progress: bool = True) -> Disc
         temperature = config.vae_final_temperature ** (step / max(1, steps - 1))
         return vae(images[next_batch().to(images.device)], return_loss=True, temp=temperature)
 
-    vae.final_loss = _optimise(vae, loss_at, steps, config.vae_learning_rate, "VAE", progress, max_grad_norm=None)
-    return vae
+    final_loss = _optimise(vae, loss_at, steps, config.vae_learning_rate, "VAE", progress, max_grad_norm=None)
+    return vae, final_loss
 
 
 @torch.no_grad()
@@ -274,47 +281,58 @@ def encode_images(vae: DiscreteVAE, images: Tensor, batch_size: int = 256) -> Te
     return torch.cat([vae.get_codebook_indices(chunk) for chunk in images.split(batch_size)])
 
 
-def train_dalle(vae: DiscreteVAE, codes: Tensor, text: Tensor, config: DemoConfig, progress: bool = True) -> DALLE:
-    """Train DALLE on image codes (n, image_seq_len) and caption ids (n, phrasings, text_seq_len); each step
-    picks a random phrasing per sample and drops the caption with probability ``config.null_cond_prob``."""
+def _pick_phrasings(text: Tensor, seed: int) -> Callable[[Tensor], Tensor]:
+    """index (b,) -> caption ids (b, text_seq_len), one random phrasing of each sample's caption."""
+    generator = torch.Generator().manual_seed(seed)
+    return lambda index: text[index, torch.randint(0, text.shape[1], (len(index),), generator=generator)]
+
+
+def train_dalle(
+    vae: DiscreteVAE, codes: Tensor, text: Tensor, num_text_tokens: int, config: DemoConfig, progress: bool = True
+) -> tuple[DALLE, float]:
+    """Train DALLE on image codes (n, image_seq_len) and caption ids (n, phrasings, text_seq_len), ids below
+    ``num_text_tokens``. Each step picks a random phrasing per sample and drops the caption with probability
+    ``config.null_cond_prob``, for classifier-free guidance. Returns it in eval mode and the final loss."""
     dalle = DALLE(
-        dim=config.dalle_dim, vae=vae, num_text_tokens=int(text.max()) + 1, text_seq_len=text.shape[-1],
+        dim=config.dalle_dim, vae=vae, num_text_tokens=num_text_tokens, text_seq_len=text.shape[-1],
         depth=config.dalle_depth, heads=config.dalle_heads, dim_head=config.dalle_dim // config.dalle_heads,
         ff_mult=config.dalle_ff_mult,
     ).to(codes.device)  # fmt: skip
-    next_batch = _batches(len(codes), config.dalle_batch_size, config.seed + 1)
-    phrasing = torch.Generator().manual_seed(config.seed + 2)
+    next_batch, captions = (
+        _batches(len(codes), config.dalle_batch_size, config.seed + 1),
+        _pick_phrasings(text, config.seed + 2),
+    )
 
     def loss_at(step: int) -> Tensor:
         index = next_batch()
-        choice = torch.randint(0, text.shape[1], (len(index),), generator=phrasing)
-        batch_text = text[index, choice].to(codes.device)
-        return dalle(batch_text, codes[index.to(codes.device)], return_loss=True, null_cond_prob=config.null_cond_prob)
+        batch_text, batch_codes = captions(index).to(codes.device), codes[index.to(codes.device)]
+        return dalle(batch_text, batch_codes, return_loss=True, null_cond_prob=config.null_cond_prob)
 
-    dalle.final_loss = _optimise(
-        dalle, loss_at, config.dalle_steps, config.dalle_learning_rate, "DALLE", progress, 0.01
-    )
-    return dalle
+    steps, learning_rate = config.dalle_steps, config.dalle_learning_rate
+    return dalle, _optimise(dalle, loss_at, steps, learning_rate, "DALLE", progress, weight_decay=0.01)
 
 
-def train_clip(images: Tensor, text: Tensor, config: DemoConfig, progress: bool = True) -> CLIP:
-    """Train a small CLIP on images (n, 3, s, s) and caption ids (n, phrasings, text_seq_len)."""
+def train_clip(
+    images: Tensor, text: Tensor, num_text_tokens: int, config: DemoConfig, progress: bool = True
+) -> tuple[CLIP, float]:
+    """Train a small CLIP on images (n, 3, s, s) and caption ids (n, phrasings, text_seq_len), ids below
+    ``num_text_tokens``. Returns it in eval mode and the final loss."""
     clip = CLIP(
         dim_text=config.clip_dim, dim_image=config.clip_dim, dim_latent=config.clip_dim,
-        num_text_tokens=int(text.max()) + 1, text_enc_depth=1, text_seq_len=text.shape[-1], text_heads=4,
+        num_text_tokens=num_text_tokens, text_enc_depth=1, text_seq_len=text.shape[-1], text_heads=4,
         visual_enc_depth=2, visual_heads=4, visual_image_size=config.image_size, visual_patch_size=4,
     ).to(images.device)  # fmt: skip
-    next_batch = _batches(len(images), config.clip_batch_size, config.seed + 3)
-    phrasing = torch.Generator().manual_seed(config.seed + 4)
+    next_batch, captions = (
+        _batches(len(images), config.clip_batch_size, config.seed + 3),
+        _pick_phrasings(text, config.seed + 4),
+    )
 
     def loss_at(step: int) -> Tensor:
         index = next_batch()
-        choice = torch.randint(0, text.shape[1], (len(index),), generator=phrasing)
-        batch_text, batch_images = text[index, choice].to(images.device), images[index.to(images.device)]
-        return clip(batch_text, batch_images, return_loss=True)
+        return clip(captions(index).to(images.device), images[index.to(images.device)], return_loss=True)
 
-    clip.final_loss = _optimise(clip, loss_at, config.clip_steps, config.clip_learning_rate, "CLIP", progress, 0.01)
-    return clip
+    steps, learning_rate = config.clip_steps, config.clip_learning_rate
+    return clip, _optimise(clip, loss_at, steps, learning_rate, "CLIP", progress, weight_decay=0.01)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -348,13 +366,12 @@ def generate_for_prompts(
         indices = range(start, min(start + batch_size, len(captions)))
         generators = [torch.Generator().manual_seed(config.seed * 1_000_000 + i) for i in indices]
         out = dalle.generate_images(
-            text[chunk], clip=clip, filter_thres=config.filter_thres, temperature=config.temperature,
+            text[chunk], filter_thres=config.filter_thres, temperature=config.temperature,
             cond_scale=config.cond_scale, generator=generators,
-        )  # fmt: skip
-        if clip is not None:
-            out, score = out
-            scores.append(score)
-        images.append(out.clamp(0.0, 1.0))
+        ).clamp(0.0, 1.0)  # fmt: skip
+        if clip is not None:  # scored after clamping: CLIP was trained on images in [0, 1]
+            scores.append(clip(text[chunk].to(out.device), out))
+        images.append(out)
     images = rearrange(torch.cat(images), "(p k c) ch h w -> p k c ch h w", p=len(prompts), k=samples)
     if clip is None:
         return images[:, :, 0]
@@ -375,7 +392,7 @@ def _font(size: int) -> ImageFont.ImageFont:
 
 def make_grid(rows: Sequence[tuple[str, Tensor | None]], scale: int = 2, gap: int = 2) -> Image.Image:
     """A labelled picture: each row is ``(label, images (k, 3, h, w) in [0, 1])`` drawn left to right after its
-    label, upscaled ``scale`` times; a row with images ``None`` is a heading."""
+    label, upscaled ``scale`` times; a row with images ``None`` is a heading spanning the whole width."""
     if not rows:
         raise ValueError("rows must hold at least one (label, images) pair")
     shapes = {tuple(images.shape[1:]) for _, images in rows if images is not None}
@@ -383,22 +400,22 @@ def make_grid(rows: Sequence[tuple[str, Tensor | None]], scale: int = 2, gap: in
         raise ValueError(f"every row's images must be (k, 3, h, w) of one size, got sizes {shapes}")
     _, height, width = next(iter(shapes))
     font = _font(14)
-    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    label_width = max(int(measure.textlength(label, font=font)) for label, _ in rows) + 12
+    text_width = lambda text: int(ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(text, font=font)) + 12
+    label_width = max(text_width(label) for label, images in rows if images is not None)
     columns = max(len(images) for _, images in rows if images is not None)
-    cell_w, cell_h = width * scale + gap, height * scale + gap
-    heading_h = 24
+    cell_w, cell_h, heading_h = width * scale + gap, height * scale + gap, 24
+    canvas_width = max([label_width + columns * cell_w + gap] + [text_width(label) for label, images in rows])
     row_heights = [heading_h if images is None else cell_h for _, images in rows]
-    canvas = Image.new("RGB", (label_width + columns * cell_w + gap, sum(row_heights) + gap), (24, 24, 24))
+    canvas = Image.new("RGB", (canvas_width, sum(row_heights) + gap), (24, 24, 24))
     draw = ImageDraw.Draw(canvas)
+    _, text_top, _, text_bottom = font.getbbox("Ag")
     top = gap
     for (label, images), row_height in zip(rows, row_heights):
-        draw.text((6, top + row_height // 2), label, fill=(230, 230, 230), font=font, anchor="lm")
+        draw.text((6, top + (row_height - text_bottom - text_top) // 2), label, fill=(230, 230, 230), font=font)
         for column, image in enumerate([] if images is None else images):
             pixels = (rearrange(image.detach().float().cpu().clamp(0, 1), "c h w -> h w c") * 255).round()
-            tile = Image.fromarray(pixels.to(torch.uint8).numpy()).resize(
-                (width * scale, height * scale), Image.NEAREST
-            )
+            tile = Image.fromarray(pixels.to(torch.uint8).numpy())
+            tile = tile.resize((width * scale, height * scale), Image.NEAREST)
             canvas.paste(tile, (label_width + column * cell_w, top))
         top += row_height
     return canvas
@@ -419,31 +436,27 @@ def _json_ready(value):
 # the whole pipeline
 
 
-class _Stopwatch:
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = {}
-
-    def __call__(self, name: str):
-        stopwatch = self
-
-        class _Lap:
-            def __enter__(self) -> None:
-                self.start = time.perf_counter()
-
-            def __exit__(self, *exc) -> None:
-                stopwatch.seconds[name] = round(time.perf_counter() - self.start, 2)
-
-        return _Lap()
+@contextlib.contextmanager
+def _timed(wall: dict[str, float], cpu: dict[str, float], name: str) -> Iterator[None]:
+    """Record the wall-clock and CPU seconds (all threads of this process) spent inside the block."""
+    wall_start, cpu_start = time.perf_counter(), time.process_time()
+    yield
+    wall[name] = round(time.perf_counter() - wall_start, 2)
+    cpu[name] = round(time.process_time() - cpu_start, 2)
 
 
 def _grid_prompts(prompts: Sequence[ShapePrompt]) -> list[int]:
-    """Rows to show: every held-out prompt and the first seen prompt of each colour."""
-    shown, colours = [], set()
+    """Rows to show: per colour, its held-out pair and then the seen pair with the next shape (cyclically), so
+    that every shape is shown too."""
+    by_colour: dict[str, list[int]] = {}
     for index, prompt in enumerate(prompts):
-        if prompt.heldout or prompt.attributes.colour not in colours:
-            shown.append(index)
-        if not prompt.heldout:
-            colours.add(prompt.attributes.colour)
+        by_colour.setdefault(prompt.attributes.colour, []).append(index)
+    shown = []
+    for indices in by_colour.values():
+        held = [i for i in indices if prompts[i].heldout][:1]
+        start = indices.index(held[0]) + 1 if held else 0
+        following = indices[start:] + indices[:start]
+        shown += held + [i for i in following if not prompts[i].heldout][:1]
     return shown
 
 
@@ -479,11 +492,12 @@ def run_demo(
     device = resolve_device(device)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    stopwatch, cpu_start, wall_start = _Stopwatch(), time.process_time(), time.perf_counter()
+    wall, cpu, cpu_start, wall_start = {}, {}, time.process_time(), time.perf_counter()
+    losses: dict[str, float] = {}
     rng_devices = [device.index or 0] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=rng_devices):
         torch.manual_seed(config.seed)
-        with stopwatch("data"):
+        with _timed(wall, cpu, "data"):
             data = render_training_set(config)
             kinds = set(data.attributes)
             tokenizer = build_word_tokenizer(
@@ -493,21 +507,21 @@ def run_demo(
             images = data.images.to(device)
         log(f"{len(images)} training images, {len(kinds)} kinds of sample; held-out pairs: "
             + ", ".join(f"{c} {s}" for c, s in heldout_pairs()))  # fmt: skip
-        with stopwatch("vae"):
-            vae = train_vae(images, config, progress)
+        with _timed(wall, cpu, "vae"):
+            vae, losses["vae"] = train_vae(images, config, progress)
             codes = encode_images(vae, images)
-        with stopwatch("dalle"):
-            dalle = train_dalle(vae, codes, text, config, progress)
+        with _timed(wall, cpu, "dalle"):
+            dalle, losses["dalle"] = train_dalle(vae, codes, text, tokenizer.vocab_size, config, progress)
         clip = None
         if config.clip_steps > 0:
-            with stopwatch("clip"):
-                clip = train_clip(images, text, config, progress)
-        with stopwatch("judge"):
+            with _timed(wall, cpu, "clip"):
+                clip, losses["clip"] = train_clip(images, text, tokenizer.vocab_size, config, progress)
+        with _timed(wall, cpu, "judge"):
             classifier, accuracy = train_shape_classifier(config.image_size, config.seed, config.classifier_steps)
-        with stopwatch("generation"):
+        with _timed(wall, cpu, "generation"):
             prompts = evaluation_prompts()
             samples = generate_for_prompts(dalle, tokenizer, prompts, config, clip, progress=progress).cpu()
-        with stopwatch("evaluation"):
+        with _timed(wall, cpu, "evaluation"):
             k = config.samples_per_prompt
             fidelity = evaluate_fidelity(
                 rearrange(samples, "p k c h w -> (p k) c h w"), [p for p in prompts for _ in range(k)], classifier
@@ -518,25 +532,23 @@ def run_demo(
     vae.save_pretrained(out_dir / "vae")
     if clip is not None:
         clip.save_pretrained(out_dir / "clip")
-    rows: list[tuple[str, Tensor | None]] = [("DALLE samples", None)]
-    rows += [
-        (prompts[i].caption + ("  (held out)" if prompts[i].heldout else ""), samples[i])
-        for i in _grid_prompts(prompts)
-    ]
-    rows += [("VAE", None), ("ground truth", originals[0]), ("reconstruction", originals[1])]
+    both = {group: fidelity[group]["both_match"] for group in ("seen", "heldout")}
+    heading = f"DALLE samples; colour and shape right: {both['seen']:.0%} seen pairs, {both['heldout']:.0%} held out"
+    rows: list[tuple[str, Tensor | None]] = [(heading, None)]
+    for index in _grid_prompts(prompts):
+        label = prompts[index].caption + ("  (held out)" if prompts[index].heldout else "")
+        rows.append((label, samples[index, :8]))
+    rows += [("VAE: ground truth and reconstruction", None), ("ground truth", originals[0])]
+    rows += [("reconstruction", originals[1])]
     make_grid(rows).save(out_dir / "grid.png")
 
     report = {
         "config": dataclasses.asdict(config),
         "device": str(device),
         "torch_threads": torch.get_num_threads(),
-        "seconds": {**stopwatch.seconds, "total": round(time.perf_counter() - wall_start, 2)},
-        "cpu_seconds": round(time.process_time() - cpu_start, 2),
-        "final_losses": {
-            name: round(model.final_loss, 5)
-            for name, model in (("vae", vae), ("dalle", dalle), ("clip", clip))
-            if model is not None
-        },  # fmt: skip
+        "seconds": {**wall, "total": round(time.perf_counter() - wall_start, 2)},
+        "cpu_seconds": {**cpu, "total": round(time.process_time() - cpu_start, 2)},
+        "final_losses": losses,
         "shape_classifier_accuracy": accuracy,
         "vae_reconstruction": reconstruction,
         "fidelity": fidelity,

@@ -7,11 +7,11 @@ share one structure, a :class:`TilePlan`:
 
 - a *prefix* of keys that every later query sees: the text for the grid patterns, the blocks holding text
   for ``sparse``. All queries attend to it causally in one call of PyTorch's fused CPU attention kernel.
-- the positions after the prefix, cut into *tiles* of queries (image rows, image columns, runs of blocks).
-  Each tile also sees one or two *bands* of keys: a window read in place through an overlapping strided view
-  (its own row or column, the run of rows above it up to the conv window's top, the local blocks), or a few
-  gathered blocks (the random blocks of ``sparse``), restricted by a small (tile x band) mask. All tiles'
-  bands go through the same fused kernel in one call, the tiles standing in for the batch.
+- the later positions also see one or two *bands* of keys. A band cuts their queries into *tiles* (image
+  rows, image columns, runs of blocks, single blocks) and gives each tile the same number of keys: a window
+  read in place through an overlapping strided view (its own row or column, the rows from the conv window's
+  top down to its own, the local blocks) or a few gathered blocks (the random blocks of ``sparse``), with a
+  small (tile x band) mask. All tiles of a band go through the same fused kernel in one call, as its batch.
 
 The partial softmaxes (prefix, each band) are merged through their log-sum-exps. The backward pass calls
 the kernel's backward once per part with the *merged* output and log-sum-exp: it recomputes the
@@ -48,7 +48,7 @@ from dalle_pytorch.attention import block_sparse_layout
 
 SPARSE_TYPES = ("axial_row", "axial_col", "conv_like", "sparse")
 
-_SPARSE_TILE_LEN = 32  # query positions per tile of the sparse pattern, in whole blocks
+_SPARSE_TILE_LEN = 32  # query positions per tile of the sparse pattern's window band, in whole blocks
 
 
 def fast_path_available(device: torch.device, dropout_p: float = 0.0) -> bool:
@@ -61,65 +61,64 @@ def fast_path_available(device: torch.device, dropout_p: float = 0.0) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The plan of a pattern: prefix, tiles of queries, and the bands of keys each tile sees
+# The plan of a pattern: prefix, and bands of keys seen by tiles of queries
 # ---------------------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
+class Tiling:
+    """Queries after the prefix cut into ``num_tiles`` tiles of ``tile_len``: query i of tile t is the region
+    position ``t * tile_step + i * query_step`` (runs: steps (c, 1); grid columns: (1, fmap)). Every region
+    position (padding included) is in exactly one tile."""
+
+    num_tiles: int
+    tile_len: int
+    tile_step: int
+    query_step: int
+
+
+@dataclass(frozen=True)
 class Window:
-    """A band read in place: tile t sees the ``length`` keys at region positions
-    ``start + t * tile_step + i * key_step`` (negative positions are zero padding, masked out).
+    """Band keys read in place: tile t sees the ``length`` keys at region positions
+    ``start + t * tile_step + i * key_step`` (negative positions are zero padding, always masked).
 
     ``mask`` (t or 1, c, length) bool, or None for a causal band (the tile's own queries, ``length == c``).
     The backward pass adds key gradients back ``piece`` keys at a time: pieces never overlap across tiles.
     """
 
+    tiling: Tiling
     start: int
     length: int
     key_step: int
     piece: int
     mask: Tensor | None
 
-    @functools.cached_property
-    def blind(self) -> Tensor | None:
-        """(t or 1, 1, c) bool: queries that see no key of this band (None: every query sees one)."""
-        return None if self.mask is None else ~self.mask.any(-1)[:, None]
-
 
 @dataclass(frozen=True)
 class Gathered:
-    """A band copied per tile: the key blocks ``block_index`` (t, s) of ``block`` region positions
-    (-1: none), side by side; ``mask`` (t, c, s * block) bool."""
+    """Band keys copied per tile: the key blocks ``block_index`` (t, s) of ``block`` region positions (-1:
+    none), side by side; ``mask`` (t, c, s * block) bool."""
 
+    tiling: Tiling
     block: int
     block_index: Tensor
     mask: Tensor
 
-    @functools.cached_property
-    def blind(self) -> Tensor:
-        """(t, 1, c) bool: queries that see no key of this band."""
-        return ~self.mask.any(-1)[:, None]
-
 
 @dataclass(frozen=True)
 class TilePlan:
-    """Which keys each query sees, as a prefix plus tiles with bands.
+    """Which keys each query sees: a prefix, then bands.
 
-    Queries [0, prefix_len) see keys [0, prefix_len) causally. The positions after the prefix (the region,
-    ``region_len`` long with padding) are the queries of ``num_tiles`` tiles of ``tile_len``: query i of tile
-    t is region position ``t * tile_step + i * query_step`` (rows: steps (c, 1); columns: (1, fmap)). Each of
-    these queries sees every prefix key plus, in every band, the keys its tile's band mask allows; one softmax
-    spans them all. ``front`` zero positions before the region hold the keys that windows reach before it.
+    Queries [0, prefix_len) see keys [0, prefix_len) causally. Every later query (the region, ``region_len``
+    long with padding) sees all prefix keys plus, in each band, the keys its tile of that band's tiling may
+    see; one softmax spans them all. ``front`` zero positions before the region hold the keys that windows
+    reach before it.
     """
 
     prefix_len: int
-    num_tiles: int
-    tile_len: int
-    tile_step: int
-    query_step: int
     region_len: int
     front: int
-    bands: tuple  # of Window / Gathered
+    bands: tuple  # of Window / Gathered, each with its own tiling of the region's queries
 
     def to(self, device: torch.device) -> TilePlan:
         if all(band.mask is None or band.mask.device == device for band in self.bands):
@@ -146,10 +145,11 @@ def axial_plan(text_len: int, fmap: int, n: int, axis: str) -> TilePlan:
         raise ValueError(f"axis must be 'row' or 'col', got {axis!r}")
     rows = _rows(text_len, fmap, n)
     if axis == "row":
-        band = Window(start=0, length=fmap, key_step=1, piece=fmap, mask=None)
-        return TilePlan(text_len, rows, fmap, fmap, 1, rows * fmap, 0, (band,))
-    band = Window(start=0, length=rows, key_step=fmap, piece=rows, mask=None)
-    return TilePlan(text_len, fmap if rows else 0, rows, 1, fmap, rows * fmap, 0, (band,))
+        band = Window(Tiling(rows, fmap, fmap, 1), start=0, length=fmap, key_step=1, piece=fmap, mask=None)
+    else:
+        tiling = Tiling(fmap if rows else 0, rows, 1, fmap)
+        band = Window(tiling, start=0, length=rows, key_step=fmap, piece=rows, mask=None)
+    return TilePlan(text_len, rows * fmap, 0, (band,))
 
 
 @functools.lru_cache(maxsize=64)
@@ -170,8 +170,9 @@ def conv_like_plan(text_len: int, fmap: int, n: int, kernel_size: int = 5, dilat
     row_ok = (up % dilation == 0)[:, None, None] & ((up > 0)[:, None, None] | (dc >= 0))  # (rows of band, c, c)
     exists = torch.arange(rows)[:, None] >= up[None, :]  # (t, rows of band): not above the first image row
     mask = rearrange(exists[:, :, None, None] & row_ok & in_window, "t r i j -> t i (r j)")
-    band = Window(start=-reach * fmap, length=(reach + 1) * fmap, key_step=1, piece=fmap, mask=mask)
-    return TilePlan(text_len, rows, fmap, fmap, 1, rows * fmap, reach * fmap, (band,))
+    tiling = Tiling(rows, fmap, fmap, 1)
+    band = Window(tiling, start=-reach * fmap, length=(reach + 1) * fmap, key_step=1, piece=fmap, mask=mask)
+    return TilePlan(text_len, rows * fmap, reach * fmap, (band,))
 
 
 @functools.lru_cache(maxsize=64)
@@ -179,42 +180,44 @@ def block_sparse_plan(
     text_len: int, fmap: int, n: int, block_size: int = 16, num_local_blocks: int = 4, num_random_blocks: int = 2,
     seed: int = 0,
 ) -> TilePlan:  # fmt: skip
-    """``sparse``: the blocks holding text are the prefix; later blocks are grouped into tiles of about
-    ``_SPARSE_TILE_LEN`` positions. Bands: a window from the first block local to the tile's first block up
-    to its last block (read in place), and the tile's random blocks before that window (gathered). Masks
-    follow the block layout, causal inside a block."""
+    """``sparse``: the blocks holding text are the prefix. Two bands: runs of blocks (about
+    ``_SPARSE_TILE_LEN`` positions) see a window from the first block local to their first block up to their
+    last block, read in place; single blocks see their random blocks before that, gathered. Masks follow the
+    block layout, causal inside a block."""
     text_blocks = -(-text_len // block_size)
     prefix_len = text_blocks * block_size
-    group = max(1, _SPARSE_TILE_LEN // block_size)  # blocks per tile
-    tile_len = group * block_size
-    num_tiles = max(0, -(-(n - prefix_len) // tile_len))
+    group = max(1, _SPARSE_TILE_LEN // block_size)  # blocks per tile of the window band
+    num_tiles = max(0, -(-(n - prefix_len) // (block_size * group)))
     num_blocks = num_tiles * group
     layout = block_sparse_layout(
         prefix_len + num_blocks * block_size, text_len, block_size, num_local_blocks, num_random_blocks, seed
     )[text_blocks:, text_blocks:]  # (blocks, blocks) after the text blocks
-    query_block = torch.arange(num_tiles)[:, None] * group + torch.arange(group)  # (t, g)
     causal = torch.ones(block_size, block_size, dtype=torch.bool).tril()
 
-    def band_mask(key_block: Tensor) -> Tensor:  # (t, s) key blocks -> (t, c, s * block) mask
+    def band_mask(query_block: Tensor, key_block: Tensor) -> Tensor:  # (t, g), (t, s) -> (t, g * l, s * l)
         qb, kb = query_block[:, :, None], key_block[:, None, :]
         seen = (kb >= 0) & layout[qb, kb.clamp(min=0)]  # (t, g, s); the layout is causal between blocks
         mask = seen[..., None, None] & torch.where((qb == kb)[..., None, None], causal, True)
         return rearrange(mask, "t g s i j -> t (g i) (s j)")
 
     first = num_local_blocks - 1  # the window starts this many blocks before the tile's first block
-    window_blocks = torch.arange(num_tiles)[:, None] * group - first + torch.arange(first + group)  # (t, s)
+    tile_blocks = torch.arange(num_tiles)[:, None] * group + torch.arange(group)  # (t, g)
+    window_blocks = tile_blocks[:, :1] - first + torch.arange(first + group)  # (t, s)
     window = Window(
-        start=-first * block_size, length=(first + group) * block_size, key_step=1, piece=block_size,
-        mask=band_mask(window_blocks.masked_fill(window_blocks < 0, -1)),
+        Tiling(num_tiles, group * block_size, group * block_size, 1), start=-first * block_size,
+        length=(first + group) * block_size, key_step=1, piece=block_size,
+        mask=band_mask(tile_blocks, window_blocks.masked_fill(window_blocks < 0, -1)),
     )  # fmt: skip
-    before = torch.arange(num_blocks)[None, :] < window_blocks[:, :1]  # (t, blocks) left of the window
-    random = layout.view(num_tiles, group, num_blocks).any(dim=1) & before
-    width = int(random.sum(1).max()) if num_tiles else 0
     bands = (window,)
+    # random blocks before the window of the block's tile (later ones are in the window already)
+    window_start = window_blocks[:, :1].repeat_interleave(group, dim=0)  # (blocks, 1)
+    random = layout & (torch.arange(num_blocks)[None, :] < window_start)  # (blocks, blocks)
+    width = int(random.sum(1).max()) if num_blocks else 0
     if width:
         picks = torch.where(random, torch.arange(num_blocks), -1).sort(dim=1, descending=True).values[:, :width]
-        bands += (Gathered(block_size, picks, band_mask(picks)),)
-    return TilePlan(prefix_len, num_tiles, tile_len, tile_len, 1, num_tiles * tile_len, first * block_size, bands)
+        tiling = Tiling(num_blocks, block_size, block_size, 1)
+        bands += (Gathered(tiling, block_size, picks, band_mask(torch.arange(num_blocks)[:, None], picks)),)
+    return TilePlan(prefix_len, num_blocks * block_size, first * block_size, bands)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -247,24 +250,24 @@ def _region_buffer(x: Tensor, plan: TilePlan) -> Tensor:
     return padded.flatten(0, 1)
 
 
-def _view(buffer: Tensor, plan: TilePlan, start: int, length: int, step: int) -> Tensor:
+def _view(buffer: Tensor, plan: TilePlan, tiling: Tiling, start: int, length: int, step: int) -> Tensor:
     """(t, B, length, ...) view of a region buffer: item i of tile t is region position
     ``start + t * tile_step + i * step`` (overlapping tiles share memory; nothing is copied)."""
     per_position = buffer.stride(1)
-    size = (plan.num_tiles, buffer.shape[0], length, *buffer.shape[2:])
-    stride = (plan.tile_step * per_position, buffer.stride(0), step * per_position, *buffer.stride()[2:])
+    size = (tiling.num_tiles, buffer.shape[0], length, *buffer.shape[2:])
+    stride = (tiling.tile_step * per_position, buffer.stride(0), step * per_position, *buffer.stride()[2:])
     return buffer.as_strided(size, stride, buffer.storage_offset() + (plan.front + start) * per_position)
 
 
-def _tiles(buffer: Tensor, plan: TilePlan) -> Tensor:
+def _tiles(buffer: Tensor, plan: TilePlan, tiling: Tiling) -> Tensor:
     """The query tiles of a region buffer: (t, B, c, ...)."""
-    return _view(buffer, plan, 0, plan.tile_len, plan.query_step)
+    return _view(buffer, plan, tiling, 0, tiling.tile_len, tiling.query_step)
 
 
-def _from_tiles(tiles: Tensor, plan: TilePlan, x: Tensor) -> Tensor:
+def _from_tiles(tiles: Tensor, plan: TilePlan, tiling: Tiling, x: Tensor) -> Tensor:
     """Query tiles (t, B, c, ...) back to the region of x's layout: (b, h, n - prefix_len, ...)."""
     buffer = tiles.new_empty(tiles.shape[1], plan.front + plan.region_len, *tiles.shape[3:])
-    _tiles(buffer, plan).copy_(tiles)
+    _tiles(buffer, plan, tiling).copy_(tiles)
     region = buffer[:, plan.front : plan.front + x.shape[2] - plan.prefix_len]
     return region.unflatten(0, x.shape[:2])
 
@@ -272,7 +275,7 @@ def _from_tiles(tiles: Tensor, plan: TilePlan, x: Tensor) -> Tensor:
 def _band_keys(buffer: Tensor, plan: TilePlan, band) -> Tensor:
     """The keys (or values) of a band: (t, B, length, d), a view for a Window, a copy for Gathered."""
     if isinstance(band, Window):
-        return _view(buffer, plan, band.start, band.length, band.key_step)
+        return _view(buffer, plan, band.tiling, band.start, band.length, band.key_step)
     blocks = buffer[:, plan.front :].unflatten(1, (-1, band.block))  # (B, blocks, block, d)
     gathered = blocks[:, band.block_index.clamp(min=0)]  # (B, t, s, block, d)
     return rearrange(gathered, "B t s l d -> t B (s l) d")
@@ -283,7 +286,7 @@ def _add_band_grad(grad_buffer: Tensor, grad: Tensor, plan: TilePlan, band) -> N
     if isinstance(band, Window):
         for i in range(0, band.length, band.piece):  # pieces never overlap across tiles, so += is safe
             start = band.start + i * band.key_step
-            _view(grad_buffer, plan, start, band.piece, band.key_step).add_(grad[:, :, i : i + band.piece])
+            _view(grad_buffer, plan, band.tiling, start, band.piece, band.key_step).add_(grad[:, :, i : i + band.piece])
         return
     blocks = grad_buffer[:, plan.front :].unflatten(1, (-1, band.block))  # (B, blocks, block, d)
     grad = rearrange(grad, "t B (s l) d -> B (t s) l d", l=band.block)
@@ -297,6 +300,11 @@ def _bias(band, dtype: torch.dtype) -> Tensor | None:
         return None
     bias = torch.zeros(band.mask.shape, dtype=dtype, device=band.mask.device)
     return bias.masked_fill_(~band.mask, float("-inf"))[:, None]
+
+
+def _blind(band) -> Tensor | None:
+    """(t or 1, 1, c) bool: the queries that see no key of a band (None: every query sees one)."""
+    return None if band.mask is None else ~band.mask.any(-1)[:, None]
 
 
 def _merge(out: Tensor, lse: Tensor, other_out: Tensor, other_lse: Tensor) -> tuple[Tensor, Tensor]:
@@ -317,19 +325,19 @@ class _PlannedAttention(torch.autograd.Function):
         # every query over the prefix keys, causally (top-left aligned: queries past p see the whole prefix)
         out, lse = _fused_forward(q, k[:, :, :p], v[:, :, :p], True, None, scale)
         biases = [_bias(band, q.dtype) for band in plan.bands]
-        if plan.num_tiles:
-            q_tiles = _tiles(_region_buffer(q, plan), plan)
-            k_buffer, v_buffer = _region_buffer(k, plan), _region_buffer(v, plan)
-            band_out = band_lse = None
+        if plan.region_len:
+            q_buffer, k_buffer, v_buffer = (_region_buffer(x, plan) for x in (q, k, v))
+            region_out, region_lse = out[:, :, p:], lse[:, :, p:]
             for band, bias in zip(plan.bands, biases):
                 keys, values = _band_keys(k_buffer, plan, band), _band_keys(v_buffer, plan, band)
-                o, o_lse = _fused_forward(q_tiles, keys, values, band.mask is None, bias, scale)
-                if band.blind is not None:  # the kernel gives log-sum-exp 0 where a row sees no key
-                    o_lse = o_lse.masked_fill_(band.blind, float("-inf"))
-                band_out, band_lse = (o, o_lse) if band_out is None else _merge(band_out, band_lse, o, o_lse)
-            out[:, :, p:], lse[:, :, p:] = _merge(
-                out[:, :, p:], lse[:, :, p:], _from_tiles(band_out, plan, q), _from_tiles(band_lse, plan, q)
-            )
+                queries = _tiles(q_buffer, plan, band.tiling)
+                band_out, band_lse = _fused_forward(queries, keys, values, band.mask is None, bias, scale)
+                blind = _blind(band)
+                if blind is not None:  # the kernel gives log-sum-exp 0 where a row sees no key
+                    band_lse.masked_fill_(blind, float("-inf"))
+                band_out, band_lse = (_from_tiles(x, plan, band.tiling, q) for x in (band_out, band_lse))
+                region_out, region_lse = _merge(region_out, region_lse, band_out, band_lse)
+            out[:, :, p:], lse[:, :, p:] = region_out, region_lse
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.plan, ctx.scale, ctx.biases = plan, scale, biases
         return out
@@ -342,24 +350,21 @@ class _PlannedAttention(torch.autograd.Function):
         grad_out = grad_out.contiguous()
         # given the merged output and log-sum-exp, the fused backward returns the prefix keys' exact share
         dq, dk, dv = _fused_backward(grad_out, q, k[:, :, :p], v[:, :, :p], out, lse, True, None, scale)
-        if not plan.num_tiles:
+        if not plan.region_len:
             return dq, dk, dv, None, None
-        q_tiles = _tiles(_region_buffer(q, plan), plan)
         # empty query slots have dO = 0, so rowsum(dO * O) = 0 and they pass no gradient
-        do_tiles, out_tiles = _tiles(_region_buffer(grad_out, plan), plan), _tiles(_region_buffer(out, plan), plan)
-        lse_tiles = _tiles(_region_buffer(lse, plan), plan)
+        q_buffer, do_buffer, out_buffer, lse_buffer = (_region_buffer(x, plan) for x in (q, grad_out, out, lse))
         k_buffer, v_buffer = _region_buffer(k, plan), _region_buffer(v, plan)
         dk_buffer, dv_buffer = torch.zeros_like(k_buffer), torch.zeros_like(v_buffer)
-        dq_tiles = None
         for band, bias in zip(plan.bands, ctx.biases):
             keys, values = _band_keys(k_buffer, plan, band), _band_keys(v_buffer, plan, band)
+            tiles = [_tiles(buffer, plan, band.tiling) for buffer in (do_buffer, q_buffer, out_buffer, lse_buffer)]
             dq_band, dk_band, dv_band = _fused_backward(
-                do_tiles, q_tiles, keys, values, out_tiles, lse_tiles, band.mask is None, bias, scale
+                tiles[0], tiles[1], keys, values, tiles[2], tiles[3], band.mask is None, bias, scale
             )
-            dq_tiles = dq_band if dq_tiles is None else dq_tiles.add_(dq_band)
+            dq[:, :, p:] += _from_tiles(dq_band, plan, band.tiling, q)
             _add_band_grad(dk_buffer, dk_band, plan, band)
             _add_band_grad(dv_buffer, dv_band, plan, band)
-        dq[:, :, p:] += _from_tiles(dq_tiles, plan, q)
         n = q.shape[2]
         regions = [
             buffer[:, plan.front : plan.front + n - p].unflatten(0, q.shape[:2]) for buffer in (dk_buffer, dv_buffer)
@@ -394,55 +399,28 @@ def _check(q: Tensor, k: Tensor, v: Tensor, text_len: int, fmap: int) -> int:
     return n
 
 
-def axial_attention(
-    q: Tensor, k: Tensor, v: Tensor, text_len: int, fmap: int, *, axis: str = "row", scale: float | None = None
-) -> Tensor:
-    """``axial_row`` (axis="row") or ``axial_col`` (axis="col") attention; q, k, v, output (b, h, n, d).
-
-    n <= text_len + fmap ** 2: the sequence may stop anywhere (DALLE trains on all but the last image token).
-    """
-    n = _check(q, k, v, text_len, fmap)
-    return planned_attention(q, k, v, axial_plan(text_len, fmap, n, axis), scale=scale)
-
-
-def conv_like_attention(
-    q: Tensor, k: Tensor, v: Tensor, text_len: int, fmap: int, *, kernel_size: int = 5, dilation: int = 1,
-    scale: float | None = None,
-) -> Tensor:  # fmt: skip
-    """``conv_like`` attention; q, k, v, output (b, h, n, d), n <= text_len + fmap ** 2."""
-    n = _check(q, k, v, text_len, fmap)
-    return planned_attention(q, k, v, conv_like_plan(text_len, fmap, n, kernel_size, dilation), scale=scale)
-
-
-def block_sparse_attention(
-    q: Tensor, k: Tensor, v: Tensor, text_len: int, fmap: int, *, block_size: int = 16,
-    num_local_blocks: int = 4, num_random_blocks: int = 2, seed: int = 0, scale: float | None = None,
-) -> Tensor:  # fmt: skip
-    """``sparse`` attention (blocks of ``block_size`` positions); q, k, v, output (b, h, n, d)."""
-    n = _check(q, k, v, text_len, fmap)
-    plan = block_sparse_plan(text_len, fmap, n, block_size, num_local_blocks, num_random_blocks, seed)
-    return planned_attention(q, k, v, plan, scale=scale)
-
-
 def pattern_attention(
     attn_type: str, q: Tensor, k: Tensor, v: Tensor, text_len: int, fmap: int, *, scale: float | None = None,
     kernel_size: int = 5, dilation: int = 1, sparse_block_size: int = 16, sparse_num_local_blocks: int = 4,
     sparse_num_random_blocks: int = 2, sparse_seed: int = 0,
 ) -> Tensor:  # fmt: skip
-    """The fast kernel of ``attn_type`` (options named as in ``attention_mask``); q, k, v, output (b, h, n, d).
-
-    Equals ``F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask(...)[:n, :n], scale=scale)``.
+    """The fast kernel of a sparse ``attn_type``; q, k, v and the output are (b, h, n, d) for the positions
+    [0, n), n <= text_len + fmap ** 2 (DALLE trains on all but the last image token). Options are named as
+    in ``attention_mask``, and the result equals
+    ``F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask(...)[:n, :n], scale=scale)``.
     """
+    n = _check(q, k, v, text_len, fmap)
     if attn_type in ("axial_row", "axial_col"):
-        return axial_attention(q, k, v, text_len, fmap, axis=attn_type[len("axial_") :], scale=scale)
-    if attn_type == "conv_like":
-        return conv_like_attention(q, k, v, text_len, fmap, kernel_size=kernel_size, dilation=dilation, scale=scale)
-    if attn_type == "sparse":
-        return block_sparse_attention(
-            q, k, v, text_len, fmap, block_size=sparse_block_size, num_local_blocks=sparse_num_local_blocks,
-            num_random_blocks=sparse_num_random_blocks, seed=sparse_seed, scale=scale,
-        )  # fmt: skip
-    raise ValueError(f"attn_type must be one of {SPARSE_TYPES} for a fast kernel, got {attn_type!r}")
+        plan = axial_plan(text_len, fmap, n, attn_type[len("axial_") :])
+    elif attn_type == "conv_like":
+        plan = conv_like_plan(text_len, fmap, n, kernel_size, dilation)
+    elif attn_type == "sparse":
+        plan = block_sparse_plan(
+            text_len, fmap, n, sparse_block_size, sparse_num_local_blocks, sparse_num_random_blocks, sparse_seed
+        )
+    else:
+        raise ValueError(f"attn_type must be one of {SPARSE_TYPES} for a fast kernel, got {attn_type!r}")
+    return planned_attention(q, k, v, plan, scale=scale)
 
 
 @dataclass(frozen=True)

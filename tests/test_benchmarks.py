@@ -38,6 +38,7 @@ def test_quick_run_prints_one_json_line_per_measurement(tmp_path):
     matmul, train = lines
     assert matmul["matmul_gflops"] > 0 and matmul["bandwidth_gbs"] > 0
     assert 0 < train["mfu"] < 2 and train["tokens_per_s"] > 0 and "6 * W_transformer" in train["flops_formula"]
+    assert train["cpu_median_s"] > 0 and 0 < train["mfu_cpu"] < 2 and train["load_average_1m"] >= 0
     assert train["achieved_gflops"] == pytest.approx(train["train_flops"] / train["median_s"] / 1e9, rel=1e-3)
     assert "| dalle_train_full |" in table.read_text() and "n/a (--quick)" in table.read_text()
 
@@ -66,6 +67,7 @@ def test_time_repeats_statistics_and_budget():
     stats = time_repeats(lambda: calls.append(time.sleep(0.01)), device=torch.device("cpu"), warmup=1, repeats=3)
     assert len(calls) == 4 and stats["repeats"] == 3
     assert 0.009 < stats["min_s"] <= stats["median_s"] <= stats["max_s"]
+    assert 0 <= stats["cpu_median_s"] < 0.005  # sleeping costs no CPU time
     # a warm-up longer than the budget is taken as the only sample
     long = time_repeats(lambda: time.sleep(0.02), device=torch.device("cpu"), warmup=1, repeats=5, budget_s=0.01)
     assert long["repeats"] == 1 and long["warmup_reused"]
@@ -122,10 +124,12 @@ def test_sparse_masks_count_fewer_pairs_and_cached_steps_fewer_flops():
 
 
 def test_derived_figures_and_targets():
-    earlier = {"matmul": {"matmul_gflops": 100.0, "bandwidth_gbs": 10.0}, "long_full": {"median_s": 3.0}}
-    train = report.derive("dalle_train_full", {"median_s": 0.5, "train_flops": 40e9, "items": 768,
-                                               "item_name": "tokens"}, earlier)  # fmt: skip
+    earlier = {"matmul": {"matmul_gflops": 100.0, "bandwidth_gbs": 10.0, "gflops_per_cpu_s": 50.0},
+               "long_full": {"median_s": 3.0}}  # fmt: skip
+    train = report.derive("dalle_train_full", {"median_s": 0.5, "cpu_median_s": 2.0, "train_flops": 40e9,
+                                               "items": 768, "item_name": "tokens"}, earlier)  # fmt: skip
     assert train["mfu"] == pytest.approx(0.8) and train["tokens_per_s"] == pytest.approx(1536)
+    assert train["mfu_cpu"] == pytest.approx(0.4)
     gen = report.derive("gen_full_256_cached", {"median_s": 2.0, "matmul_flops": 1e9, "ms_per_token_step": 3.0,
                                                 "step_matmul_flops": 1e8, "step_bytes": 2e7}, earlier)  # fmt: skip
     assert gen["step_matmul_ms"] == pytest.approx(1.0) and gen["step_roofline_ms"] == pytest.approx(2.0)
@@ -137,3 +141,18 @@ def test_derived_figures_and_targets():
     assert met["dalle_train_full"] is True and met["gen_full_256_cached"] is True and met["long_sparse"] is True
     assert met["long_axial_row"] is None  # not measured
     assert all(row["met"] is None for row in report.check_targets(results, quick=True))
+
+
+def test_report_from_an_earlier_results_file(tmp_path):
+    from benchmarks.run import main
+
+    results = tmp_path / "results.jsonl"
+    lines = [{"name": "matmul", "median_s": 1.0, "matmul_gflops": 100.0, "bandwidth_gbs": 10.0, "gflops_by_size": {}},
+             {"name": "dalle_train_full", "median_s": 0.5, "min_s": 0.4, "max_s": 0.6, "train_flops": 30e9,
+              "items": 768, "item_name": "tokens", "peak_rss_mb": 500.0}]  # fmt: skip
+    results.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    table = tmp_path / "table.md"
+    assert main(["--from", str(results), "--markdown", str(table)]) == 0
+    text = table.read_text()
+    assert "| dalle_train_full | 0.5 (0.4-0.6) | 1536 tokens/s, MFU 60.0%" in text
+    assert "MFU >= 60% | mfu = 0.6 (best repeat 0.75) | yes |" in text

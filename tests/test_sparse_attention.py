@@ -60,6 +60,29 @@ def test_fast_kernel_equals_sdpa_with_the_dense_mask(case, text_len, fmap):
             torch.testing.assert_close(g, e, msg=lambda m, n=n, x=name_: f"{x} at n={n}: {m}")
 
 
+@pytest.mark.parametrize(
+    "text_len, fmap, options",
+    [
+        (17, 12, dict(sparse_block_size=16, sparse_num_local_blocks=4, sparse_num_random_blocks=2)),  # defaults
+        (5, 10, dict(sparse_block_size=4, sparse_num_local_blocks=1, sparse_num_random_blocks=3, sparse_seed=5)),
+    ],
+)
+def test_sparse_random_blocks_band_including_queries_without_random_blocks(text_len, fmap, options):
+    full = text_len + fmap * fmap
+    plan = block_sparse_plan(
+        text_len, fmap, full - 1, options["sparse_block_size"], options["sparse_num_local_blocks"],
+        options["sparse_num_random_blocks"], options.get("sparse_seed", 0),
+    )  # fmt: skip
+    gathered = [band for band in plan.bands if not isinstance(band, Window)]
+    assert gathered and not gathered[0].mask.any(-1).all()  # a gathered band, with rows that see none of it
+    generator = torch.Generator().manual_seed(fmap)
+    for n in (full - 1, full, full - fmap - 3):
+        q, k, v = torch.randn(3, 2, 2, n, 8, dtype=torch.float64, generator=generator)
+        expected, got = _reference_and_fast("sparse", options, q, k, v, text_len, fmap)
+        for e, g in zip(expected, got):
+            torch.testing.assert_close(g, e)
+
+
 @pytest.mark.parametrize("attn_type", ["axial_row", "axial_col", "conv_like", "sparse"])
 def test_float32_with_a_custom_scale_and_the_dalle_text_length(attn_type):
     # 17 text positions (16 tokens + BOS) on a 6 x 6 grid; DALLE's input stops one token short
@@ -91,16 +114,18 @@ PLANS = [
 @pytest.mark.parametrize("plan", PLANS)
 def test_plans_tile_every_later_position_once_and_window_pieces_never_overlap(plan):
     n = 20
-    t, i = torch.arange(plan.num_tiles)[:, None], torch.arange(plan.tile_len)[None, :]
-    queries = (t * plan.tile_step + i * plan.query_step).flatten()
-    assert sorted(queries.tolist()) == list(range(plan.region_len))  # each padded region position once
     assert plan.region_len >= n - plan.prefix_len
     for band in plan.bands:
+        tiling = band.tiling
+        t, i = torch.arange(tiling.num_tiles)[:, None], torch.arange(tiling.tile_len)[None, :]
+        queries = (t * tiling.tile_step + i * tiling.query_step).flatten()
+        assert sorted(queries.tolist()) == list(range(plan.region_len))  # each padded region position once
+        assert band.mask is None or band.mask.shape[-2:] == (tiling.tile_len, band.mask.shape[-1])
         if isinstance(band, Window):  # the backward adds each piece's gradients in place
             assert plan.front + band.start >= 0 and band.length % band.piece == 0
             for first in range(0, band.length, band.piece):
                 j = torch.arange(first, first + band.piece)[None, :]
-                keys = (band.start + t * plan.tile_step + j * band.key_step).flatten()
+                keys = (band.start + t * tiling.tile_step + j * band.key_step).flatten()
                 assert keys.unique().numel() == keys.numel()
 
 
@@ -108,8 +133,8 @@ def test_sparse_bands_are_few_keys_per_query():
     plan = block_sparse_plan(257, 32, 257 + 1023, 16, 4, 2, 0)
     assert plan.prefix_len == 17 * 16  # the blocks holding text
     window, gathered = plan.bands
-    assert window.length == (3 + plan.tile_len // 16) * 16  # 3 local blocks before the tile + its own
-    assert gathered.block_index.shape[1] <= 2 * plan.tile_len // 16  # 2 random blocks per block of the tile
+    assert window.length == (3 + window.tiling.tile_len // 16) * 16  # 3 local blocks before the tile + its own
+    assert gathered.tiling.tile_len == 16 and gathered.block_index.shape[1] <= 2  # a block's random blocks
 
 
 def test_bad_input():
@@ -123,7 +148,7 @@ def test_bad_input():
     with pytest.raises(ValueError, match="kernel_size"):
         pattern_attention("conv_like", q, q, q, 1, 3, kernel_size=2)
     with pytest.raises(ValueError, match="axis"):
-        sparse_attention.axial_attention(q, q, q, 1, 3, axis="diagonal")
+        axial_plan(1, 3, 10, "diagonal")
     assert fast_path_available(torch.device("cpu"))
     assert not fast_path_available(torch.device("cpu"), dropout_p=0.1)
     assert not fast_path_available(torch.device("meta"))

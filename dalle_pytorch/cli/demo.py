@@ -52,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=N",
         help=f"override training steps, KEY in {sorted(STEP_KEYS)}; clip=N > 0 turns on CLIP reranking",
     )
+    parser.add_argument(*_flag("--train_images"), dest="train_images", type=int, help="number of training images")
     parser.add_argument(*_flag("--samples"), dest="samples", type=int, help="samples per prompt")
     parser.add_argument(*_flag("--clip_candidates"), dest="clip_candidates", type=int,
                         help="candidates per sample for CLIP to choose from (needs clip steps > 0)")  # fmt: skip
@@ -85,14 +86,14 @@ def format_report(report: dict) -> str:
     for group, name in (("seen", "seen pairs"), ("heldout", "held-out pairs"), ("overall", "all pairs")):
         lines.append(line(f"{name} ({fidelity[group]['num_images']} images)", fidelity[group]))
     lines.append(line("chance", fidelity["chance"]))
-    recon, seconds = report["vae_reconstruction"], report["seconds"]
+    recon, seconds, cpu = report["vae_reconstruction"], report["seconds"], report["cpu_seconds"]
     lines += [
         "",
         f"shape judge accuracy on unseen ground truth: {report['shape_classifier_accuracy']:.1%}",
         f"judge on VAE reconstructions of ground truth: colour {_rate(recon['colour_match'])}, "
         f"shape {_rate(recon['shape_match'])}, both {_rate(recon['both_match'])}",
-        "time: " + ", ".join(f"{name} {value:.0f} s" for name, value in seconds.items())
-        + f"; CPU {report['cpu_seconds']:.0f} s ({report['torch_threads']} torch threads, {report['device']})",
+        "seconds (wall / CPU): " + ", ".join(f"{name} {value:.0f}/{cpu[name]:.0f}" for name, value in seconds.items())
+        + f" ({report['torch_threads']} torch threads, {report['device']})",
     ]  # fmt: skip
     return "\n".join(lines)
 
@@ -101,13 +102,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     config = FAST_CONFIG if args.fast else DEFAULT_CONFIG
     overrides = dict(args.steps)
-    if overrides.get("clip_steps", 0) > 0 and args.clip_candidates is None and config.candidates_per_sample == 1:
-        overrides["candidates_per_sample"] = 4
-    for flag, field in (("samples", "samples_per_prompt"), ("clip_candidates", "candidates_per_sample"),
-                        ("cond_scale", "cond_scale"), ("temperature", "temperature"),
-                        ("filter_thres", "filter_thres")):  # fmt: skip
+    if "clip_steps" in overrides and args.clip_candidates is None:
+        # CLIP ranks candidates; without CLIP there is nothing to rank them with
+        overrides["candidates_per_sample"] = 1 if overrides["clip_steps"] == 0 else max(4, config.candidates_per_sample)
+    renamed = {"train_images": "num_train_images", "samples": "samples_per_prompt",
+               "clip_candidates": "candidates_per_sample"}  # fmt: skip
+    for flag in ("train_images", "samples", "clip_candidates", "cond_scale", "temperature", "filter_thres"):
         if getattr(args, flag) is not None:
-            overrides[field] = getattr(args, flag)
+            overrides[renamed.get(flag, flag)] = getattr(args, flag)
     try:
         config = dataclasses.replace(config, seed=args.seed, **overrides)
     except (TypeError, ValueError) as error:
