@@ -135,13 +135,16 @@ def markdown(results: dict[str, dict], command: str, quick: bool = False) -> str
     first = next((r for r in results.values() if "torch" in r), {})
     lines += [f"torch {first.get('torch')}, {first.get('threads')} threads, device {first.get('device')}. "
               "*load*: the 1-minute load average at the end of the measurement, its own threads included;"
-              " much above the thread count means other programs shared the cores and slowed it.", ""]  # fmt: skip
-    lines += ["| measurement | median s (min-max) | figures | peak RSS MB | load |", "|---|---|---|---|---|"]
+              " much above the thread count means other programs shared the cores. *cores busy*: CPU time /"
+              " wall time; near 1 with 2 threads means one thread mostly waited for the other.", ""]  # fmt: skip
+    lines += ["| measurement | median s (min-max) | figures | peak RSS MB | load, cores busy |", "|---" * 5 + "|"]
     for name, result in results.items():
         spread = f"{_fmt(result.get('median_s'))} ({_fmt(result.get('min_s'))}-{_fmt(result.get('max_s'))})"
         if result.get("extrapolated"):
             spread = f"{_fmt(result.get('median_s'))} (extrapolated)"
         load = _fmt(result.get("load_average_1m"))
+        if result.get("cpu_median_s") and result.get("median_s"):
+            load += f", {result['cpu_median_s'] / result['median_s']:.2f}"
         lines.append(f"| {name} | {spread} | {headline(result)} | {_fmt(result.get('peak_rss_mb'), 4)} | {load} |")
     lines += ["", "| target | measured | met |", "|---|---|---|"]
     for row in check_targets(results, quick):
