@@ -22,7 +22,14 @@ import torch
 from dalle_pytorch._version import __version__
 from dalle_pytorch.checkpoint import CONFIG_NAME, load_pretrained
 from dalle_pytorch.download import DownloadError
-from dalle_pytorch.training import LR_SCHEDULES, PRECISIONS, NonFiniteLossError, TrainingInterrupted
+from dalle_pytorch.training import (
+    LR_SCHEDULES,
+    PRECISIONS,
+    NonFiniteLossError,
+    Trainer,
+    TrainingInterrupted,
+    TrainingSettings,
+)
 from dalle_pytorch.training_state import TRAINING_STATE_NAME, CheckpointManager
 
 ARGS_NAME = "args.json"
@@ -359,3 +366,29 @@ def run_main(prog: str, run: Callable[[list[str] | None], Any], argv: list[str] 
     except (ValueError, OSError, ImportError, DownloadError) as error:
         print(f"{prog}: error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def fit(
+    tool: str,
+    args: argparse.Namespace,
+    model: Any,
+    data: Any,
+    loss_fn: Callable,
+    ctx: Any,
+    *,
+    seed: int,
+    on_sample: Callable | None,
+    resume_from: Path | None,
+    **args_json_extra: Any,
+):
+    """The tail every training tool shares: build the trainer, resume from `resume_from` when given,
+    write args.json on the main process, and train. `args_json_extra` may override args.json's
+    `resumed_from` (a fine-tuning run names the checkpoint it started from without resuming it)."""
+    settings = TrainingSettings.from_args(args, seed=seed, run_config=vars(args))
+    trainer = Trainer(model, data, loss_fn, settings, ctx, on_sample=on_sample)
+    if resume_from is not None:
+        trainer.resume(resume_from)
+    if ctx.is_main:
+        args_json_extra.setdefault("resumed_from", str(resume_from) if resume_from is not None else None)
+        write_args_json(args.output_dir, tool, args, seed=seed, **args_json_extra)
+    return trainer.fit()

@@ -23,19 +23,19 @@ from dalle_pytorch.cli.common import (
     add_training_args,
     build_tokenizer,
     choose_seed,
+    fit,
     resolve_checkpoint,
     resume_dir,
     run_main,
     seed_everything,
     tokenizer_spec_for,
-    write_args_json,
 )
 from dalle_pytorch.clip import CLIP
 from dalle_pytorch.data import TextImageDataset
 from dalle_pytorch.data_order import IndexedBatches, StreamingBatches
 from dalle_pytorch.distributed import init_distributed, shutdown_distributed
 from dalle_pytorch.run_logging import RunLogger
-from dalle_pytorch.training import Trainer, TrainingSettings, TrainResult
+from dalle_pytorch.training import TrainResult
 from dalle_pytorch.training_state import TRAINING_STATE_NAME
 
 PROG = "dalle-train-clip"
@@ -154,20 +154,19 @@ def run(argv: list[str] | None = None) -> TrainResult:
             hits = similarity.argmax(dim=1) == torch.arange(len(text), device=similarity.device)
             logger.log(step, {"batch_retrieval_accuracy": hits.float().mean().item()})
 
-        settings = TrainingSettings.from_args(args, seed=seed, run_config=vars(args))
-        trainer = Trainer(clip, data, loss_fn, settings, ctx, on_sample=on_sample)
-        if resuming:
-            trainer.resume(start)
-        if ctx.is_main:
-            write_args_json(
-                args.output_dir,
-                PROG,
-                args,
-                seed=seed,
-                tokenizer=spec,
-                resumed_from=str(start) if start is not None else None,
-            )
-        return trainer.fit()
+        return fit(
+            PROG,
+            args,
+            clip,
+            data,
+            loss_fn,
+            ctx,
+            seed=seed,
+            on_sample=on_sample,
+            resume_from=start if resuming else None,
+            tokenizer=spec,
+            resumed_from=str(start) if start is not None else None,
+        )
     finally:
         shutdown_distributed()
 

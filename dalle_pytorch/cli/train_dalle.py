@@ -30,20 +30,20 @@ from dalle_pytorch.cli.common import (
     add_vae_args,
     build_tokenizer,
     choose_seed,
+    fit,
     load_vae,
     resolve_checkpoint,
     resume_dir,
     run_main,
     seed_everything,
     tokenizer_spec_for,
-    write_args_json,
 )
 from dalle_pytorch.dalle import DALLE
 from dalle_pytorch.data import TextImageDataset
 from dalle_pytorch.data_order import IndexedBatches, SeededDataset, StreamingBatches, derive_seed
 from dalle_pytorch.distributed import DistributedContext, gather_strided, init_distributed, shutdown_distributed
 from dalle_pytorch.run_logging import RunLogger
-from dalle_pytorch.training import Trainer, TrainingSettings, TrainResult
+from dalle_pytorch.training import TrainResult
 from dalle_pytorch.training_state import TRAINING_STATE_NAME
 
 PROG = "dalle-train"
@@ -265,20 +265,19 @@ def run(argv: list[str] | None = None) -> TrainResult:
             caption = tokenizer.decode([int(t) for t in text[0] if t != 0])
             logger.log_images(step, "samples", image, [caption])
 
-        settings = TrainingSettings.from_args(args, seed=seed, run_config=vars(args))
-        trainer = Trainer(dalle, data, loss_fn, settings, ctx, on_sample=on_sample)
-        if resuming:
-            trainer.resume(start)
-        if ctx.is_main:
-            write_args_json(
-                args.output_dir,
-                PROG,
-                args,
-                seed=seed,
-                tokenizer=spec,
-                resumed_from=str(start) if start is not None else None,
-            )
-        return trainer.fit()
+        return fit(
+            PROG,
+            args,
+            dalle,
+            data,
+            loss_fn,
+            ctx,
+            seed=seed,
+            on_sample=on_sample,
+            resume_from=start if resuming else None,
+            tokenizer=spec,
+            resumed_from=str(start) if start is not None else None,
+        )
     finally:
         shutdown_distributed()
 

@@ -27,16 +27,16 @@ from dalle_pytorch.cli.common import (
     add_arg,
     add_training_args,
     choose_seed,
+    fit,
     resume_dir,
     run_main,
     seed_everything,
-    write_args_json,
 )
 from dalle_pytorch.data import IMAGE_EXTENSIONS, SAMPLE_ERRORS, SkipLog, open_image, preprocess_image, reason_for
 from dalle_pytorch.data_order import IndexedBatches
 from dalle_pytorch.distributed import init_distributed, shutdown_distributed
 from dalle_pytorch.run_logging import RunLogger
-from dalle_pytorch.training import Trainer, TrainingSettings, TrainResult
+from dalle_pytorch.training import TrainResult
 from dalle_pytorch.vae import DiscreteVAE
 
 PROG = "dalle-train-vae"
@@ -165,13 +165,7 @@ def run(argv: list[str] | None = None) -> TrainResult:
             reconstructions = model.decode(codes[:count]).clamp(0, 1)
             logger.log_images(step, "reconstructions", torch.cat([images[:count], reconstructions]), nrow=count)
 
-        settings = TrainingSettings.from_args(args, seed=seed, run_config=vars(args))
-        trainer = Trainer(vae, data, loss_fn, settings, ctx, on_sample=on_sample)
-        if checkpoint is not None:
-            trainer.resume(checkpoint)
-        if ctx.is_main:
-            write_args_json(args.output_dir, PROG, args, seed=seed, resumed_from=checkpoint and str(checkpoint))
-        return trainer.fit()
+        return fit(PROG, args, vae, data, loss_fn, ctx, seed=seed, on_sample=on_sample, resume_from=checkpoint)
     finally:
         shutdown_distributed()
 
