@@ -146,12 +146,41 @@ def rotate_half(x: Tensor) -> Tensor:
 
 
 def apply_rotary(angles: Tensor, x: Tensor) -> Tensor:
-    """Rotate the first ``angles.shape[-1]`` features of x (b, h, n, d) by angles (n, r); the rest pass."""
+    """Rotate the first ``angles.shape[-1]`` features of x (b, h, n, d) by angles (n, r); the rest pass.
+
+    The reference definition; models use the precomputed tables of :func:`rotary_tables` with :func:`rotate`.
+    """
     rot_dim = angles.shape[-1]
     x_rot, x_pass = x[..., :rot_dim], x[..., rot_dim:]
     angles = angles.to(x.dtype)
     x_rot = x_rot * angles.cos() + rotate_half(x_rot) * angles.sin()
     return torch.cat((x_rot, x_pass), dim=-1)
+
+
+def rotary_tables(angles: Tensor, dim_head: int) -> tuple[Tensor, Tensor]:
+    """Angles (n, r) -> (cos, signed sin), each (n, dim_head), for :func:`rotate`.
+
+    The features past ``r`` get cos 1 and sin 0 so they pass unchanged without slicing; the sin of the first
+    feature of every pair is negated so that a rotation is ``x * cos + swap_pairs(x) * sin``.
+    """
+    n, rot_dim = angles.shape
+    if rot_dim > dim_head or rot_dim % 2:
+        raise ValueError(f"angles must have an even number of features <= dim_head={dim_head}, got {rot_dim}")
+    cos = torch.ones(n, dim_head, dtype=angles.dtype, device=angles.device)
+    sin = torch.zeros(n, dim_head, dtype=angles.dtype, device=angles.device)
+    cos[:, :rot_dim] = angles.cos()
+    sign = torch.tensor([-1.0, 1.0], dtype=angles.dtype, device=angles.device).repeat(rot_dim // 2)
+    sin[:, :rot_dim] = angles.sin() * sign
+    return cos, sin
+
+
+def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotary position embedding of x (..., n, d) with tables (n, d) from :func:`rotary_tables`."""
+    if x.shape[-1] % 2:  # an odd head dim: the last feature is never rotated (cos 1, sin 0)
+        return torch.cat((rotate(x[..., :-1], cos[..., :-1], sin[..., :-1]), x[..., -1:]), dim=-1)
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # no-ops unless running in reduced precision
+    swapped = x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)  # pairs (x1, x2) -> (x2, x1)
+    return torch.addcmul(x * cos, swapped, sin)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -179,13 +208,14 @@ class Attention(nn.Module):
         mask: Tensor | None = None,
         *,
         causal: bool = False,
-        rotary: Tensor | None = None,
+        rotary: tuple[Tensor, Tensor] | None = None,
         cache=None,
         cache_key=None,
         pattern: SparsePattern | None = None,
     ) -> Tensor:
         """x: (b, n, dim). mask: bool, broadcastable to (b, h, n, keys), True = may attend.
 
+        ``rotary``: (cos, sin) tables (n, dim_head) of x's positions, from :func:`rotary_tables`.
         ``causal`` asks for a plain causal mask (a faster kernel path) and may not be combined with ``mask``.
         With ``cache`` (a :class:`~dalle_pytorch.transformer.DecodingCache`), keys and values of x are
         appended to those of earlier positions and the queries of x attend to all of them.
@@ -193,9 +223,13 @@ class Attention(nn.Module):
         without a cache) computes the same attention as ``mask`` with a kernel that skips what the mask
         hides; where that kernel cannot run (see ``SparsePattern.supports``), ``mask`` is used.
         """
-        q, k, v = rearrange(self.to_qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.heads)
+        qkv = rearrange(self.to_qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.heads)
         if rotary is not None:
-            q, k = apply_rotary(rotary, q), apply_rotary(rotary, k)
+            # queries and keys in one go: (2, b, h, n, d)
+            q, k = rotate(qkv[:2], *rotary).unbind(0)
+            v = qkv[2]
+        else:
+            q, k, v = qkv.unbind(0)
         if cache is not None:
             k = cache.append((cache_key, "k"), k)
             v = cache.append((cache_key, "v"), v)

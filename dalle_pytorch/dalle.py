@@ -263,8 +263,9 @@ class DALLE(PretrainedMixin, nn.Module):
 
         if not return_loss:
             return self._full_logits(text_logits, image_logits)
-        loss_text = F.cross_entropy(text_logits.transpose(1, 2), text_ids)
-        loss_image = F.cross_entropy(image_logits.transpose(1, 2), codes)
+        # (b * n, vocab) rows: the layout the loss kernel reads fastest
+        loss_text = F.cross_entropy(text_logits.flatten(0, 1), text_ids.flatten())
+        loss_image = F.cross_entropy(image_logits.flatten(0, 1), codes.flatten())
         return (loss_text + self.loss_img_weight * loss_image) / (self.loss_img_weight + 1)
 
     def _full_logits(self, text_logits: Tensor, image_logits: Tensor | None) -> Tensor:

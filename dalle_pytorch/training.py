@@ -65,6 +65,20 @@ LossFn = Callable[[nn.Module, Any, int], "Tensor | tuple[Tensor, dict[str, float
 SampleFn = Callable[[int, nn.Module, Any, RunLogger], None]
 
 
+
+def make_adamw(params: list[torch.Tensor], *, fused: bool = True, **options) -> torch.optim.AdamW:
+    """AdamW, with the fused single-kernel step where torch has it for these parameters (CPU and CUDA
+    floating point; several times faster than the per-tensor loop on CPU), else the default implementation.
+    Both compute the same update up to rounding."""
+    kinds = {(p.device.type, p.dtype) for p in params}
+    fusable = fused and all(device in ("cpu", "cuda") and dtype.is_floating_point for device, dtype in kinds)
+    if fusable:
+        try:
+            return torch.optim.AdamW(params, fused=True, **options)
+        except (RuntimeError, TypeError, ValueError):  # an older torch or an unsupported dtype/device
+            pass
+    return torch.optim.AdamW(params, **options)
+
 class NonFiniteLossError(RuntimeError):
     """The loss or the gradients were NaN/inf for too many optimizer steps in a row."""
 
@@ -127,7 +141,10 @@ class Trainer:
         self.params = [p for p in model.parameters() if p.requires_grad]
         if not self.params:
             raise ValueError("the model has no trainable parameters")
-        self.optimizer = torch.optim.AdamW(self.params, lr=settings.learning_rate, weight_decay=settings.weight_decay)
+        self.optimizer = make_adamw(
+            self.params, lr=settings.learning_rate, weight_decay=settings.weight_decay,
+            fused=settings.precision != "fp16",
+        )  # fmt: skip
         per_epoch = data.batches_per_epoch
         self.total_steps = settings.max_steps or (
             settings.epochs * -(-per_epoch // settings.ga_steps) if per_epoch is not None else None

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dalle_pytorch.attention import ATTENTION_TYPES, Attention, attention_mask
+from dalle_pytorch.attention import ATTENTION_TYPES, Attention, attention_mask, rotary_tables
 from dalle_pytorch.reversible import ReversibleSequence
 from dalle_pytorch.sparse_attention import SparsePattern
 
@@ -82,6 +82,25 @@ def token_shift_sources(text_len: int, fmap: int) -> Tensor:
     return torch.stack((first, second), dim=-1)
 
 
+def token_shift_source(position: int, text_len: int, fmap: int) -> tuple[int, int]:
+    """Row ``position`` of :func:`token_shift_sources` as Python ints: the one-token decoding step needs
+    no index tensors (and no device synchronisation to read them)."""
+    grid = position - text_len
+    if grid < 0:
+        return position - 1, position
+    return (position - 1 if grid % fmap > 0 else -1), (position - fmap if grid >= fmap else -1)
+
+
+def shift_one_token(history: Tensor, first: int, second: int) -> Tensor:
+    """:func:`shift_tokens` for the last position of history (b, end, d) alone, sources given as ints: (b, 1, d)."""
+    group = history.shape[-1] // 4
+    own = history[:, -1:]
+    zeros = own.new_zeros(own.shape[0], 1, group)
+    first_part = history[:, first : first + 1, :group] if first >= 0 else zeros
+    second_part = history[:, second : second + 1, group : 2 * group] if second >= 0 else zeros
+    return torch.cat((first_part, second_part, own[..., 2 * group :]), dim=-1)
+
+
 def shift_tokens(history: Tensor, sources: Tensor) -> Tensor:
     """Token shift of the last ``len(sources)`` positions of history (b, end, d): returns (b, n_new, d)."""
     dim = history.shape[-1]
@@ -132,7 +151,8 @@ class Sublayer(nn.Module):
         if self.shift:
             cache = ctx["cache"]
             history = cache.append((key, "shift"), x) if cache is not None else x
-            x = shift_tokens(history, ctx["shift_sources"])
+            step = ctx["shift_step"]
+            x = shift_one_token(history, *step) if step is not None else shift_tokens(history, ctx["shift_sources"])
         if isinstance(self.fn, Attention):
             mask, causal, pattern = ctx["masks"][ctx["layer_types"][key[0]]]
             x = self.fn(
@@ -233,7 +253,9 @@ class Transformer(nn.Module):
         self.shift = shift_tokens
         self.rotary = rotary_emb
         if rotary_emb:
-            self.register_buffer("rotary_angles", rotary_angles(text_len, fmap, dim_head), persistent=False)
+            cos, sin = rotary_tables(rotary_angles(text_len, fmap, dim_head), dim_head)
+            self.register_buffer("rotary_cos", cos, persistent=False)
+            self.register_buffer("rotary_sin", sin, persistent=False)
 
     def _masks(self, start: int, end: int, cached: bool) -> dict:
         """Per attention type: (mask or None, causal flag, fast pattern or None) for queries [start, end)
@@ -263,8 +285,11 @@ class Transformer(nn.Module):
             "cache": cache,
             "masks": self._masks(start, end, cached=cache is not None),
             "layer_types": self.layer_types,
-            "rotary": self.rotary_angles[start:end] if self.rotary else None,
+            "rotary": (self.rotary_cos[start:end], self.rotary_sin[start:end]) if self.rotary else None,
             "shift_sources": self.shift_sources[start:end],
+            "shift_step": (
+                token_shift_source(start, self.text_len, self.fmap) if cache is not None and end - start == 1 else None
+            ),
         }
         if self.reversible:
             x = self.reversible_stack(x, ctx, use_checkpointing=torch.is_grad_enabled() and cache is None)

@@ -20,11 +20,13 @@ def _loss_and_grads(dalle, checkpointing: bool, monkeypatch, seed: int = 3):
     return loss.detach(), {n: p.grad.clone() for n, p in dalle.named_parameters() if p.requires_grad}
 
 
-@pytest.mark.parametrize("dropout", [0.0, 0.2])
-def test_reversible_gradients_equal_plain_autograd(dropout, monkeypatch):
-    # the memory-saving backward recomputes each sublayer (replaying dropout) and must match autograd
+@pytest.mark.parametrize(("dropout", "shared_attn_ids"), [(0.0, None), (0.2, None), (0.1, (0, 1, 0))])
+def test_reversible_gradients_equal_plain_autograd(dropout, shared_attn_ids, monkeypatch):
+    # the memory-saving backward recomputes each sublayer (replaying dropout) and must match autograd;
+    # a weight shared by two layers gets the sum of both layers' gradients
     dalle = make_dalle(
-        reversible=True, depth=3, attn_dropout=dropout, ff_dropout=dropout, attn_types=("full", "axial_row")
+        reversible=True, depth=3, attn_dropout=dropout, ff_dropout=dropout, attn_types=("full", "axial_row"),
+        shared_attn_ids=shared_attn_ids,
     )
     loss_fast, grads_fast = _loss_and_grads(dalle, True, monkeypatch)
     loss_ref, grads_ref = _loss_and_grads(dalle, False, monkeypatch)
@@ -47,5 +49,21 @@ def test_reversible_training_does_not_store_activations_per_layer():
             continue
         names.add(n)
         stack.extend(f for f, _ in n.next_functions)
-    assert any("ReversibleFunction" in type(n).__name__ for n in names)
+    assert any("ReversibleLayer" in type(n).__name__ for n in names)
     assert not any("ScaledDotProduct" in type(n).__name__ for n in names)
+
+
+def test_reversible_gradients_through_autograd_grad_and_repeated_backward():
+    # the gradients are returned through autograd (not written to .grad behind its back), so
+    # torch.autograd.grad sees them, and retain_graph allows a second identical backward
+    dalle = make_dalle(reversible=True, depth=2)
+    params = [p for p in dalle.parameters() if p.requires_grad]
+    torch.manual_seed(0)
+    loss = dalle(random_text(2), random_images(2), return_loss=True)
+    first = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+    second = torch.autograd.grad(loss, params, allow_unused=True)
+    assert all(p.grad is None for p in params)
+    assert sum(g is not None for g in first) > len(params) // 2
+    for a, b in zip(first, second):
+        if a is not None:
+            torch.testing.assert_close(a, b)

@@ -1,0 +1,77 @@
+"""Token shift and rotary positions: the pure helpers of transformer.py, and their fast forms equal the reference."""
+
+import pytest
+import torch
+
+from dalle_pytorch.attention import apply_rotary, rotary_tables, rotate
+from dalle_pytorch.transformer import (
+    rotary_angles,
+    shift_one_token,
+    shift_tokens,
+    token_shift_source,
+    token_shift_sources,
+)
+
+
+def test_token_shift_sources_by_hand():
+    # text_len 2 (BOS + one text token), 2x2 image grid: positions 2 3 / 4 5
+    expected = [
+        (-1, 0),  # BOS: nothing before it, keeps its own second group
+        (0, 1),  # text: previous token, keeps its own
+        (-1, -1),  # image (0, 0): no left, no above
+        (2, -1),  # image (0, 1): left = 2, no above
+        (-1, 2),  # image (1, 0): no left, above = 2
+        (4, 3),  # image (1, 1): left = 4, above = 3
+    ]
+    assert token_shift_sources(2, 2).tolist() == [list(pair) for pair in expected]
+
+
+@pytest.mark.parametrize(("text_len", "fmap"), [(2, 2), (5, 3), (1, 4)])
+def test_one_token_shift_equals_the_reference(text_len, fmap):
+    sources = token_shift_sources(text_len, fmap)
+    history = torch.randn(2, text_len + fmap * fmap, 16)
+    for position in range(len(sources)):
+        source = token_shift_source(position, text_len, fmap)
+        assert source == tuple(sources[position].tolist())
+        fast = shift_one_token(history[:, : position + 1], *source)
+        reference = shift_tokens(history[:, : position + 1], sources[position : position + 1])
+        torch.testing.assert_close(fast, reference, rtol=0, atol=0)
+
+
+def test_shift_moves_groups_and_zeros_missing_neighbours():
+    history = torch.arange(2 * 6 * 8, dtype=torch.float).reshape(2, 6, 8)
+    shifted = shift_tokens(history, token_shift_sources(2, 2))
+    torch.testing.assert_close(shifted[:, 5, :2], history[:, 4, :2])  # from the left
+    torch.testing.assert_close(shifted[:, 5, 2:4], history[:, 3, 2:4])  # from above
+    torch.testing.assert_close(shifted[:, 5, 4:], history[:, 5, 4:])  # kept
+    assert (shifted[:, 2, :4] == 0).all()  # top-left image token has no neighbours
+    assert not torch.equal(history, torch.zeros_like(history))  # input untouched
+    assert history[0, 0, 1] == 1
+
+
+@pytest.mark.parametrize("dim_head", [12, 32, 33])
+def test_rotate_with_tables_equals_reference(dim_head):
+    angles = rotary_angles(5, 3, dim_head)
+    x = torch.randn(2, 3, angles.shape[0], dim_head)
+    cos, sin = rotary_tables(angles, dim_head)
+    torch.testing.assert_close(rotate(x, cos, sin), apply_rotary(angles, x))
+    # features past the rotated ones pass unchanged; rotations keep the norm of each pair
+    torch.testing.assert_close(rotate(x, cos, sin)[..., angles.shape[1] :], x[..., angles.shape[1] :])
+    torch.testing.assert_close(rotate(x, cos, sin).norm(dim=-1), x.norm(dim=-1))
+
+
+def test_rotary_scores_depend_on_relative_text_position():
+    angles = rotary_angles(text_len=8, fmap=1, dim_head=12)
+    cos, sin = rotary_tables(angles, 12)
+    q, k = torch.randn(12), torch.randn(12)
+    def score(i, j):
+        return rotate(q, cos[i], sin[i]) @ rotate(k, cos[j], sin[j])
+    torch.testing.assert_close(score(3, 1), score(6, 4))
+    assert not torch.allclose(score(3, 1), score(3, 2))
+
+
+def test_rotary_tables_bad_input():
+    with pytest.raises(ValueError, match="even number"):
+        rotary_tables(torch.zeros(4, 3), 8)
+    with pytest.raises(ValueError, match="dim_head"):
+        rotary_tables(torch.zeros(4, 10), 8)
