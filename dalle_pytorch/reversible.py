@@ -8,8 +8,8 @@ Each layer is a pair (f, g) of sublayers acting on two streams::
 so the inputs of every layer can be recomputed from its outputs. The backward pass walks the layers in
 reverse, recomputing each sublayer once (replaying the random state its dropout used) and back-propagating
 through it, so memory does not grow with depth: each layer is its own autograd function that saves nothing
-(the last saves its output), and hands its reconstructed input to the layer before it. Without gradients (evaluation, cached decoding) the same
-couplings run as plain code.
+(the last saves its output) and hands its reconstructed input to the layer before it. Without gradients
+(evaluation, cached decoding) the same couplings run as plain code.
 """
 
 from __future__ import annotations

@@ -104,7 +104,7 @@ clip = CLIP(
     visual_patch_size=4,
 )  # fmt: skip
 optimiser = torch.optim.AdamW(clip.parameters(), lr=1e-3)
-for step in range(200):
+for _ in range(200):
     index = torch.randint(0, len(images), (64,))
     loss = clip(text[index], images[index], return_loss=True)
     optimiser.zero_grad()
