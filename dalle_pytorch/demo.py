@@ -4,6 +4,7 @@
     -> generate for every colour x shape prompt, held-out pairs included -> judge -> grid.png, report.json
 
 Each step is a function that works on its own; :func:`run_demo` chains them and ``dalle-demo`` runs it.
+The grid and the report are drawn up by ``dalle_pytorch.demo_report``.
 
 - DALL-E (Ramesh et al. 2021, https://arxiv.org/abs/2102.12092): a discrete VAE turns images into tokens
   and a transformer learns [text | image tokens]. As in the paper, the VAE's temperature is annealed
@@ -22,24 +23,21 @@ Captions are tokenized word by word: the dataset's vocabulary is some 25 words, 
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import json
 import math
-import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from einops import rearrange
-from PIL import Image, ImageDraw, ImageFont
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from dalle_pytorch.clip import CLIP
 from dalle_pytorch.dalle import DALLE
+from dalle_pytorch.demo_report import Stopwatch, make_grid, write_grid_and_report
 from dalle_pytorch.eval import evaluate_fidelity, train_shape_classifier
 from dalle_pytorch.shapes import (
     NUM_PHRASINGS,
@@ -380,88 +378,12 @@ def generate_for_prompts(
 
 
 # ---------------------------------------------------------------------------------------------------------
-# pictures and tables
-
-
-def _font(size: int) -> ImageFont.ImageFont:
-    try:
-        return ImageFont.load_default(size=size)  # a scalable font on Pillow >= 10.1
-    except TypeError:
-        return ImageFont.load_default()
-
-
-def make_grid(rows: Sequence[tuple[str, Tensor | None]], scale: int = 2, gap: int = 2) -> Image.Image:
-    """A labelled picture: each row is ``(label, images (k, 3, h, w) in [0, 1])`` drawn left to right after its
-    label, upscaled ``scale`` times; a row with images ``None`` is a heading spanning the whole width."""
-    if not rows:
-        raise ValueError("rows must hold at least one (label, images) pair")
-    shapes = {tuple(images.shape[1:]) for _, images in rows if images is not None}
-    if len(shapes) != 1 or len(next(iter(shapes))) != 3:
-        raise ValueError(f"every row's images must be (k, 3, h, w) of one size, got sizes {shapes}")
-    _, height, width = next(iter(shapes))
-    font = _font(14)
-    text_width = lambda text: int(ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(text, font=font)) + 12
-    label_width = max(text_width(label) for label, images in rows if images is not None)
-    columns = max(len(images) for _, images in rows if images is not None)
-    cell_w, cell_h, heading_h = width * scale + gap, height * scale + gap, 24
-    canvas_width = max([label_width + columns * cell_w + gap] + [text_width(label) for label, images in rows])
-    row_heights = [heading_h if images is None else cell_h for _, images in rows]
-    canvas = Image.new("RGB", (canvas_width, sum(row_heights) + gap), (24, 24, 24))
-    draw = ImageDraw.Draw(canvas)
-    _, text_top, _, text_bottom = font.getbbox("Ag")
-    top = gap
-    for (label, images), row_height in zip(rows, row_heights):
-        draw.text((6, top + (row_height - text_bottom - text_top) // 2), label, fill=(230, 230, 230), font=font)
-        for column, image in enumerate([] if images is None else images):
-            pixels = (rearrange(image.detach().float().cpu().clamp(0, 1), "c h w -> h w c") * 255).round()
-            tile = Image.fromarray(pixels.to(torch.uint8).numpy())
-            tile = tile.resize((width * scale, height * scale), Image.NEAREST)
-            canvas.paste(tile, (label_width + column * cell_w, top))
-        top += row_height
-    return canvas
-
-
-def _json_ready(value):
-    """NaN becomes null: report.json stays strict JSON."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {key: _json_ready(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_ready(item) for item in value]
-    return value
-
-
-# ---------------------------------------------------------------------------------------------------------
 # the whole pipeline
 
 
-@contextlib.contextmanager
-def _timed(wall: dict[str, float], cpu: dict[str, float], name: str) -> Iterator[None]:
-    """Record the wall-clock and CPU seconds (all threads of this process) spent inside the block."""
-    wall_start, cpu_start = time.perf_counter(), time.process_time()
-    yield
-    wall[name] = round(time.perf_counter() - wall_start, 2)
-    cpu[name] = round(time.process_time() - cpu_start, 2)
-
-
-def _grid_prompts(prompts: Sequence[ShapePrompt]) -> list[int]:
-    """Rows to show: per colour, its held-out pair and then the seen pair with the next shape (cyclically), so
-    that every shape is shown too."""
-    by_colour: dict[str, list[int]] = {}
-    for index, prompt in enumerate(prompts):
-        by_colour.setdefault(prompt.attributes.colour, []).append(index)
-    shown = []
-    for indices in by_colour.values():
-        held = [i for i in indices if prompts[i].heldout][:1]
-        start = indices.index(held[0]) + 1 if held else 0
-        following = indices[start:] + indices[:start]
-        shown += held + [i for i in following if not prompts[i].heldout][:1]
-    return shown
-
-
 def _judge_reconstructions(vae: DiscreteVAE, classifier, config: DemoConfig, count: int = 280) -> tuple[dict, Tensor]:
-    """Fidelity of VAE reconstructions of unseen ground truth of every pair: the ceiling for generation."""
+    """Fidelity of VAE reconstructions of unseen ground truth of every pair: the ceiling for generation.
+    Returns the judge's ``overall`` rates and (2, count, 3, s, s): the ground truth and its reconstructions."""
     dataset = ShapesDataset(count, "all", config.image_size, seed=config.seed + 1)
     held = set(heldout_pairs())
     samples = [dataset.sample(index) for index in range(count)]
@@ -471,7 +393,7 @@ def _judge_reconstructions(vae: DiscreteVAE, classifier, config: DemoConfig, cou
         device = next(vae.parameters()).device
         reconstructions = vae.decode(encode_images(vae, images.to(device))).clamp(0, 1).cpu()
     overall = evaluate_fidelity(reconstructions, prompts, classifier)["overall"]
-    return overall, torch.stack([images[:8], reconstructions[:8]])
+    return overall, torch.stack([images, reconstructions])
 
 
 def run_demo(
@@ -492,12 +414,11 @@ def run_demo(
     device = resolve_device(device)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    wall, cpu, cpu_start, wall_start = {}, {}, time.process_time(), time.perf_counter()
-    losses: dict[str, float] = {}
+    stopwatch, losses = Stopwatch(), {}
     rng_devices = [device.index or 0] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=rng_devices):
         torch.manual_seed(config.seed)
-        with _timed(wall, cpu, "data"):
+        with stopwatch("data"):
             data = render_training_set(config)
             kinds = set(data.attributes)
             tokenizer = build_word_tokenizer(
@@ -507,54 +428,32 @@ def run_demo(
             images = data.images.to(device)
         log(f"{len(images)} training images, {len(kinds)} kinds of sample; held-out pairs: "
             + ", ".join(f"{c} {s}" for c, s in heldout_pairs()))  # fmt: skip
-        with _timed(wall, cpu, "vae"):
+        with stopwatch("vae"):
             vae, losses["vae"] = train_vae(images, config, progress)
             codes = encode_images(vae, images)
-        with _timed(wall, cpu, "dalle"):
+        with stopwatch("dalle"):
             dalle, losses["dalle"] = train_dalle(vae, codes, text, tokenizer.vocab_size, config, progress)
         clip = None
         if config.clip_steps > 0:
-            with _timed(wall, cpu, "clip"):
+            with stopwatch("clip"):
                 clip, losses["clip"] = train_clip(images, text, tokenizer.vocab_size, config, progress)
-        with _timed(wall, cpu, "judge"):
+        with stopwatch("judge"):
             classifier, accuracy = train_shape_classifier(config.image_size, config.seed, config.classifier_steps)
-        with _timed(wall, cpu, "generation"):
+        with stopwatch("generation"):
             prompts = evaluation_prompts()
             samples = generate_for_prompts(dalle, tokenizer, prompts, config, clip, progress=progress).cpu()
-        with _timed(wall, cpu, "evaluation"):
+        with stopwatch("evaluation"):
             k = config.samples_per_prompt
             fidelity = evaluate_fidelity(
                 rearrange(samples, "p k c h w -> (p k) c h w"), [p for p in prompts for _ in range(k)], classifier
             )
-            reconstruction, originals = _judge_reconstructions(vae, classifier, config)
+            reconstruction, reconstructions = _judge_reconstructions(vae, classifier, config)
 
-    dalle.save_pretrained(out_dir / "dalle")
-    vae.save_pretrained(out_dir / "vae")
-    if clip is not None:
-        clip.save_pretrained(out_dir / "clip")
-    both = {group: fidelity[group]["both_match"] for group in ("seen", "heldout")}
-    heading = f"DALLE samples; colour and shape right: {both['seen']:.0%} seen pairs, {both['heldout']:.0%} held out"
-    rows: list[tuple[str, Tensor | None]] = [(heading, None)]
-    for index in _grid_prompts(prompts):
-        label = prompts[index].caption + ("  (held out)" if prompts[index].heldout else "")
-        rows.append((label, samples[index, :8]))
-    rows += [("VAE: ground truth and reconstruction", None), ("ground truth", originals[0])]
-    rows += [("reconstruction", originals[1])]
-    make_grid(rows).save(out_dir / "grid.png")
-
-    report = {
-        "config": dataclasses.asdict(config),
-        "device": str(device),
-        "torch_threads": torch.get_num_threads(),
-        "seconds": {**wall, "total": round(time.perf_counter() - wall_start, 2)},
-        "cpu_seconds": {**cpu, "total": round(time.process_time() - cpu_start, 2)},
-        "final_losses": losses,
-        "shape_classifier_accuracy": accuracy,
-        "vae_reconstruction": reconstruction,
-        "fidelity": fidelity,
-        "targets": {"seen_both_match": 0.8, "heldout_both_match": 0.5},
-    }
-    report["targets"]["met"] = bool(fidelity["seen"]["both_match"] >= 0.8 and fidelity["heldout"]["both_match"] >= 0.5)
-    report = _json_ready(report)
-    (out_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    return report
+    for name, model in (("dalle", dalle), ("vae", vae), ("clip", clip)):
+        if model is not None:
+            model.save_pretrained(out_dir / name)
+    return write_grid_and_report(
+        out_dir, config=config, device=device, stopwatch=stopwatch, final_losses=losses,
+        shape_classifier_accuracy=accuracy, prompts=prompts, samples=samples, fidelity=fidelity,
+        vae_reconstruction=reconstruction, reconstructions=reconstructions,
+    )  # fmt: skip

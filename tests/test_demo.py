@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import math
 import re
 import runpy
 from pathlib import Path
@@ -15,13 +16,22 @@ from dalle_pytorch import CLIP, DALLE, DiscreteVAE
 from dalle_pytorch.cli.demo import build_parser, format_report, main
 from dalle_pytorch.demo import (
     FAST_CONFIG,
+    DemoConfig,
     build_word_tokenizer,
     caption_ids,
     generate_for_prompts,
     make_grid,
     resolve_device,
 )
-from dalle_pytorch.shapes import NUM_PHRASINGS, ShapeAttributes, caption_for, evaluation_prompts
+from dalle_pytorch.demo_report import Stopwatch, build_report, grid_rows, write_grid_and_report
+from dalle_pytorch.shapes import (
+    COLOURS,
+    DEFAULT_SHAPES,
+    NUM_PHRASINGS,
+    ShapeAttributes,
+    caption_for,
+    evaluation_prompts,
+)
 
 
 @pytest.fixture
@@ -71,6 +81,68 @@ def test_make_grid_size_and_pixels():
         make_grid([])
     with pytest.raises(ValueError, match="one size"):
         make_grid([("a", torch.zeros(1, 3, 8, 8)), ("b", torch.zeros(1, 3, 4, 4))])
+
+
+def test_grid_rows_show_each_colour_held_out_and_seen():
+    prompts = evaluation_prompts()
+    samples = torch.rand(len(prompts), 10, 3, 8, 8)
+    reconstructions = torch.rand(2, 12, 3, 8, 8)
+    fidelity = {"seen": {"both_match": 0.5}, "heldout": {"both_match": 0.25}}
+    rows = grid_rows(prompts, samples, fidelity, reconstructions)
+    assert rows[0] == ("DALLE samples; colour and shape right: 50% seen pairs, 25% held out", None)
+    assert rows[-3:-2] == [("VAE: ground truth and reconstruction", None)]
+    assert [label for label, _ in rows[-2:]] == ["ground truth", "reconstruction"]
+    assert torch.equal(rows[-2][1], reconstructions[0, :8]) and torch.equal(rows[-1][1], reconstructions[1, :8])
+    by_caption = {p.caption: (index, p) for index, p in enumerate(prompts)}
+    shown = []
+    for label, images in rows[1:-3]:
+        index, prompt = by_caption[label.removesuffix("  (held out)")]
+        assert label.endswith("(held out)") == prompt.heldout
+        assert torch.equal(images, samples[index, :8])
+        shown.append(prompt)
+    # per colour: its held-out pair, then a seen pair; together every shape appears
+    assert [p.attributes.colour for p in shown] == [c for c in COLOURS for _ in range(2)]
+    assert [p.heldout for p in shown] == [True, False] * len(COLOURS)
+    assert {p.attributes.shape for p in shown} == set(DEFAULT_SHAPES)
+    assert make_grid(rows).size[1] == 2 + 2 * 24 + (2 * len(COLOURS) + 2) * (16 + 2)
+    with pytest.raises(ValueError, match="samples"):
+        grid_rows(prompts[:-1], samples, fidelity, reconstructions)
+    with pytest.raises(ValueError, match="reconstructions"):
+        grid_rows(prompts, samples, fidelity, reconstructions[0])
+
+
+def test_report_is_strict_json_and_checks_the_targets(tmp_path):
+    stopwatch = Stopwatch()
+    with stopwatch("data"):
+        sum(range(1000))
+    fidelity = {"seen": {"both_match": 0.8}, "heldout": {"both_match": float("nan")}}
+    report = build_report(
+        FAST_CONFIG, torch.device("cpu"), stopwatch, {"vae": 0.1}, 0.99, {"both_match": 0.9}, fidelity
+    )
+    assert list(report) == [
+        "config", "device", "torch_threads", "seconds", "cpu_seconds", "final_losses", "shape_classifier_accuracy",
+        "vae_reconstruction", "fidelity", "targets",
+    ]  # fmt: skip
+    assert DemoConfig(**report["config"]) == FAST_CONFIG and report["device"] == "cpu"
+    assert list(report["seconds"]) == list(report["cpu_seconds"]) == ["data", "total"]
+    assert 0.0 <= report["seconds"]["data"] <= report["seconds"]["total"]
+    assert report["fidelity"]["heldout"]["both_match"] is None  # NaN -> null
+    assert math.isnan(fidelity["heldout"]["both_match"])  # the input is left as it was
+    json.dumps(report, allow_nan=False)
+    assert report["targets"] == {"seen_both_match": 0.8, "heldout_both_match": 0.5, "met": False}
+    fidelity["heldout"]["both_match"] = 0.5
+    assert build_report(FAST_CONFIG, "cpu", stopwatch, {}, 1.0, {}, fidelity)["targets"]["met"] is True
+    fidelity["seen"]["both_match"] = 0.79
+    assert build_report(FAST_CONFIG, "cpu", stopwatch, {}, 1.0, {}, fidelity)["targets"]["met"] is False
+
+    prompts = evaluation_prompts()
+    written = write_grid_and_report(
+        tmp_path, config=FAST_CONFIG, device="cpu", stopwatch=stopwatch, final_losses={"vae": 0.1},
+        shape_classifier_accuracy=0.99, prompts=prompts, samples=torch.rand(len(prompts), 2, 3, 8, 8),
+        fidelity=fidelity, vae_reconstruction={"both_match": 0.9}, reconstructions=torch.rand(2, 8, 3, 8, 8),
+    )  # fmt: skip
+    assert json.loads((tmp_path / "report.json").read_text()) == written
+    assert Image.open(tmp_path / "grid.png").size[1] == 2 + 2 * 24 + 16 * (16 + 2)
 
 
 def test_config_validation():
