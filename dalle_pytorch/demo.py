@@ -129,8 +129,8 @@ DEFAULT_CONFIG = DemoConfig()
 FAST_CONFIG = dataclasses.replace(
     DEFAULT_CONFIG,
     num_train_images=2000,
-    vae_steps=1000,
-    dalle_steps=250,
+    vae_steps=600,
+    dalle_steps=500,
     dalle_learning_rate=3e-3,
     clip_steps=0,
     candidates_per_sample=1,

@@ -1,6 +1,6 @@
 """`dalle-demo`: train DALLE from scratch on the built-in shapes dataset and show that it understood the text.
 
-    dalle-demo                      # about 10 minutes on 2 CPU cores
+    dalle-demo                      # about 5 minutes on 2 CPU cores
     dalle-demo --fast               # about 2 minutes
     dalle-demo --steps dalle=3000 --cond_scale 3
 
