@@ -115,6 +115,30 @@ def shift_tokens(history: Tensor, sources: Tensor) -> Tensor:
     return torch.cat((*gathered, own[..., 2 * group :]), dim=-1)
 
 
+def token_shift_tables(sources: Tensor) -> Tensor:
+    """Sources (n, 2) from :func:`token_shift_sources` -> (3, n, 1) float 0/1: whether each position takes
+    group one from the previous position, group two from the position above, and keeps its own group two.
+
+    These are the only three cases, so over a whole sequence the shift is two constant offsets and masks
+    (:func:`shift_sequence`): cheap slices whose gradient is a slice too, where a gather's is a scatter-add.
+    """
+    pos = torch.arange(sources.shape[0])
+    first, second = sources.unbind(-1)
+    tables = torch.stack((first >= 0, (second >= 0) & (second != pos), second == pos))
+    return tables[..., None].float()
+
+
+def shift_sequence(x: Tensor, fmap: int, tables: Tensor) -> Tensor:
+    """:func:`shift_tokens` of all positions [0, n) of x (b, n, d), with ``tables[:, :n]`` of
+    :func:`token_shift_tables`: returns (b, n, d)."""
+    n, group = x.shape[1], x.shape[-1] // 4
+    from_left, from_above, keep_own = tables.to(x.dtype)
+    previous = F.pad(x[:, : n - 1, :group], (0, 0, 1, 0))  # position p holds x[p - 1]
+    above = F.pad(x[:, :, group : 2 * group], (0, 0, fmap, 0))[:, :n]  # position p holds x[p - fmap]
+    second = above * from_above + x[:, :, group : 2 * group] * keep_own
+    return torch.cat((previous * from_left, second, x[:, :, 2 * group :]), dim=-1)
+
+
 def rotary_angles(text_len: int, fmap: int, dim_head: int, theta: float = 10000.0) -> Tensor:
     """(n, r) rotary angles: a 1-D part for text order and 2-D axial parts for image rows and columns.
 
@@ -151,8 +175,12 @@ class Sublayer(nn.Module):
         if self.shift:
             cache = ctx["cache"]
             history = cache.append((key, "shift"), x) if cache is not None else x
-            step = ctx["shift_step"]
-            x = shift_one_token(history, *step) if step is not None else shift_tokens(history, ctx["shift_sources"])
+            if ctx["shift_step"] is not None:  # one new position of cached decoding
+                x = shift_one_token(history, *ctx["shift_step"])
+            elif ctx["shift_tables"] is not None:  # positions [0, n): training, or the prompt of decoding
+                x = shift_sequence(history, ctx["fmap"], ctx["shift_tables"])
+            else:
+                x = shift_tokens(history, ctx["shift_sources"])
         if isinstance(self.fn, Attention):
             mask, causal, pattern = ctx["masks"][ctx["layer_types"][key[0]]]
             x = self.fn(
@@ -250,6 +278,7 @@ class Transformer(nn.Module):
         options = tuple(sorted(mask_options.items()))
         self.patterns = {t: SparsePattern(t, text_len, fmap, options) for t in set(self.layer_types) if t != "full"}
         self.register_buffer("shift_sources", token_shift_sources(text_len, fmap), persistent=False)
+        self.register_buffer("shift_tables", token_shift_tables(self.shift_sources), persistent=False)
         self.shift = shift_tokens
         self.rotary = rotary_emb
         if rotary_emb:
@@ -287,6 +316,8 @@ class Transformer(nn.Module):
             "layer_types": self.layer_types,
             "rotary": (self.rotary_cos[start:end], self.rotary_sin[start:end]) if self.rotary else None,
             "shift_sources": self.shift_sources[start:end],
+            "shift_tables": self.shift_tables[:, :end] if start == 0 else None,
+            "fmap": self.fmap,
             "shift_step": (
                 token_shift_source(start, self.text_len, self.fmap) if cache is not None and end - start == 1 else None
             ),

@@ -7,9 +7,11 @@ from dalle_pytorch.attention import apply_rotary, rotary_tables, rotate
 from dalle_pytorch.transformer import (
     rotary_angles,
     shift_one_token,
+    shift_sequence,
     shift_tokens,
     token_shift_source,
     token_shift_sources,
+    token_shift_tables,
 )
 
 
@@ -36,6 +38,20 @@ def test_one_token_shift_equals_the_reference(text_len, fmap):
         fast = shift_one_token(history[:, : position + 1], *source)
         reference = shift_tokens(history[:, : position + 1], sources[position : position + 1])
         torch.testing.assert_close(fast, reference, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(("text_len", "fmap"), [(2, 2), (5, 3), (1, 4), (3, 1)])
+def test_sequence_shift_equals_the_reference_with_gradients(text_len, fmap):
+    sources = token_shift_sources(text_len, fmap)
+    tables = token_shift_tables(sources)
+    for n in range(1, len(sources) + 1):  # every prefix length: training runs all but the last position
+        x = torch.randn(2, n, 12, requires_grad=True)
+        fast, reference = shift_sequence(x, fmap, tables[:, :n]), shift_tokens(x, sources[:n])
+        torch.testing.assert_close(fast, reference, rtol=0, atol=0)
+        weights = torch.randn_like(fast)
+        (grad_fast,) = torch.autograd.grad((fast * weights).sum(), x)
+        (grad_reference,) = torch.autograd.grad((reference * weights).sum(), x)
+        torch.testing.assert_close(grad_fast, grad_reference)
 
 
 def test_shift_moves_groups_and_zeros_missing_neighbours():
