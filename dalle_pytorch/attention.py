@@ -20,6 +20,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
+from dalle_pytorch.dropout_attention import dropout_attention
+
 if TYPE_CHECKING:
     from dalle_pytorch.sparse_attention import SparsePattern
 
@@ -243,6 +245,12 @@ class Attention(nn.Module):
         dropout_p = self.dropout if self.training else 0.0
         if pattern is not None and cache is None and pattern.supports(q.device, dropout_p):
             return self.to_out(rearrange(pattern(q, k, v, scale=scale), "b h n d -> b n (h d)"))
+        if dropout_p > 0 and q.device.type == "cpu":
+            # the CPU kernel with dropout would keep (n x n) probabilities per layer for the backward pass
+            out = dropout_attention(
+                q, k, v, mask, causal=causal and mask is None, dropout_p=dropout_p, scale=scale
+            )  # fmt: skip
+            return self.to_out(rearrange(out, "b h n d -> b n (h d)"))
         out = F.scaled_dot_product_attention(
             q,
             k,

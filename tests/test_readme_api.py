@@ -38,6 +38,7 @@ def test_readme_code_small():
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # two generations of 1024 tokens with the dim 1024 / depth 12 model: ~8 min on 2 cores
 def test_readme_code_full_size():
     run_readme_code(image_size=256, num_tokens=8192, codebook_dim=512, dim=1024, text_seq_len=256, depth=12,
                     heads=16, batch=4, clip_depth=6, patch=32)  # fmt: skip

@@ -1,0 +1,121 @@
+"""Attention with dropout that keeps no (n x n) matrix for the backward pass, for the CPU.
+
+``F.scaled_dot_product_attention`` with ``dropout_p > 0`` runs, on CPU, the reference ("math") path, which
+stores the attention probabilities and the dropout mask of every layer for the backward pass: 1.3 GB per
+layer for the README's full-size DALLE (batch 4, 16 heads, 1280 positions), more than a 24 GB machine holds
+at depth 12. Here queries are processed in chunks; a layer keeps q, k, v, the output, the log-sum-exp of
+each row and one random seed, and the backward pass recomputes each chunk's probabilities and dropout mask
+(the recomputation of FlashAttention, Dao et al. 2022, https://arxiv.org/abs/2205.14135, with dropout
+replayed from the seed instead of stored).
+
+With A = dropout(P) = P * keep / (1 - p) and O = A V, the gradients are dV = A^T dO, dA = dO V^T,
+dP = dA * keep / (1 - p) and dS = P * (dP - rowsum(dO * O)) (since rowsum(dP * P) = rowsum(dO * O)).
+
+Shape letters: b batch, h heads, i query positions (a chunk: c), j key positions, d head dim.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+_CHUNK_ELEMENTS = 1 << 22  # scores per query chunk (16 MB in fp32): bounds the memory of one chunk
+
+
+def _chunk_len(q: Tensor, num_keys: int) -> int:
+    batch_heads = q.shape[0] * q.shape[1]
+    return max(1, min(q.shape[2], _CHUNK_ELEMENTS // max(1, batch_heads * num_keys)))
+
+
+def _chunk_mask(mask: Tensor | None, causal: bool, start: int, end: int, num_keys: int, device) -> Tensor | None:
+    """Boolean (..., c, j) mask of queries [start, end), True = may attend; None = all keys."""
+    if causal:  # top-left aligned, as F.scaled_dot_product_attention(is_causal=True)
+        rows = torch.arange(start, end, device=device)[:, None]
+        return torch.arange(num_keys, device=device)[None, :] <= rows
+    if mask is None:
+        return None
+    return mask[..., start:end, :] if mask.shape[-2] != 1 else mask
+
+
+def keep_mask(shape: tuple[int, ...], dropout_p: float, seed: int, chunk_index: int, device) -> Tensor:
+    """The dropout keep mask (bool, ``shape``) of one query chunk: a pure function of (seed, chunk), so the
+    backward pass draws the same one again."""
+    generator = torch.Generator(device=device).manual_seed((seed * 1_000_003 + chunk_index) % (2**63))
+    return torch.rand(shape, generator=generator, device=device) >= dropout_p
+
+
+def _probabilities(q, k, mask, causal, scale, start, end) -> tuple[Tensor, Tensor]:
+    """Scores of queries [start, end): softmax probabilities (b, h, c, j) and log-sum-exp (b, h, c)."""
+    scores = torch.matmul(q[:, :, start:end], k.transpose(-1, -2)) * scale
+    allowed = _chunk_mask(mask, causal, start, end, k.shape[2], q.device)
+    if allowed is not None:
+        scores = scores.masked_fill(~allowed, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)
+    lse = lse.masked_fill(torch.isinf(lse), 0.0)  # a row that sees no key: probabilities 0, output 0
+    return torch.exp(scores - lse[..., None]), lse
+
+
+class _DropoutAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, mask, causal: bool, dropout_p: float, scale: float, seed: int):
+        out = torch.empty_like(q)
+        lse = q.new_empty(q.shape[:3])
+        chunk = _chunk_len(q, k.shape[2])
+        for index, start in enumerate(range(0, q.shape[2], chunk)):
+            end = min(start + chunk, q.shape[2])
+            probs, lse[:, :, start:end] = _probabilities(q, k, mask, causal, scale, start, end)
+            keep = keep_mask(probs.shape, dropout_p, seed, index, q.device)
+            out[:, :, start:end] = torch.matmul(probs * keep / (1.0 - dropout_p), v)
+        ctx.save_for_backward(q, k, v, out, lse, *([mask] if mask is not None else []))
+        ctx.causal, ctx.dropout_p, ctx.scale, ctx.seed, ctx.chunk = causal, dropout_p, scale, seed, chunk
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        q, k, v, out, lse, *rest = ctx.saved_tensors
+        mask = rest[0] if rest else None
+        p, scale = ctx.dropout_p, ctx.scale
+        dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        row_dot = (grad_out * out).sum(-1)  # rowsum(dO * O): (b, h, i)
+        for index, start in enumerate(range(0, q.shape[2], ctx.chunk)):
+            end = min(start + ctx.chunk, q.shape[2])
+            probs, _ = _probabilities(q, k, mask, ctx.causal, scale, start, end)
+            scaled_keep = keep_mask(probs.shape, p, ctx.seed, index, q.device) / (1.0 - p)
+            d_out = grad_out[:, :, start:end]
+            dv += torch.matmul((probs * scaled_keep).transpose(-1, -2), d_out)
+            d_probs = torch.matmul(d_out, v.transpose(-1, -2)) * scaled_keep
+            d_scores = probs * (d_probs - row_dot[:, :, start:end, None]) * scale
+            dq[:, :, start:end] = torch.matmul(d_scores, k)
+            dk += torch.matmul(d_scores.transpose(-1, -2), q[:, :, start:end])
+        return dq, dk, dv, None, None, None, None, None
+
+
+def dropout_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask: Tensor | None = None,
+    *,
+    causal: bool = False,
+    dropout_p: float,
+    scale: float | None = None,
+    seed: int | None = None,
+) -> Tensor:
+    """softmax(q k^T * scale, masked) with dropout, times v; q, k, v (b, h, n, d) -> (b, h, n, d).
+
+    ``mask``: bool, broadcastable to (b, h, n, keys), True = may attend (not combined with ``causal``).
+    ``seed`` fixes the dropout masks; by default it is drawn from torch's global generator, so
+    ``torch.manual_seed`` (and the replay of the random state by reversible layers) reproduces them.
+    """
+    if not 0.0 < dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in (0, 1), got {dropout_p}")
+    if causal and mask is not None:
+        raise ValueError("give either causal=True or a mask, not both")
+    if mask is not None and mask.dtype != torch.bool:
+        raise TypeError(f"mask must be a bool tensor, got {mask.dtype}")
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if seed is None:
+        seed = int(torch.randint(0, 2**62, (), device="cpu"))
+    return _DropoutAttention.apply(q, k, v, mask, causal, dropout_p, scale, seed)
