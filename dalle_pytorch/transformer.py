@@ -95,10 +95,13 @@ def shift_one_token(history: Tensor, first: int, second: int) -> Tensor:
     """:func:`shift_tokens` for the last position of history (b, end, d) alone, sources given as ints: (b, 1, d)."""
     group = history.shape[-1] // 4
     own = history[:, -1:]
-    zeros = own.new_zeros(own.shape[0], 1, group)
-    first_part = history[:, first : first + 1, :group] if first >= 0 else zeros
-    second_part = history[:, second : second + 1, group : 2 * group] if second >= 0 else zeros
-    return torch.cat((first_part, second_part, own[..., 2 * group :]), dim=-1)
+
+    def part(source: int, channels: slice) -> Tensor:
+        if source < 0:  # no such neighbour
+            return own.new_zeros(own.shape[0], 1, group)
+        return history[:, source : source + 1, channels]
+
+    return torch.cat((part(first, slice(0, group)), part(second, slice(group, 2 * group)), own[..., 2 * group :]), -1)
 
 
 def shift_tokens(history: Tensor, sources: Tensor) -> Tensor:
