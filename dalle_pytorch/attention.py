@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from dalle_pytorch.dropout_attention import dropout_attention
+from dalle_pytorch.dropout_attention import dropout_attention, saves_memory
 
 if TYPE_CHECKING:
     from dalle_pytorch.sparse_attention import SparsePattern
@@ -246,8 +246,8 @@ class Attention(nn.Module):
         dropout_p = self.dropout if self.training else 0.0
         if pattern is not None and cache is None and pattern.supports(q.device, dropout_p):
             return self.to_out(rearrange(pattern(q, k, v, scale=scale), "b h n d -> b n (h d)"))
-        if dropout_p > 0 and q.device.type == "cpu":
-            # the CPU kernel with dropout would keep (n x n) probabilities per layer for the backward pass
+        if dropout_p > 0 and q.device.type == "cpu" and saves_memory(q, k):
+            # the CPU kernel with dropout would keep large (n x n) probabilities per layer for the backward pass
             out = dropout_attention(
                 q, k, v, mask, causal=causal and mask is None, dropout_p=dropout_p, scale=scale
             )  # fmt: skip

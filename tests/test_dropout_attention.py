@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from dalle_pytorch import dropout_attention as module
-from dalle_pytorch.attention import causal_mask
+from dalle_pytorch.attention import Attention, causal_mask
 from dalle_pytorch.dropout_attention import dropout_attention, keep_mask
 
 
@@ -82,3 +82,21 @@ def test_bad_input():
         dropout_attention(q, k, v, causal_mask(4), causal=True, dropout_p=0.1)
     with pytest.raises(TypeError, match="mask"):
         dropout_attention(q, k, v, torch.ones(4, 4), dropout_p=0.1)
+
+
+@pytest.mark.parametrize("limit", [0, 1 << 40])
+def test_attention_module_uses_the_chunked_kernel_only_for_large_probabilities(limit, monkeypatch):
+    # above the limit the module's result is the chunked kernel's, below it PyTorch's dense kernel's
+    monkeypatch.setattr(module, "DENSE_PROBABILITIES_LIMIT", limit)
+    attention = Attention(dim=16, heads=2, dim_head=8, dropout=0.3).train()
+    x = torch.randn(2, 9, 16)
+    torch.manual_seed(0)
+    out = attention(x, causal=True)
+    q, k, v = attention.to_qkv(x).unflatten(-1, (3, 2, 8)).permute(2, 0, 3, 1, 4).unbind(0)
+    torch.manual_seed(0)
+    if limit == 0:
+        expected = dropout_attention(q, k, v, causal=True, dropout_p=0.3)
+    else:
+        expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=0.3, is_causal=True)
+    torch.testing.assert_close(out, attention.to_out(expected.transpose(1, 2).flatten(2)))
+    assert module.saves_memory(q, k) == (limit == 0)
