@@ -245,7 +245,8 @@ class Attention(nn.Module):
             scale = alpha / self.dim_head**0.5
         dropout_p = self.dropout if self.training else 0.0
         if pattern is not None and cache is None and pattern.supports(q.device, dropout_p):
-            return self.to_out(rearrange(pattern(q, k, v, scale=scale), "b h n d -> b n (h d)"))
+            out = pattern(q, k, v, scale=scale, dropout_p=dropout_p)
+            return self.to_out(rearrange(out, "b h n d -> b n (h d)"))
         if dropout_p > 0 and q.device.type == "cpu" and saves_memory(q, k):
             # the CPU kernel with dropout would keep large (n x n) probabilities per layer for the backward pass
             out = dropout_attention(

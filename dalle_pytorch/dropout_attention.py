@@ -54,30 +54,63 @@ def keep_mask(shape: tuple[int, ...], dropout_p: float, seed: int, chunk_index: 
     return torch.rand(shape, generator=generator, device=device) >= dropout_p
 
 
-def _probabilities(q, k, mask, causal, scale, start, end) -> tuple[Tensor, Tensor]:
-    """Scores of queries [start, end): softmax probabilities (b, h, c, j) and log-sum-exp (b, h, c)."""
+def _probabilities(q, k, mask, causal, scale, start, end, lse=None) -> tuple[Tensor, Tensor]:
+    """Scores of queries [start, end): softmax probabilities (..., c, j) and log-sum-exp (..., c).
+
+    Given ``lse`` (the queries' log-sum-exp over a larger key set), the probabilities are those of that
+    softmax restricted to these keys."""
     scores = torch.matmul(q[:, :, start:end], k.transpose(-1, -2)) * scale
     allowed = _chunk_mask(mask, causal, start, end, k.shape[2], q.device)
     if allowed is not None:
         scores = scores.masked_fill(~allowed, float("-inf"))
-    lse = torch.logsumexp(scores, dim=-1)
-    lse = lse.masked_fill(torch.isinf(lse), 0.0)  # a row that sees no key: probabilities 0, output 0
+    if lse is None:
+        lse = torch.logsumexp(scores, dim=-1)
+        lse = lse.masked_fill(torch.isinf(lse), 0.0)  # a row that sees no key: probabilities 0, output 0
+    else:
+        lse = lse[:, :, start:end]
     return torch.exp(scores - lse[..., None]), lse
+
+
+def dropout_forward(q, k, v, mask, causal: bool, dropout_p: float, scale: float, seed: int):
+    """(output, log-sum-exp) of attention with dropout; q (x, y, i, d), k and v (x, y, j, d), ``mask``
+    broadcastable to (x, y, i, j). A row that sees no key gets output 0 and log-sum-exp 0."""
+    out = q.new_empty(*q.shape[:3], v.shape[-1])
+    lse = q.new_empty(q.shape[:3])
+    chunk = _chunk_len(q, k.shape[2])
+    for index, start in enumerate(range(0, q.shape[2], chunk)):
+        end = min(start + chunk, q.shape[2])
+        probs, lse[:, :, start:end] = _probabilities(q, k, mask, causal, scale, start, end)
+        keep = keep_mask(probs.shape, dropout_p, seed, index, q.device)
+        out[:, :, start:end] = torch.matmul(probs * keep / (1.0 - dropout_p), v)
+    return out, lse
+
+
+def dropout_backward(grad_out, q, k, v, out, lse, mask, causal: bool, dropout_p: float, scale: float, seed: int):
+    """Gradients (dq, dk, dv) of :func:`dropout_forward` with the same seed. For any (out, lse) it returns
+    the gradients through P = exp(q k^T scale - lse) and dS = P (dP - rowsum(dO * out)): given the output and
+    log-sum-exp of a softmax over a larger key set, exactly these keys' share (as the fused kernel's)."""
+    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    row_dot = (grad_out * out).sum(-1)  # rowsum(dO * O): (..., i)
+    chunk = _chunk_len(q, k.shape[2])
+    for index, start in enumerate(range(0, q.shape[2], chunk)):
+        end = min(start + chunk, q.shape[2])
+        probs, _ = _probabilities(q, k, mask, causal, scale, start, end, lse)
+        scaled_keep = keep_mask(probs.shape, dropout_p, seed, index, q.device).to(probs.dtype) / (1.0 - dropout_p)
+        d_out = grad_out[:, :, start:end]
+        dv += torch.matmul((probs * scaled_keep).transpose(-1, -2), d_out)
+        d_probs = torch.matmul(d_out, v.transpose(-1, -2)) * scaled_keep
+        d_scores = probs * (d_probs - row_dot[:, :, start:end, None]) * scale
+        dq[:, :, start:end] = torch.matmul(d_scores, k)
+        dk += torch.matmul(d_scores.transpose(-1, -2), q[:, :, start:end])
+    return dq, dk, dv
 
 
 class _DropoutAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, mask, causal: bool, dropout_p: float, scale: float, seed: int):
-        out = torch.empty_like(q)
-        lse = q.new_empty(q.shape[:3])
-        chunk = _chunk_len(q, k.shape[2])
-        for index, start in enumerate(range(0, q.shape[2], chunk)):
-            end = min(start + chunk, q.shape[2])
-            probs, lse[:, :, start:end] = _probabilities(q, k, mask, causal, scale, start, end)
-            keep = keep_mask(probs.shape, dropout_p, seed, index, q.device)
-            out[:, :, start:end] = torch.matmul(probs * keep / (1.0 - dropout_p), v)
+        out, lse = dropout_forward(q, k, v, mask, causal, dropout_p, scale, seed)
         ctx.save_for_backward(q, k, v, out, lse, *([mask] if mask is not None else []))
-        ctx.causal, ctx.dropout_p, ctx.scale, ctx.seed, ctx.chunk = causal, dropout_p, scale, seed, chunk
+        ctx.causal, ctx.dropout_p, ctx.scale, ctx.seed = causal, dropout_p, scale, seed
         return out
 
     @staticmethod
@@ -85,20 +118,14 @@ class _DropoutAttention(torch.autograd.Function):
     def backward(ctx, grad_out):
         q, k, v, out, lse, *rest = ctx.saved_tensors
         mask = rest[0] if rest else None
-        p, scale = ctx.dropout_p, ctx.scale
-        dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-        row_dot = (grad_out * out).sum(-1)  # rowsum(dO * O): (b, h, i)
-        for index, start in enumerate(range(0, q.shape[2], ctx.chunk)):
-            end = min(start + ctx.chunk, q.shape[2])
-            probs, _ = _probabilities(q, k, mask, ctx.causal, scale, start, end)
-            scaled_keep = keep_mask(probs.shape, p, ctx.seed, index, q.device) / (1.0 - p)
-            d_out = grad_out[:, :, start:end]
-            dv += torch.matmul((probs * scaled_keep).transpose(-1, -2), d_out)
-            d_probs = torch.matmul(d_out, v.transpose(-1, -2)) * scaled_keep
-            d_scores = probs * (d_probs - row_dot[:, :, start:end, None]) * scale
-            dq[:, :, start:end] = torch.matmul(d_scores, k)
-            dk += torch.matmul(d_scores.transpose(-1, -2), q[:, :, start:end])
-        return dq, dk, dv, None, None, None, None, None
+        grads = dropout_backward(grad_out, q, k, v, out, lse, mask, ctx.causal, ctx.dropout_p, ctx.scale, ctx.seed)
+        return (*grads, None, None, None, None, None)
+
+
+def random_seed() -> int:
+    """A dropout seed drawn from torch's global generator, so that ``torch.manual_seed`` (and the replay of
+    the random state by reversible layers) reproduces the masks."""
+    return int(torch.randint(0, 2**62, (), device="cpu"))
 
 
 def dropout_attention(
@@ -126,5 +153,5 @@ def dropout_attention(
         raise TypeError(f"mask must be a bool tensor, got {mask.dtype}")
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     if seed is None:
-        seed = int(torch.randint(0, 2**62, (), device="cpu"))
+        seed = random_seed()
     return _DropoutAttention.apply(q, k, v, mask, causal, dropout_p, scale, seed)

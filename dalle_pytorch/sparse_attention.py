@@ -20,9 +20,12 @@ of the merged gradient (FlashAttention, Dao et al. 2022, https://arxiv.org/abs/2
 So a layer keeps only q, k, v, the output and the log-sum-exp, like the causal kernel of ``full``.
 
 The fused kernel is ``aten::_scaled_dot_product_flash_attention_for_cpu``, the one behind
-``F.scaled_dot_product_attention`` on CPU; it has no dropout, so :func:`fast_path_available` is False on
-other devices and with attention dropout, where callers keep the dense-mask path. (FlexAttention would be
-the general tool, but it has no backward pass on CPU.)
+``F.scaled_dot_product_attention`` on CPU. It has no dropout: with attention dropout each part runs the
+chunked kernel of :mod:`dalle_pytorch.dropout_attention` instead, which has the same (output, log-sum-exp)
+interface and replays its dropout masks from a seed in the backward pass; dropout is linear in the
+probabilities, so the merge above stays exact. :func:`fast_path_available` is False on other devices, where
+callers keep the dense-mask path. (FlexAttention would be the general tool, but it has no backward pass on
+CPU.)
 
 Patterns: axial and conv-like attention as in the DALL-E paper (Ramesh et al. 2021,
 https://arxiv.org/abs/2102.12092, appendix B.1); block-sparse attention after the Sparse Transformer (Child
@@ -45,6 +48,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from dalle_pytorch.attention import block_sparse_layout
+from dalle_pytorch.dropout_attention import dropout_backward, dropout_forward, random_seed
 
 SPARSE_TYPES = ("axial_row", "axial_col", "conv_like", "sparse")
 
@@ -52,10 +56,10 @@ _SPARSE_TILE_LEN = 32  # query positions per tile of the sparse pattern's window
 
 
 def fast_path_available(device: torch.device, dropout_p: float = 0.0) -> bool:
-    """Whether the kernels here can run: on CPU, without attention dropout (the fused kernel has none)."""
+    """Whether the kernels here can run: on CPU (with or without attention dropout)."""
     return (
         device.type == "cpu"
-        and dropout_p == 0.0
+        and 0.0 <= dropout_p < 1.0
         and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
     )
 
@@ -242,6 +246,33 @@ def _fused_backward(grad_out, q, k, v, out, lse, causal: bool, bias: Tensor | No
     )
 
 
+@dataclass(frozen=True)
+class _Dropout:
+    """Attention dropout of one planned call: probability ``p``; part i (0: prefix, then the bands) draws
+    its masks from ``seed + i``, so the backward pass draws the same ones."""
+
+    p: float = 0.0
+    seed: int = 0
+
+
+def _part_forward(part: int, dropout: _Dropout, q, k, v, band, bias, scale) -> tuple[Tensor, Tensor]:
+    """(output, log-sum-exp) of one part: the fused kernel, or the chunked one with dropout."""
+    causal = band is None or band.mask is None
+    if not dropout.p:
+        return _fused_forward(q, k, v, causal, bias, scale)
+    mask = None if causal else band.mask[:, None]
+    return dropout_forward(q, k, v, mask, causal, dropout.p, scale, dropout.seed + part)
+
+
+def _part_backward(part: int, dropout: _Dropout, grad_out, q, k, v, out, lse, band, bias, scale):
+    """Gradients of one part given the merged output and log-sum-exp."""
+    causal = band is None or band.mask is None
+    if not dropout.p:
+        return _fused_backward(grad_out, q, k, v, out, lse, causal, bias, scale)
+    mask = None if causal else band.mask[:, None]
+    return dropout_backward(grad_out, q, k, v, out, lse, mask, causal, dropout.p, scale, dropout.seed + part)
+
+
 def _region_buffer(x: Tensor, plan: TilePlan) -> Tensor:
     """(b, h, n, ...) -> (B, front + region_len, ...): the positions after the prefix, zero-padded around."""
     region = x[:, :, plan.prefix_len :]
@@ -320,18 +351,18 @@ class _PlannedAttention(torch.autograd.Function):
     """softmax(q k^T * scale restricted to a :class:`TilePlan`) v for q, k, v (b, h, n, d); see the module doc."""
 
     @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, plan: TilePlan, scale: float) -> Tensor:
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, plan: TilePlan, scale: float, dropout: _Dropout) -> Tensor:
         p = plan.prefix_len
         # every query over the prefix keys, causally (top-left aligned: queries past p see the whole prefix)
-        out, lse = _fused_forward(q, k[:, :, :p], v[:, :, :p], True, None, scale)
-        biases = [_bias(band, q.dtype) for band in plan.bands]
+        out, lse = _part_forward(0, dropout, q, k[:, :, :p], v[:, :, :p], None, None, scale)
+        biases = [None if dropout.p else _bias(band, q.dtype) for band in plan.bands]
         if plan.region_len:
             q_buffer, k_buffer, v_buffer = (_region_buffer(x, plan) for x in (q, k, v))
             region_out, region_lse = out[:, :, p:], lse[:, :, p:]
-            for band, bias in zip(plan.bands, biases):
+            for part, (band, bias) in enumerate(zip(plan.bands, biases), start=1):
                 keys, values = _band_keys(k_buffer, plan, band), _band_keys(v_buffer, plan, band)
                 queries = _tiles(q_buffer, plan, band.tiling)
-                band_out, band_lse = _fused_forward(queries, keys, values, band.mask is None, bias, scale)
+                band_out, band_lse = _part_forward(part, dropout, queries, keys, values, band, bias, scale)
                 blind = _blind(band)
                 if blind is not None:  # the kernel gives log-sum-exp 0 where a row sees no key
                     band_lse.masked_fill_(blind, float("-inf"))
@@ -339,28 +370,28 @@ class _PlannedAttention(torch.autograd.Function):
                 region_out, region_lse = _merge(region_out, region_lse, band_out, band_lse)
             out[:, :, p:], lse[:, :, p:] = region_out, region_lse
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.plan, ctx.scale, ctx.biases = plan, scale, biases
+        ctx.plan, ctx.scale, ctx.biases, ctx.dropout = plan, scale, biases, dropout
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out: Tensor):
         q, k, v, out, lse = ctx.saved_tensors
-        plan, scale, p = ctx.plan, ctx.scale, ctx.plan.prefix_len
+        plan, scale, p, dropout = ctx.plan, ctx.scale, ctx.plan.prefix_len, ctx.dropout
         grad_out = grad_out.contiguous()
-        # given the merged output and log-sum-exp, the fused backward returns the prefix keys' exact share
-        dq, dk, dv = _fused_backward(grad_out, q, k[:, :, :p], v[:, :, :p], out, lse, True, None, scale)
+        # given the merged output and log-sum-exp, each part's backward returns its keys' exact share
+        dq, dk, dv = _part_backward(0, dropout, grad_out, q, k[:, :, :p], v[:, :, :p], out, lse, None, None, scale)
         if not plan.region_len:
-            return dq, dk, dv, None, None
+            return dq, dk, dv, None, None, None
         # empty query slots have dO = 0, so rowsum(dO * O) = 0 and they pass no gradient
         q_buffer, do_buffer, out_buffer, lse_buffer = (_region_buffer(x, plan) for x in (q, grad_out, out, lse))
         k_buffer, v_buffer = _region_buffer(k, plan), _region_buffer(v, plan)
         dk_buffer, dv_buffer = torch.zeros_like(k_buffer), torch.zeros_like(v_buffer)
-        for band, bias in zip(plan.bands, ctx.biases):
+        for part, (band, bias) in enumerate(zip(plan.bands, ctx.biases), start=1):
             keys, values = _band_keys(k_buffer, plan, band), _band_keys(v_buffer, plan, band)
             tiles = [_tiles(buffer, plan, band.tiling) for buffer in (do_buffer, q_buffer, out_buffer, lse_buffer)]
-            dq_band, dk_band, dv_band = _fused_backward(
-                tiles[0], tiles[1], keys, values, tiles[2], tiles[3], band.mask is None, bias, scale
+            dq_band, dk_band, dv_band = _part_backward(
+                part, dropout, tiles[0], tiles[1], keys, values, tiles[2], tiles[3], band, bias, scale
             )
             dq[:, :, p:] += _from_tiles(dq_band, plan, band.tiling, q)
             _add_band_grad(dk_buffer, dk_band, plan, band)
@@ -369,15 +400,23 @@ class _PlannedAttention(torch.autograd.Function):
         regions = [
             buffer[:, plan.front : plan.front + n - p].unflatten(0, q.shape[:2]) for buffer in (dk_buffer, dv_buffer)
         ]
-        return dq, torch.cat((dk, regions[0]), dim=2), torch.cat((dv, regions[1]), dim=2), None, None
+        return dq, torch.cat((dk, regions[0]), dim=2), torch.cat((dv, regions[1]), dim=2), None, None, None
 
 
-def planned_attention(q: Tensor, k: Tensor, v: Tensor, plan: TilePlan, *, scale: float | None = None) -> Tensor:
-    """Attention of q, k, v (b, h, n, d) restricted to ``plan`` (see :class:`TilePlan`); returns (b, h, n, d)."""
+def planned_attention(
+    q: Tensor, k: Tensor, v: Tensor, plan: TilePlan, *, scale: float | None = None, dropout_p: float = 0.0
+) -> Tensor:
+    """Attention of q, k, v (b, h, n, d) restricted to ``plan`` (see :class:`TilePlan`); returns (b, h, n, d).
+
+    With ``dropout_p`` > 0, attention probabilities are dropped (and the rest scaled by 1 / (1 - dropout_p))
+    with masks drawn from torch's global generator, so ``torch.manual_seed`` reproduces them."""
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
     if not fast_path_available(q.device):
         raise ValueError(f"the fast sparse kernels run on CPU only, got tensors on {q.device}")
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    return _PlannedAttention.apply(q, k, v, plan.to(q.device), scale)
+    dropout = _Dropout(dropout_p, random_seed()) if dropout_p else _Dropout()
+    return _PlannedAttention.apply(q, k, v, plan.to(q.device), scale, dropout)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -401,13 +440,14 @@ def _check(q: Tensor, k: Tensor, v: Tensor, text_len: int, fmap: int) -> int:
 
 def pattern_attention(
     attn_type: str, q: Tensor, k: Tensor, v: Tensor, text_len: int, fmap: int, *, scale: float | None = None,
-    kernel_size: int = 5, dilation: int = 1, sparse_block_size: int = 16, sparse_num_local_blocks: int = 4,
-    sparse_num_random_blocks: int = 2, sparse_seed: int = 0,
+    dropout_p: float = 0.0, kernel_size: int = 5, dilation: int = 1, sparse_block_size: int = 16,
+    sparse_num_local_blocks: int = 4, sparse_num_random_blocks: int = 2, sparse_seed: int = 0,
 ) -> Tensor:  # fmt: skip
     """The fast kernel of a sparse ``attn_type``; q, k, v and the output are (b, h, n, d) for the positions
     [0, n), n <= text_len + fmap ** 2 (DALLE trains on all but the last image token). Options are named as
     in ``attention_mask``, and the result equals
-    ``F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask(...)[:n, :n], scale=scale)``.
+    ``F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask(...)[:n, :n], scale=scale)``; with
+    ``dropout_p`` > 0, the same with attention dropout (masks from torch's global generator).
     """
     n = _check(q, k, v, text_len, fmap)
     if attn_type in ("axial_row", "axial_col"):
@@ -420,7 +460,7 @@ def pattern_attention(
         )
     else:
         raise ValueError(f"attn_type must be one of {SPARSE_TYPES} for a fast kernel, got {attn_type!r}")
-    return planned_attention(q, k, v, plan, scale=scale)
+    return planned_attention(q, k, v, plan, scale=scale, dropout_p=dropout_p)
 
 
 @dataclass(frozen=True)
@@ -436,5 +476,9 @@ class SparsePattern:
         """Whether the fast kernel runs for tensors on ``device`` with this attention dropout."""
         return fast_path_available(device, dropout_p)
 
-    def __call__(self, q: Tensor, k: Tensor, v: Tensor, *, scale: float | None = None) -> Tensor:
-        return pattern_attention(self.attn_type, q, k, v, self.text_len, self.fmap, scale=scale, **dict(self.options))
+    def __call__(
+        self, q: Tensor, k: Tensor, v: Tensor, *, scale: float | None = None, dropout_p: float = 0.0
+    ) -> Tensor:
+        return pattern_attention(
+            self.attn_type, q, k, v, self.text_len, self.fmap, scale=scale, dropout_p=dropout_p, **dict(self.options)
+        )

@@ -20,14 +20,23 @@ def _loss_and_grads(dalle, checkpointing: bool, monkeypatch, seed: int = 3):
     return loss.detach(), {n: p.grad.clone() for n, p in dalle.named_parameters() if p.requires_grad}
 
 
-@pytest.mark.parametrize(("dropout", "shared_attn_ids"), [(0.0, None), (0.2, None), (0.1, (0, 1, 0))])
-def test_reversible_gradients_equal_plain_autograd(dropout, shared_attn_ids, monkeypatch):
+@pytest.mark.parametrize(
+    ("dropout", "shared_attn_ids", "attn_types"),
+    [(0.0, None, ("full", "axial_row", "sparse")), (0.2, None, ("full", "axial_row", "sparse")),
+     (0.1, (0, 1, 0), ("full", "axial_row"))],
+)  # fmt: skip
+def test_reversible_gradients_equal_plain_autograd(dropout, shared_attn_ids, attn_types, monkeypatch):
     # the memory-saving backward recomputes each sublayer (replaying dropout) and must match autograd;
     # a weight shared by two layers gets the sum of both layers' gradients
     dalle = make_dalle(
-        reversible=True, depth=3, attn_dropout=dropout, ff_dropout=dropout, attn_types=("full", "axial_row"),
+        reversible=True,
+        depth=3,
+        attn_dropout=dropout,
+        ff_dropout=dropout,
+        attn_types=attn_types,
+        sparse_block_size=4,
         shared_attn_ids=shared_attn_ids,
-    )
+    )  # the sparse types run their fast kernels, with attention dropout replayed from the global generator
     loss_fast, grads_fast = _loss_and_grads(dalle, True, monkeypatch)
     loss_ref, grads_ref = _loss_and_grads(dalle, False, monkeypatch)
     torch.testing.assert_close(loss_fast, loss_ref)

@@ -149,9 +149,70 @@ def test_bad_input():
         pattern_attention("conv_like", q, q, q, 1, 3, kernel_size=2)
     with pytest.raises(ValueError, match="axis"):
         axial_plan(1, 3, 10, "diagonal")
+    with pytest.raises(ValueError, match="dropout_p"):
+        pattern_attention("axial_row", q, q, q, 1, 3, dropout_p=1.0)
     assert fast_path_available(torch.device("cpu"))
-    assert not fast_path_available(torch.device("cpu"), dropout_p=0.1)
+    assert fast_path_available(torch.device("cpu"), dropout_p=0.1)
+    assert not fast_path_available(torch.device("cpu"), dropout_p=1.0)
     assert not fast_path_available(torch.device("meta"))
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("text_len, fmap", [(2, 3), (5, 4)])
+def test_dropout_equals_the_dense_reference_with_the_kernels_own_masks(case, text_len, fmap, monkeypatch):
+    # The kernel draws its dropout masks itself. With v = identity (dim_head = n) its output *is* the dropped
+    # probability matrix P * keep / (1 - p), which reveals keep; a second call from the same random state with
+    # random v must then equal dense attention with that keep, outputs and gradients.
+    monkeypatch.setattr(sparse_attention, "dropout_forward", _spy(sparse_attention.dropout_forward))
+    attn_type, options = CASES[case]
+    dropout_p = 0.4
+    for n in sorted({text_len + fmap + 1, text_len + fmap * fmap - 1}):
+        generator = torch.Generator().manual_seed(n)
+        q, k, v = torch.randn(3, 2, 3, n, n, dtype=torch.float64, generator=generator)
+        allowed = attention_mask(attn_type, text_len, fmap, **options)[:n, :n]
+        probs = ((q @ k.transpose(-1, -2)) * n**-0.5).masked_fill(~allowed, float("-inf")).softmax(-1)
+
+        torch.manual_seed(7)
+        dropped = pattern_attention(attn_type, q, k, torch.eye(n).double().expand_as(q), text_len, fmap,
+                                    dropout_p=dropout_p, **options)  # fmt: skip
+        keep = dropped != 0
+        assert not keep[..., ~allowed].any()  # nothing outside the pattern
+        torch.testing.assert_close(dropped[keep], (probs / (1 - dropout_p))[keep])  # kept entries scaled
+        assert 0 < keep.sum() < allowed.sum() * q.shape[0] * q.shape[1]  # some dropped, some kept
+
+        leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+        torch.manual_seed(7)
+        fast = pattern_attention(attn_type, *leaves, text_len, fmap, dropout_p=dropout_p, **options)
+        grad = torch.randn_like(fast)
+        fast_grads = torch.autograd.grad(fast, leaves, grad)
+        dense_leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+        scores = (dense_leaves[0] @ dense_leaves[1].transpose(-1, -2)) * n**-0.5
+        dense_probs = scores.masked_fill(~allowed, float("-inf")).softmax(-1)
+        dense = (dense_probs * keep / (1 - dropout_p)) @ dense_leaves[2]
+        dense_grads = torch.autograd.grad(dense, dense_leaves, grad)
+        torch.testing.assert_close(fast, dense)
+        for name_, e, g in zip(("dq", "dk", "dv"), dense_grads, fast_grads):
+            torch.testing.assert_close(g, e, msg=lambda m, n=n, x=name_: f"{x} at n={n}: {m}")
+    assert _spy.calls  # the dropout kernel ran (not a dropout-free path)
+
+
+def _spy(function):
+    def spied(*args, **kwargs):
+        _spy.calls += 1
+        return function(*args, **kwargs)
+
+    _spy.calls = 0
+    return spied
+
+
+def test_dropout_masks_come_from_the_global_generator():
+    q, k, v = torch.randn(3, 1, 2, 3 + 16 - 1, 8, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(1)
+    first = pattern_attention("conv_like", q, k, v, 3, 4, dropout_p=0.3)
+    second = pattern_attention("conv_like", q, k, v, 3, 4, dropout_p=0.3)
+    torch.manual_seed(1)
+    torch.testing.assert_close(pattern_attention("conv_like", q, k, v, 3, 4, dropout_p=0.3), first)
+    assert not torch.equal(first, second)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -189,20 +250,19 @@ def test_attention_module_pattern_equals_mask(stable, monkeypatch):
     torch.testing.assert_close(grad_fast, grad_dense)
 
 
-def test_attention_dropout_keeps_the_dense_mask_path(monkeypatch):
+def test_attention_dropout_takes_the_fast_path_in_training_only(monkeypatch):
     counter = _Counter(monkeypatch)
     attn = Attention(16, heads=2, dim_head=8, dropout=0.5).train()
     pattern = SparsePattern("axial_row", 2, 3, ())
     x = torch.randn(1, 11, 16)
     mask = attention_mask("axial_row", 2, 3)
     torch.manual_seed(3)
-    with_pattern = attn(x, mask, pattern=pattern)
-    torch.manual_seed(3)
-    torch.testing.assert_close(with_pattern, attn(x, mask))
-    assert counter.calls == 0
-    attn.eval()
-    attn(x, mask, pattern=pattern)
+    dropped = attn(x, mask, pattern=pattern)
     assert counter.calls == 1
+    attn.eval()
+    torch.testing.assert_close(attn(x, mask, pattern=pattern), attn(x, mask))
+    assert counter.calls == 2
+    assert not torch.allclose(dropped, attn(x, mask))  # training dropped some probabilities
 
 
 DALLE_CONFIGS = {
