@@ -235,9 +235,7 @@ def _is_child_key(key: str, children: tuple[str, ...]) -> bool:
     return any(key.startswith(f"{name}.") for name in children)
 
 
-def _tensors_to_save(
-    model: nn.Module, children: tuple[str, ...]
-) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def _tensors_to_save(model: nn.Module, children: tuple[str, ...]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Own state-dict tensors with each shared tensor kept once; `aliases` maps dropped -> kept name."""
     state = model.state_dict()
     kept_name: dict[tuple, str] = {}
@@ -294,8 +292,11 @@ def _load_weights(model: nn.Module, path: Path, children: tuple[str, ...]) -> No
     if missing or unexpected or mismatched:
         problems = [
             f"{label} ({len(items)}): {', '.join(items)}"
-            for label, items in (("missing keys", missing), ("unexpected keys", unexpected),
-                                 ("shape mismatches", mismatched))
+            for label, items in (
+                ("missing keys", missing),
+                ("unexpected keys", unexpected),
+                ("shape mismatches", mismatched),
+            )
             if items
         ]
         raise CheckpointError(f"{path} does not match {type(model).__name__}: " + "; ".join(problems))

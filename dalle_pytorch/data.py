@@ -108,9 +108,7 @@ def pick_caption(captions: list[str]) -> str:
     return captions[int(torch.randint(len(captions), ()))]
 
 
-def tokenize_caption(
-    tokenizer: Tokenizer, caption: str, text_len: int, truncate: bool, where: str
-) -> torch.Tensor:
+def tokenize_caption(tokenizer: Tokenizer, caption: str, text_len: int, truncate: bool, where: str) -> torch.Tensor:
     """LongTensor (text_len,) of token ids, zero-padded on the right.
 
     A caption too long for `text_len` is not a broken file but a setting (`truncate_captions`), so the
@@ -331,9 +329,7 @@ class TextImageDataset(Dataset):
             sample = self._load(position)
             if sample is not None:
                 return sample
-        raise RuntimeError(
-            f"no readable sample in {self.folder}: all {count} samples failed ({dict(self.skipped)})"
-        )
+        raise RuntimeError(f"no readable sample in {self.folder}: all {count} samples failed ({dict(self.skipped)})")
 
     def _load(self, position: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         image_path, caption_path = self.pairs[position]
@@ -348,9 +344,7 @@ class TextImageDataset(Dataset):
             return self._skip(position, image_path, reason_for(error, "image"), error)
         caption = pick_caption(captions)
         image = preprocess_image(pixels, self.image_size, self.resize_ratio, self.transparent)
-        tokens = tokenize_caption(
-            self.tokenizer, caption, self.text_len, self.truncate_captions, str(caption_path)
-        )
+        tokens = tokenize_caption(self.tokenizer, caption, self.text_len, self.truncate_captions, str(caption_path))
         return tokens, image
 
     def _skip(self, position: int, path: Path, reason: str, error: BaseException) -> None:

@@ -88,8 +88,15 @@ def _manual_instructions(url: str, destination: Path) -> str:
     return f"Download {url} yourself (e.g. on a machine with network access) and put it at {destination}."
 
 
-def download(url: str, destination: str | os.PathLike, sha256: str, size: int | None = None, *,
-             progress: bool = True, timeout: float = 60.0) -> Path:
+def download(
+    url: str,
+    destination: str | os.PathLike,
+    sha256: str,
+    size: int | None = None,
+    *,
+    progress: bool = True,
+    timeout: float = 60.0,
+) -> Path:
     """Download `url` to `destination`, verified against `sha256` (and `size` in bytes when given).
 
     The data goes to `<destination>.part` first; an interrupted download leaves that file, and the next call
@@ -106,30 +113,34 @@ def download(url: str, destination: str | os.PathLike, sha256: str, size: int | 
         raise ValueError(f"size must be a non-negative int or None, got {size!r}")
     destination = Path(destination)
     if is_offline():
-        raise DownloadError(f"{OFFLINE_ENV} is set, so {url} is not downloaded. "
-                            + _manual_instructions(url, destination))
+        raise DownloadError(
+            f"{OFFLINE_ENV} is set, so {url} is not downloaded. " + _manual_instructions(url, destination)
+        )
     destination.parent.mkdir(parents=True, exist_ok=True)
     partial = destination.with_name(destination.name + ".part")
     _fetch_into(url, partial, destination, size, progress, timeout)
 
     actual_size = partial.stat().st_size
     if size is not None and actual_size < size:
-        raise DownloadError(f"download of {url} stopped at {actual_size} of {size} bytes; "
-                            f"the partial file {partial} is kept: call again to resume")
+        raise DownloadError(
+            f"download of {url} stopped at {actual_size} of {size} bytes; "
+            f"the partial file {partial} is kept: call again to resume"
+        )
     if size is not None and actual_size != size:
         partial.unlink()
         raise DownloadError(f"{url} gave {actual_size} bytes, expected {size}; the partial file was deleted")
     actual_sha256 = _file_sha256(partial)
     if actual_sha256 != sha256.lower():
         partial.unlink()
-        raise DownloadError(f"SHA-256 mismatch for {url}: expected {sha256.lower()}, got {actual_sha256}; "
-                            f"the downloaded file was deleted")
+        raise DownloadError(
+            f"SHA-256 mismatch for {url}: expected {sha256.lower()}, got {actual_sha256}; "
+            f"the downloaded file was deleted"
+        )
     os.replace(partial, destination)
     return destination
 
 
-def _fetch_into(url: str, partial: Path, destination: Path, size: int | None, progress: bool,
-                timeout: float) -> None:
+def _fetch_into(url: str, partial: Path, destination: Path, size: int | None, progress: bool, timeout: float) -> None:
     """Append the missing bytes of `url` to `partial` (starting over when ranges are not honoured)."""
     offset = partial.stat().st_size if partial.exists() else 0
     if size is not None and offset > size:  # stale partial from another file version
@@ -147,41 +158,58 @@ def _fetch_into(url: str, partial: Path, destination: Path, size: int | None, pr
     except urllib.error.HTTPError as error:
         if error.code == 416 and offset:  # nothing left to send: the partial file may be complete
             return
-        raise DownloadError(f"{url} answered HTTP {error.code} {error.reason}. "
-                            + _manual_instructions(url, destination)) from error
+        raise DownloadError(
+            f"{url} answered HTTP {error.code} {error.reason}. " + _manual_instructions(url, destination)
+        ) from error
     except (urllib.error.URLError, OSError) as error:
-        raise DownloadError(f"could not reach {url} ({getattr(error, 'reason', error)}). "
-                            + _manual_instructions(url, destination)) from error
+        raise DownloadError(
+            f"could not reach {url} ({getattr(error, 'reason', error)}). " + _manual_instructions(url, destination)
+        ) from error
 
     with response:
         content_range = response.headers.get("Content-Range", "")
         resumed = offset > 0 and response.status == 206 and content_range.startswith(f"bytes {offset}-")
         if response.status == 206 and not resumed:
             partial.unlink(missing_ok=True)
-            raise DownloadError(f"{url} answered with an unexpected range ({content_range!r}); the partial "
-                                "file was deleted: call again to download from the start")
+            raise DownloadError(
+                f"{url} answered with an unexpected range ({content_range!r}); the partial "
+                "file was deleted: call again to download from the start"
+            )
         if not resumed:
             offset = 0  # the server sent the whole file
         length = response.headers.get("Content-Length")
         total = offset + int(length) if length is not None and length.isdigit() else size
-        with open(partial, "ab" if resumed else "wb") as file, tqdm(
-            total=total, initial=offset, unit="B", unit_scale=True, unit_divisor=1024,
-            desc=destination.name, disable=not progress,
-        ) as bar:
+        with (
+            open(partial, "ab" if resumed else "wb") as file,
+            tqdm(
+                total=total,
+                initial=offset,
+                unit="B",
+                unit_scale=True,
+                unit_divisor=1024,
+                desc=destination.name,
+                disable=not progress,
+            ) as bar,
+        ):
             try:
                 for chunk in iter(lambda: response.read(_CHUNK_BYTES), b""):
                     file.write(chunk)
                     bar.update(len(chunk))
             except (OSError, http.client.HTTPException) as error:
-                raise DownloadError(f"download of {url} was interrupted ({error}); the partial file "
-                                    f"{partial} is kept: call again to resume") from error
+                raise DownloadError(
+                    f"download of {url} was interrupted ({error}); the partial file "
+                    f"{partial} is kept: call again to resume"
+                ) from error
     if total is not None and partial.stat().st_size < total:
-        raise DownloadError(f"download of {url} was interrupted at {partial.stat().st_size} of {total} "
-                            f"bytes; the partial file {partial} is kept: call again to resume")
+        raise DownloadError(
+            f"download of {url} was interrupted at {partial.stat().st_size} of {total} "
+            f"bytes; the partial file {partial} is kept: call again to resume"
+        )
 
 
-def fetch_released_file(file: ReleasedFile, cache_dir: str | os.PathLike | None = None, *,
-                        argument: str, progress: bool = True) -> Path:
+def fetch_released_file(
+    file: ReleasedFile, cache_dir: str | os.PathLike | None = None, *, argument: str, progress: bool = True
+) -> Path:
     """Path of `file` in the cache, downloading and verifying it first if it is not there.
 
     `argument` names the constructor argument a user can pass instead (used in error messages).
@@ -193,8 +221,10 @@ def fetch_released_file(file: ReleasedFile, cache_dir: str | os.PathLike | None 
     url = f"{base_url.rstrip('/')}/{file.cache_name}" if base_url else file.url
     alternative = f"Alternatively pass {argument}=<path to the file>."
     if is_offline():
-        raise DownloadError(f"{file.description} is not in the cache and {OFFLINE_ENV} is set. "
-                            f"{_manual_instructions(url, destination)} {alternative}")
+        raise DownloadError(
+            f"{file.description} is not in the cache and {OFFLINE_ENV} is set. "
+            f"{_manual_instructions(url, destination)} {alternative}"
+        )
     if file.sha256 is None:
         raise DownloadError(
             f"{file.description} is not in the cache, and this version of dalle_pytorch records no SHA-256 "

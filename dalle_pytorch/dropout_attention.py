@@ -57,18 +57,20 @@ def keep_mask(shape: tuple[int, ...], dropout_p: float, seed: int, chunk_index: 
 def _probabilities(q, k, mask, causal, scale, start, end, lse=None) -> tuple[Tensor, Tensor]:
     """Scores of queries [start, end): softmax probabilities (..., c, j) and log-sum-exp (..., c).
 
-    Given ``lse`` (the queries' log-sum-exp over a larger key set), the probabilities are those of that
-    softmax restricted to these keys."""
-    scores = torch.matmul(q[:, :, start:end], k.transpose(-1, -2)) * scale
-    allowed = _chunk_mask(mask, causal, start, end, k.shape[2], q.device)
+    With ``causal``, only the keys [0, end) are scored (later ones are masked for every query of the chunk),
+    so j = min(end, keys). Given ``lse`` (the queries' log-sum-exp over a larger key set), the probabilities
+    are those of that softmax restricted to these keys."""
+    num_keys = min(end, k.shape[2]) if causal else k.shape[2]
+    scores = torch.matmul(q[:, :, start:end] * scale, k[:, :, :num_keys].transpose(-1, -2))
+    allowed = _chunk_mask(mask, causal, start, end, num_keys, q.device)
     if allowed is not None:
-        scores = scores.masked_fill(~allowed, float("-inf"))
+        scores.masked_fill_(~allowed, float("-inf"))
     if lse is None:
         lse = torch.logsumexp(scores, dim=-1)
         lse = lse.masked_fill(torch.isinf(lse), 0.0)  # a row that sees no key: probabilities 0, output 0
     else:
         lse = lse[:, :, start:end]
-    return torch.exp(scores - lse[..., None]), lse
+    return scores.sub_(lse[..., None]).exp_(), lse
 
 
 def dropout_forward(q, k, v, mask, causal: bool, dropout_p: float, scale: float, seed: int):
@@ -80,8 +82,9 @@ def dropout_forward(q, k, v, mask, causal: bool, dropout_p: float, scale: float,
     for index, start in enumerate(range(0, q.shape[2], chunk)):
         end = min(start + chunk, q.shape[2])
         probs, lse[:, :, start:end] = _probabilities(q, k, mask, causal, scale, start, end)
-        keep = keep_mask(probs.shape, dropout_p, seed, index, q.device)
-        out[:, :, start:end] = torch.matmul(probs * keep / (1.0 - dropout_p), v)
+        dropped = probs.masked_fill_(~keep_mask(probs.shape, dropout_p, seed, index, q.device), 0.0)
+        # the 1 / (1 - p) of the kept probabilities, applied to the (c, d) output rather than the (c, j) scores
+        out[:, :, start:end] = torch.matmul(dropped, v[:, :, : probs.shape[-1]]).mul_(1.0 / (1.0 - dropout_p))
     return out, lse
 
 
@@ -90,18 +93,22 @@ def dropout_backward(grad_out, q, k, v, out, lse, mask, causal: bool, dropout_p:
     the gradients through P = exp(q k^T scale - lse) and dS = P (dP - rowsum(dO * out)): given the output and
     log-sum-exp of a softmax over a larger key set, exactly these keys' share (as the fused kernel's)."""
     dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-    row_dot = (grad_out * out).sum(-1)  # rowsum(dO * O): (..., i)
+    row_dot = (grad_out * out).sum(-1, keepdim=True)  # rowsum(dO * O): (..., i, 1)
+    inverse_keep = 1.0 / (1.0 - dropout_p)
     chunk = _chunk_len(q, k.shape[2])
     for index, start in enumerate(range(0, q.shape[2], chunk)):
         end = min(start + chunk, q.shape[2])
         probs, _ = _probabilities(q, k, mask, causal, scale, start, end, lse)
-        scaled_keep = keep_mask(probs.shape, dropout_p, seed, index, q.device).to(probs.dtype) / (1.0 - dropout_p)
+        j = probs.shape[-1]
+        dropped = ~keep_mask(probs.shape, dropout_p, seed, index, q.device)
         d_out = grad_out[:, :, start:end]
-        dv += torch.matmul((probs * scaled_keep).transpose(-1, -2), d_out)
-        d_probs = torch.matmul(d_out, v.transpose(-1, -2)) * scaled_keep
-        d_scores = probs * (d_probs - row_dot[:, :, start:end, None]) * scale
-        dq[:, :, start:end] = torch.matmul(d_scores, k)
-        dk += torch.matmul(d_scores.transpose(-1, -2), q[:, :, start:end])
+        # dV = A^T dO with A = P * keep / (1 - p)
+        dv[:, :, :j] += torch.matmul(probs.masked_fill(dropped, 0.0).transpose(-1, -2), d_out).mul_(inverse_keep)
+        # dS = P * (dA * keep / (1 - p) - rowsum(dO * O)), with dA = dO V^T
+        d_scores = torch.matmul(d_out, v[:, :, :j].transpose(-1, -2)).masked_fill_(dropped, 0.0).mul_(inverse_keep)
+        d_scores = d_scores.sub_(row_dot[:, :, start:end]).mul_(probs)
+        dq[:, :, start:end] = torch.matmul(d_scores, k[:, :, :j]).mul_(scale)
+        dk[:, :, :j] += torch.matmul(d_scores.transpose(-1, -2), q[:, :, start:end]).mul_(scale)
     return dq, dk, dv
 
 

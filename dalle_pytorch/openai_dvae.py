@@ -69,8 +69,13 @@ class ResidualBlock(nn.Module):
         return self.id_path(x) + self.post_gain * self.res_path(x)
 
 
-def _group(widths: list[tuple[int, int]], kernel_sizes: tuple[int, ...], post_gain: float,
-           resample: nn.Module | None, resample_name: str) -> nn.Sequential:
+def _group(
+    widths: list[tuple[int, int]],
+    kernel_sizes: tuple[int, ...],
+    post_gain: float,
+    resample: nn.Module | None,
+    resample_name: str,
+) -> nn.Sequential:
     layers: OrderedDict[str, nn.Module] = OrderedDict(
         (f"block_{index}", ResidualBlock(n_in, n_out, kernel_sizes, post_gain))
         for index, (n_in, n_out) in enumerate(widths, start=1)
@@ -109,8 +114,7 @@ class OpenAIDecoder(nn.Module):
     (`token_embedding` + `token_bias`), which gives the same result without materialising one-hot maps.
     """
 
-    def __init__(self, n_init: int = 128, n_hid: int = 256, n_blk_per_group: int = 2,
-                 vocab_size: int = 8192) -> None:
+    def __init__(self, n_init: int = 128, n_hid: int = 256, n_blk_per_group: int = 2, vocab_size: int = 8192) -> None:
         super().__init__()
         post_gain = 1 / (GROUP_COUNT * n_blk_per_group) ** 2
         self.token_embedding = nn.Embedding(vocab_size, n_init)
@@ -147,9 +151,7 @@ def _read_pickled_module(path: str | os.PathLike, module: str, name: str) -> tup
 def _int_attribute(state: dict, key: str, path: Any, minimum: int = 1) -> int:
     value = state.get(key)
     if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise CheckpointFormatError(
-            f"{path}: attribute {key!r} should be an int >= {minimum}, found {value!r}"
-        )
+        raise CheckpointFormatError(f"{path}: attribute {key!r} should be an int >= {minimum}, found {value!r}")
     return value
 
 
@@ -175,14 +177,14 @@ def read_released_decoder(path: str | os.PathLike) -> tuple[dict[str, int], dict
     state, tensors = _read_pickled_module(path, "dall_e.decoder", "Decoder")
     if _int_attribute(state, "output_channels", path) != 3:
         raise CheckpointFormatError(f"{path}: only 3-channel (RGB) decoders are supported")
-    config = {key: _int_attribute(state, key, path)
-              for key in ("n_init", "n_hid", "n_blk_per_group", "vocab_size")}
+    config = {key: _int_attribute(state, key, path) for key in ("n_init", "n_hid", "n_blk_per_group", "vocab_size")}
     native = {}
     for key, tensor in tensors.items():
         if key == "blocks.input.w":  # (n_init, vocab, 1, 1) 1x1 conv over one-hot codes -> embedding table
             if tensor.dim() != 4 or tensor.shape[2:] != (1, 1):
-                raise CheckpointFormatError(f"{path}: blocks.input.w has shape {tuple(tensor.shape)}, "
-                                            "expected (n_init, vocab_size, 1, 1)")
+                raise CheckpointFormatError(
+                    f"{path}: blocks.input.w has shape {tuple(tensor.shape)}, expected (n_init, vocab_size, 1, 1)"
+                )
             native["token_embedding.weight"] = rearrange(tensor, "o v 1 1 -> v o")
         elif key == "blocks.input.b":
             native["token_bias"] = tensor

@@ -40,25 +40,34 @@ __all__ = ["OpenAIDiscreteVAE", "VQGanVAE", "RELEASED_FILES"]
 # where this code was written), so they are never downloaded unverified: a user puts them in the cache
 # (or passes paths) until the checksums are filled in.
 OPENAI_ENCODER_FILE = ReleasedFile(
-    cache_name="openai-dvae/encoder.pkl", url="https://cdn.openai.com/dall-e/encoder.pkl",
-    sha256=None, size=None, description="OpenAI dVAE encoder (encoder.pkl)",
+    cache_name="openai-dvae/encoder.pkl",
+    url="https://cdn.openai.com/dall-e/encoder.pkl",
+    sha256=None,
+    size=None,
+    description="OpenAI dVAE encoder (encoder.pkl)",
 )
 OPENAI_DECODER_FILE = ReleasedFile(
-    cache_name="openai-dvae/decoder.pkl", url="https://cdn.openai.com/dall-e/decoder.pkl",
-    sha256=None, size=None, description="OpenAI dVAE decoder (decoder.pkl)",
+    cache_name="openai-dvae/decoder.pkl",
+    url="https://cdn.openai.com/dall-e/decoder.pkl",
+    sha256=None,
+    size=None,
+    description="OpenAI dVAE decoder (decoder.pkl)",
 )
 VQGAN_F16_1024_CHECKPOINT_FILE = ReleasedFile(
     cache_name="vqgan-imagenet-f16-1024/last.ckpt",
     url="https://heibox.uni-heidelberg.de/f/140747ba53464f49b476/?dl=1",
-    sha256=None, size=None, description="taming VQGAN ImageNet f16/1024 checkpoint (last.ckpt)",
+    sha256=None,
+    size=None,
+    description="taming VQGAN ImageNet f16/1024 checkpoint (last.ckpt)",
 )
 VQGAN_F16_1024_CONFIG_FILE = ReleasedFile(
     cache_name="vqgan-imagenet-f16-1024/model.yaml",
     url="https://heibox.uni-heidelberg.de/f/6ecf2af6c658432c8298/?dl=1",
-    sha256=None, size=None, description="taming VQGAN ImageNet f16/1024 config (model.yaml)",
+    sha256=None,
+    size=None,
+    description="taming VQGAN ImageNet f16/1024 config (model.yaml)",
 )
-RELEASED_FILES = (OPENAI_ENCODER_FILE, OPENAI_DECODER_FILE, VQGAN_F16_1024_CHECKPOINT_FILE,
-                  VQGAN_F16_1024_CONFIG_FILE)
+RELEASED_FILES = (OPENAI_ENCODER_FILE, OPENAI_DECODER_FILE, VQGAN_F16_1024_CHECKPOINT_FILE, VQGAN_F16_1024_CONFIG_FILE)
 
 
 def _resolve_paths(requests: list[tuple[Any, ReleasedFile, str]], cache_dir: Any) -> list[Any]:
@@ -96,15 +105,14 @@ class _ImageTokenizer(PretrainedMixin, nn.Module):
     @property
     def fmap_size(self) -> int:
         """Tokens per side of the image grid."""
-        return self.image_size // 2 ** self.num_layers
+        return self.image_size // 2**self.num_layers
 
     def _check_images(self, images: Any) -> torch.Tensor:
         expected = (self.channels, self.image_size, self.image_size)
         if not isinstance(images, torch.Tensor) or not images.is_floating_point():
             raise TypeError("images must be a float tensor of shape (b, 3, H, W) with values in [0, 1]")
         if images.dim() != 4 or tuple(images.shape[1:]) != expected:
-            raise ValueError(f"images must have shape (b, {', '.join(map(str, expected))}), "
-                             f"got {tuple(images.shape)}")
+            raise ValueError(f"images must have shape (b, {', '.join(map(str, expected))}), got {tuple(images.shape)}")
         return images
 
     def _check_codes(self, img_seq: Any) -> torch.Tensor:
@@ -112,17 +120,16 @@ class _ImageTokenizer(PretrainedMixin, nn.Module):
         is_tensor = isinstance(img_seq, torch.Tensor)
         if not is_tensor or img_seq.is_floating_point() or img_seq.dtype == torch.bool:
             raise TypeError("img_seq must be an integer tensor of token ids")
-        if img_seq.dim() != 2 or img_seq.shape[1] != self.fmap_size ** 2:
-            raise ValueError(
-                f"img_seq must have shape (b, {self.fmap_size ** 2}), got {tuple(img_seq.shape)}"
-            )
+        if img_seq.dim() != 2 or img_seq.shape[1] != self.fmap_size**2:
+            raise ValueError(f"img_seq must have shape (b, {self.fmap_size**2}), got {tuple(img_seq.shape)}")
         if img_seq.numel() and (img_seq.min() < 0 or img_seq.max() >= self.num_tokens):
             raise ValueError(f"img_seq ids must be in [0, {self.num_tokens})")
         return rearrange(img_seq.long(), "b (h w) -> b h w", h=self.fmap_size)
 
     def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
-        raise NotImplementedError(f"{type(self).__name__} is a pretrained tokenizer: use "
-                                  "get_codebook_indices(images) and decode(img_seq)")
+        raise NotImplementedError(
+            f"{type(self).__name__} is a pretrained tokenizer: use get_codebook_indices(images) and decode(img_seq)"
+        )
 
     @classmethod
     def _build_from_config(cls, config: Mapping[str, Any]) -> Any:
@@ -144,14 +151,20 @@ class OpenAIDiscreteVAE(_ImageTokenizer):
     The logit-Laplace pixel mapping of the paper is applied inside: images are in [0, 1] in and out.
     """
 
-    def __init__(self, encoder_path: str | os.PathLike | None = None,
-                 decoder_path: str | os.PathLike | None = None,
-                 cache_dir: str | os.PathLike | None = None) -> None:
+    def __init__(
+        self,
+        encoder_path: str | os.PathLike | None = None,
+        decoder_path: str | os.PathLike | None = None,
+        cache_dir: str | os.PathLike | None = None,
+    ) -> None:
         super().__init__()
-        encoder_path, decoder_path = _resolve_paths([
-            (encoder_path, OPENAI_ENCODER_FILE, "encoder_path"),
-            (decoder_path, OPENAI_DECODER_FILE, "decoder_path"),
-        ], cache_dir)
+        encoder_path, decoder_path = _resolve_paths(
+            [
+                (encoder_path, OPENAI_ENCODER_FILE, "encoder_path"),
+                (decoder_path, OPENAI_DECODER_FILE, "decoder_path"),
+            ],
+            cache_dir,
+        )
         encoder_config, encoder_tensors = read_released_encoder(encoder_path)
         decoder_config, decoder_tensors = read_released_decoder(decoder_path)
         if encoder_config["vocab_size"] != decoder_config["vocab_size"]:
@@ -159,12 +172,14 @@ class OpenAIDiscreteVAE(_ImageTokenizer):
                 f"encoder ({encoder_config['vocab_size']} codes) and decoder ({decoder_config['vocab_size']} "
                 "codes) do not belong together"
             )
-        self._build({
-            "image_size": 256,  # the resolution the released model was trained at
-            "vocab_size": encoder_config["vocab_size"],
-            "encoder": {key: encoder_config[key] for key in ("n_hid", "n_blk_per_group")},
-            "decoder": {key: decoder_config[key] for key in ("n_init", "n_hid", "n_blk_per_group")},
-        })
+        self._build(
+            {
+                "image_size": 256,  # the resolution the released model was trained at
+                "vocab_size": encoder_config["vocab_size"],
+                "encoder": {key: encoder_config[key] for key in ("n_hid", "n_blk_per_group")},
+                "decoder": {key: decoder_config[key] for key in ("n_init", "n_hid", "n_blk_per_group")},
+            }
+        )
         load_tensors_strict(self.encoder, encoder_tensors, f"encoder file {encoder_path}")
         load_tensors_strict(self.decoder, decoder_tensors, f"decoder file {decoder_path}")
 
@@ -175,21 +190,29 @@ class OpenAIDiscreteVAE(_ImageTokenizer):
         return cls._build_from_config(config)
 
     def _build(self, config: Mapping[str, Any]) -> None:
-        if not isinstance(config, Mapping) or not isinstance(config.get("encoder"), Mapping) \
-                or not isinstance(config.get("decoder"), Mapping):
-            raise ValueError(
-                "config must be a mapping with 'image_size', 'vocab_size', 'encoder' and 'decoder'"
-            )
+        if (
+            not isinstance(config, Mapping)
+            or not isinstance(config.get("encoder"), Mapping)
+            or not isinstance(config.get("decoder"), Mapping)
+        ):
+            raise ValueError("config must be a mapping with 'image_size', 'vocab_size', 'encoder' and 'decoder'")
         image_size = _positive_int(config.get("image_size"), "config['image_size']")
         vocab_size = _positive_int(config.get("vocab_size"), "config['vocab_size']")
-        encoder = {key: _positive_int(config["encoder"].get(key), f"config['encoder']['{key}']")
-                   for key in ("n_hid", "n_blk_per_group")}
-        decoder = {key: _positive_int(config["decoder"].get(key), f"config['decoder']['{key}']")
-                   for key in ("n_init", "n_hid", "n_blk_per_group")}
+        encoder = {
+            key: _positive_int(config["encoder"].get(key), f"config['encoder']['{key}']")
+            for key in ("n_hid", "n_blk_per_group")
+        }
+        decoder = {
+            key: _positive_int(config["decoder"].get(key), f"config['decoder']['{key}']")
+            for key in ("n_init", "n_hid", "n_blk_per_group")
+        }
         if image_size % 8 or encoder["n_hid"] % 4 or decoder["n_hid"] % 4:
             raise ValueError("config image_size must be a multiple of 8 and n_hid a multiple of 4")
         self.config = {
-            "image_size": image_size, "vocab_size": vocab_size, "encoder": encoder, "decoder": decoder,
+            "image_size": image_size,
+            "vocab_size": vocab_size,
+            "encoder": encoder,
+            "decoder": decoder,
         }
         self.image_size, self.num_tokens, self.num_layers, self.channels = image_size, vocab_size, 3, 3
         self.encoder = OpenAIEncoder(vocab_size=vocab_size, **encoder)
@@ -217,18 +240,22 @@ class VQGanVAE(_ImageTokenizer):
     token count and grid come from the config. Images are in [0, 1] in and out.
     """
 
-    def __init__(self, vqgan_model_path: str | os.PathLike | None = None,
-                 vqgan_config_path: str | os.PathLike | None = None,
-                 cache_dir: str | os.PathLike | None = None) -> None:
+    def __init__(
+        self,
+        vqgan_model_path: str | os.PathLike | None = None,
+        vqgan_config_path: str | os.PathLike | None = None,
+        cache_dir: str | os.PathLike | None = None,
+    ) -> None:
         super().__init__()
         if (vqgan_model_path is None) != (vqgan_config_path is None):
-            raise ValueError(
-                "give both vqgan_model_path and vqgan_config_path, or neither for the default model"
-            )
-        config_path, model_path = _resolve_paths([
-            (vqgan_config_path, VQGAN_F16_1024_CONFIG_FILE, "vqgan_config_path"),
-            (vqgan_model_path, VQGAN_F16_1024_CHECKPOINT_FILE, "vqgan_model_path"),
-        ], cache_dir)
+            raise ValueError("give both vqgan_model_path and vqgan_config_path, or neither for the default model")
+        config_path, model_path = _resolve_paths(
+            [
+                (vqgan_config_path, VQGAN_F16_1024_CONFIG_FILE, "vqgan_config_path"),
+                (vqgan_model_path, VQGAN_F16_1024_CHECKPOINT_FILE, "vqgan_model_path"),
+            ],
+            cache_dir,
+        )
         self._build(read_vqgan_yaml(config_path))
         load_tensors_strict(self.model, read_vqgan_checkpoint(model_path), f"VQGAN checkpoint {model_path}")
 

@@ -60,9 +60,7 @@ _STORAGE_DTYPES = {
     "ComplexDoubleStorage": torch.complex128,
     "UntypedStorage": torch.uint8,
 }
-_DTYPES_BY_NAME = {
-    str(dtype).removeprefix("torch."): dtype for dtype in _STORAGE_DTYPES.values()
-}
+_DTYPES_BY_NAME = {str(dtype).removeprefix("torch."): dtype for dtype in _STORAGE_DTYPES.values()}
 
 
 class CheckpointFormatError(ValueError):
@@ -130,8 +128,7 @@ def _as_shape(value: Any, what: str) -> tuple[int, ...]:
     return tuple(value)
 
 
-def _rebuild_tensor(storage: Any, storage_offset: Any, size: Any, stride: Any,
-                    *_ignored: Any) -> torch.Tensor:
+def _rebuild_tensor(storage: Any, storage_offset: Any, size: Any, stride: Any, *_ignored: Any) -> torch.Tensor:
     if not isinstance(storage, _Storage):
         raise CheckpointFormatError(f"tensor data must come from a storage record, got {storage!r}")
     if not isinstance(storage_offset, int) or storage_offset < 0:
@@ -146,8 +143,16 @@ def _rebuild_tensor(storage: Any, storage_offset: Any, size: Any, stride: Any,
     return torch.as_strided(storage.flat, size, stride, storage_offset)
 
 
-def _rebuild_tensor_v3(storage: Any, storage_offset: Any, size: Any, stride: Any, requires_grad: Any,
-                       backward_hooks: Any, dtype: Any, *_ignored: Any) -> torch.Tensor:
+def _rebuild_tensor_v3(
+    storage: Any,
+    storage_offset: Any,
+    size: Any,
+    stride: Any,
+    requires_grad: Any,
+    backward_hooks: Any,
+    dtype: Any,
+    *_ignored: Any,
+) -> torch.Tensor:
     if isinstance(storage, _Storage) and isinstance(dtype, torch.dtype) and storage.flat.dtype != dtype:
         storage = _Storage(storage.flat.view(dtype))  # an untyped (byte) storage viewed as `dtype`
     return _rebuild_tensor(storage, storage_offset, size, stride)
@@ -209,7 +214,8 @@ class _RestrictedUnpickler(pickle.Unpickler):
         if key not in self._record_classes:
             # A fresh subclass per name, so NEWOBJ (which needs a type) works and records stay distinct.
             self._record_classes[key] = type(
-                name.rpartition(".")[2] or "PickledObject", (PickledObject,),
+                name.rpartition(".")[2] or "PickledObject",
+                (PickledObject,),
                 {"pickled_module": module, "pickled_name": name, "__module__": __name__},
             )
         return self._record_classes[key]
@@ -240,9 +246,7 @@ def _load_zip(path: Path) -> Any:
     try:
         archive = zipfile.ZipFile(path)
     except (zipfile.BadZipFile, OSError) as error:
-        raise CheckpointFormatError(
-            f"{path} is truncated or not a PyTorch zip checkpoint: {error}"
-        ) from error
+        raise CheckpointFormatError(f"{path} is truncated or not a PyTorch zip checkpoint: {error}") from error
     with archive, open(path, "rb") as raw:
         pickles = [name for name in archive.namelist() if name.endswith("data.pkl") and name.count("/") == 1]
         if len(pickles) != 1:
@@ -265,8 +269,9 @@ def _load_zip(path: Path) -> Any:
         return _unpickle(io.BytesIO(archive.read(pickles[0])), load_storage, path)
 
 
-def _read_zip_storage(archive: zipfile.ZipFile, mapped: mmap.mmap | None, name: str, dtype: torch.dtype,
-                      numel: Any) -> torch.Tensor:
+def _read_zip_storage(
+    archive: zipfile.ZipFile, mapped: mmap.mmap | None, name: str, dtype: torch.dtype, numel: Any
+) -> torch.Tensor:
     try:
         info = archive.getinfo(name)
     except KeyError as error:
@@ -276,7 +281,7 @@ def _read_zip_storage(archive: zipfile.ZipFile, mapped: mmap.mmap | None, name: 
         raise CheckpointFormatError(f"storage {name} holds {nbytes} bytes, too few for {numel} x {dtype}")
     if info.compress_type == zipfile.ZIP_STORED and mapped is not None:
         # Local header: 30 fixed bytes, then the file name and an extra field whose lengths it records.
-        header = mapped[info.header_offset:info.header_offset + 30]
+        header = mapped[info.header_offset : info.header_offset + 30]
         name_length, extra_length = struct.unpack("<HH", header[26:30])
         start = info.header_offset + 30 + name_length + extra_length
         if start + nbytes <= len(mapped) and start % _element_size(dtype) == 0:
@@ -286,6 +291,7 @@ def _read_zip_storage(archive: zipfile.ZipFile, mapped: mmap.mmap | None, name: 
 
 def _load_legacy(path: Path) -> Any:
     with open(path, "rb") as file:
+
         def no_storage(pid: tuple) -> _Storage:
             raise CheckpointFormatError("unexpected storage in the file header")
 
@@ -312,7 +318,7 @@ def _load_legacy(path: Path) -> Any:
             view_metadata = pid[5] if len(pid) > 5 else None
             if view_metadata is not None:  # (view_key, offset, size) of a storage slice, torch < 1.x
                 _view_key, offset, size = view_metadata
-                return _Storage(storages[key].flat[offset:offset + size])
+                return _Storage(storages[key].flat[offset : offset + size])
             return storages[key]
 
         result = _unpickle(file, load_storage, path)
@@ -337,8 +343,17 @@ def _unpickle(file: io.BufferedIOBase, load_storage: Callable[[tuple], _Storage]
         return _RestrictedUnpickler(file, load_storage).load()
     except CheckpointFormatError:
         raise
-    except (pickle.UnpicklingError, EOFError, TypeError, ValueError, AttributeError, IndexError,
-            KeyError, struct.error, RuntimeError) as error:
+    except (
+        pickle.UnpicklingError,
+        EOFError,
+        TypeError,
+        ValueError,
+        AttributeError,
+        IndexError,
+        KeyError,
+        struct.error,
+        RuntimeError,
+    ) as error:
         raise CheckpointFormatError(f"{path} is truncated or not a PyTorch checkpoint: {error}") from error
 
 

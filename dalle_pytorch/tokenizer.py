@@ -146,9 +146,7 @@ _BYTE_TO_CHAR = _byte_to_char()
 _CHAR_TO_BYTE = {c: b for b, c in _BYTE_TO_CHAR.items()}
 
 # CLIP's pre-tokenizer: English contractions, runs of letters, single digits, runs of other symbols.
-_CLIP_WORD_PATTERN = regex.compile(
-    r"'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+", regex.IGNORECASE
-)
+_CLIP_WORD_PATTERN = regex.compile(r"'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+", regex.IGNORECASE)
 _END_OF_WORD = "</w>"
 
 

@@ -65,7 +65,6 @@ LossFn = Callable[[nn.Module, Any, int], "Tensor | tuple[Tensor, dict[str, float
 SampleFn = Callable[[int, nn.Module, Any, RunLogger], None]
 
 
-
 def make_adamw(params: list[torch.Tensor], *, fused: bool = True, **options) -> torch.optim.AdamW:
     """AdamW, with the fused single-kernel step where torch has it for these parameters (CPU and CUDA
     floating point; several times faster than the per-tensor loop on CPU), else the default implementation.
@@ -78,6 +77,7 @@ def make_adamw(params: list[torch.Tensor], *, fused: bool = True, **options) -> 
         except (RuntimeError, TypeError, ValueError):  # an older torch or an unsupported dtype/device
             pass
     return torch.optim.AdamW(params, **options)
+
 
 class NonFiniteLossError(RuntimeError):
     """The loss or the gradients were NaN/inf for too many optimizer steps in a row."""

@@ -44,8 +44,15 @@ def save_training_state(
 ) -> Path:
     """Writes `directory/training_state.pt` atomically: optimizer/scheduler/scaler state, step, epoch,
     `data_position` and `extra` (anything `torch.load(weights_only=True)` reads), and all RNG states."""
-    state = _training_state(optimizer=optimizer, scheduler=scheduler, scaler=scaler, step=step, epoch=epoch,
-                            data_position=data_position, extra=extra)
+    state = _training_state(
+        optimizer=optimizer,
+        scheduler=scheduler,
+        scaler=scaler,
+        step=step,
+        epoch=epoch,
+        data_position=data_position,
+        extra=extra,
+    )
     path = Path(directory) / TRAINING_STATE_NAME
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_file(path, lambda tmp: torch.save(state, tmp))
@@ -101,8 +108,15 @@ def save_checkpoint(
     `save_training_state`) in one atomic step, so weights and training state always belong together."""
     state = None
     if optimizer is not None:
-        state = _training_state(optimizer=optimizer, scheduler=scheduler, scaler=scaler, step=step,
-                                epoch=epoch, data_position=data_position, extra=extra)
+        state = _training_state(
+            optimizer=optimizer,
+            scheduler=scheduler,
+            scaler=scaler,
+            step=step,
+            epoch=epoch,
+            data_position=data_position,
+            extra=extra,
+        )
     elif any(value is not None for value in (scheduler, scaler, step, epoch, data_position, extra)):
         raise ValueError("save_checkpoint writes a training state only together with its optimizer=")
 
@@ -115,8 +129,14 @@ def save_checkpoint(
 
 
 def _training_state(
-    *, optimizer: Any, scheduler: Any = None, scaler: Any = None, step: int, epoch: int,
-    data_position: Any = None, extra: Any = None,
+    *,
+    optimizer: Any,
+    scheduler: Any = None,
+    scaler: Any = None,
+    step: int,
+    epoch: int,
+    data_position: Any = None,
+    extra: Any = None,
 ) -> dict[str, Any]:
     for name, value in (("step", step), ("epoch", epoch)):
         if type(value) is not int or value < 0:
@@ -168,10 +188,14 @@ def _get_rng_states() -> dict[str, Any]:
     version, internal, gauss_next = random.getstate()
     name, keys, pos, has_gauss, cached_gaussian = np.random.get_state(legacy=True)
     return {
-        "python": {"version": version, "state": torch.tensor(internal, dtype=torch.int64),
-                   "gauss_next": gauss_next},
-        "numpy": {"name": str(name), "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)},
+        "python": {"version": version, "state": torch.tensor(internal, dtype=torch.int64), "gauss_next": gauss_next},
+        "numpy": {
+            "name": str(name),
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached_gaussian),
+        },
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         "mps": torch.mps.get_rng_state() if torch.backends.mps.is_available() else None,

@@ -96,8 +96,14 @@ class Upsample(nn.Module):
 class _Level(nn.Module):
     """One resolution level: residual blocks, attention after each block (if any), then resampling."""
 
-    def __init__(self, widths: list[tuple[int, int]], use_attention: bool, *,
-                 downsample: nn.Module | None = None, upsample: nn.Module | None = None) -> None:
+    def __init__(
+        self,
+        widths: list[tuple[int, int]],
+        use_attention: bool,
+        *,
+        downsample: nn.Module | None = None,
+        upsample: nn.Module | None = None,
+    ) -> None:
         super().__init__()
         self.block = nn.ModuleList(ResnetBlock(n_in, n_out) for n_in, n_out in widths)
         self.attn = nn.ModuleList(AttnBlock(n_out) for _, n_out in widths if use_attention)
@@ -132,9 +138,19 @@ class _Middle(nn.Module):
 class Encoder(nn.Module):
     """Images (b, in_channels, R, R) in [-1, 1] -> features (b, z_channels, R/2^k, R/2^k), k = levels - 1."""
 
-    def __init__(self, *, ch: int, ch_mult: list[int], num_res_blocks: int, attn_resolutions: list[int],
-                 in_channels: int, resolution: int, z_channels: int, resamp_with_conv: bool = True,
-                 **_unused: Any) -> None:
+    def __init__(
+        self,
+        *,
+        ch: int,
+        ch_mult: list[int],
+        num_res_blocks: int,
+        attn_resolutions: list[int],
+        in_channels: int,
+        resolution: int,
+        z_channels: int,
+        resamp_with_conv: bool = True,
+        **_unused: Any,
+    ) -> None:
         super().__init__()
         self.conv_in = nn.Conv2d(in_channels, ch, 3, padding=1)
         self.down = nn.ModuleList()
@@ -162,9 +178,19 @@ class Encoder(nn.Module):
 class Decoder(nn.Module):
     """Features (b, z_channels, r, r) -> images (b, out_ch, r * 2^k, r * 2^k), roughly in [-1, 1]."""
 
-    def __init__(self, *, ch: int, out_ch: int, ch_mult: list[int], num_res_blocks: int,
-                 attn_resolutions: list[int], resolution: int, z_channels: int, resamp_with_conv: bool = True,
-                 **_unused: Any) -> None:
+    def __init__(
+        self,
+        *,
+        ch: int,
+        out_ch: int,
+        ch_mult: list[int],
+        num_res_blocks: int,
+        attn_resolutions: list[int],
+        resolution: int,
+        z_channels: int,
+        resamp_with_conv: bool = True,
+        **_unused: Any,
+    ) -> None:
         super().__init__()
         n_in = ch * ch_mult[-1]
         res = resolution // 2 ** (len(ch_mult) - 1)
@@ -200,8 +226,7 @@ class VectorQuantizer(nn.Module):
     def codes(self, features: torch.Tensor) -> torch.Tensor:
         codebook = self.embedding.weight
         # |z - e|^2 expanded as |z|^2 + |e|^2 - 2 z.e, as taming computes it, so near-ties resolve alike
-        distances = (features.pow(2).sum(-1, keepdim=True) + codebook.pow(2).sum(-1)
-                     - 2 * features @ codebook.t())
+        distances = features.pow(2).sum(-1, keepdim=True) + codebook.pow(2).sum(-1) - 2 * features @ codebook.t()
         return distances.argmin(dim=-1)
 
     def lookup(self, codes: torch.Tensor) -> torch.Tensor:
@@ -299,8 +324,12 @@ def validate_vqgan_config(config: Mapping[str, Any]) -> dict[str, Any]:
     if quantizer == "gumbel" and embed_dim != clean["z_channels"]:
         # The Gumbel projection reads z_channels features from quant_conv's embed_dim outputs.
         raise ValueError("a gumbel VQGAN needs embed_dim == ddconfig['z_channels']")
-    return {"ddconfig": clean, "n_embed": positive_int(config.get("n_embed"), "config['n_embed']"),
-            "embed_dim": embed_dim, "quantizer": quantizer}
+    return {
+        "ddconfig": clean,
+        "n_embed": positive_int(config.get("n_embed"), "config['n_embed']"),
+        "embed_dim": embed_dim,
+        "quantizer": quantizer,
+    }
 
 
 def read_vqgan_yaml(path: str | os.PathLike) -> dict[str, Any]:
@@ -313,24 +342,27 @@ def read_vqgan_yaml(path: str | os.PathLike) -> dict[str, Any]:
         with open(path, encoding="utf-8") as file:
             document = yaml.safe_load(file)
     except yaml.YAMLError as error:
-        raise ValueError(f"{path} is not a plain YAML config (tags and Python objects are refused): "
-                         f"{error}") from error
+        raise ValueError(f"{path} is not a plain YAML config (tags and Python objects are refused): {error}") from error
     model = document.get("model") if isinstance(document, Mapping) else None
     params = model.get("params") if isinstance(model, Mapping) else None
     if not isinstance(params, Mapping):
         raise ValueError(f"{path} has no 'model: params:' section: not a taming VQGAN config")
     target_class = str(model.get("target", "")).rpartition(".")[2]
     if target_class not in ("VQModel", "VQNoDiscModel", "GumbelVQ"):
-        raise ValueError(f"{path}: model.target {model.get('target')!r} is not a supported VQGAN "
-                         "(taming.models.vqgan.VQModel or GumbelVQ)")
+        raise ValueError(
+            f"{path}: model.target {model.get('target')!r} is not a supported VQGAN "
+            "(taming.models.vqgan.VQModel or GumbelVQ)"
+        )
     if params.get("remap") is not None:
         raise ValueError(f"{path}: codebook remapping ('remap') is not supported")
-    return validate_vqgan_config({
-        "ddconfig": params.get("ddconfig"),
-        "n_embed": params.get("n_embed"),
-        "embed_dim": params.get("embed_dim"),
-        "quantizer": "gumbel" if target_class == "GumbelVQ" else "vector",
-    })
+    return validate_vqgan_config(
+        {
+            "ddconfig": params.get("ddconfig"),
+            "n_embed": params.get("n_embed"),
+            "embed_dim": params.get("embed_dim"),
+            "quantizer": "gumbel" if target_class == "GumbelVQ" else "vector",
+        }
+    )
 
 
 def read_vqgan_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -342,8 +374,9 @@ def read_vqgan_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     state_dict = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, Mapping) else None
     if not isinstance(state_dict, Mapping):
         raise CheckpointFormatError(f"{path} holds no state_dict mapping: not a VQGAN checkpoint")
-    tensors = {key: value for key, value in state_dict.items()
-               if isinstance(key, str) and key.startswith(_MODEL_PREFIXES)}
+    tensors = {
+        key: value for key, value in state_dict.items() if isinstance(key, str) and key.startswith(_MODEL_PREFIXES)
+    }
     if not tensors:
         raise CheckpointFormatError(f"{path} has no encoder/decoder/quantize weights: not a VQGAN checkpoint")
     for key, value in tensors.items():

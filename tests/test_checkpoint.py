@@ -289,8 +289,9 @@ def test_sigkill_during_save_leaves_previous_checkpoint_readable(tmp_path, momen
     old = perturbed(ToyNet(), seed=1)
     path = old.save_pretrained(tmp_path / "toy")
     script = KILL_SCRIPT.format(tests_dir=str(Path(__file__).parent))
-    result = subprocess.run([sys.executable, "-c", textwrap.dedent(script), str(path), moment],
-                            capture_output=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(script), str(path), moment], capture_output=True, timeout=120
+    )
     assert result.returncode == -signal.SIGKILL, result.stderr.decode()
     if moment == "swap":
         assert not path.exists()
@@ -327,8 +328,17 @@ def test_dalle_round_trip_keeps_vae_in_subfolder_and_tied_embeddings(tmp_path):
         pytest.skip("DALLE does not use PretrainedMixin yet")
     torch.manual_seed(0)
     vae = vae_module.DiscreteVAE(image_size=16, num_tokens=8, codebook_dim=8, num_layers=2, hidden_dim=8)
-    dalle = dalle_module.DALLE(dim=16, vae=vae, num_text_tokens=20, text_seq_len=4, depth=2, heads=2,
-                               dim_head=8, share_input_output_emb=True, shared_attn_ids=(0, 0))
+    dalle = dalle_module.DALLE(
+        dim=16,
+        vae=vae,
+        num_text_tokens=20,
+        text_seq_len=4,
+        depth=2,
+        heads=2,
+        dim_head=8,
+        share_input_output_emb=True,
+        shared_attn_ids=(0, 0),
+    )
     path = dalle.save_pretrained(tmp_path / "dalle")
     assert read_config(path / "vae")["model_type"] == "DiscreteVAE"
     assert not any(key.startswith("vae.") for key in stored_keys(path))

@@ -139,9 +139,7 @@ def sample_names(dataset: TextImageDataset) -> list[str]:
 
 def test_index_pairs_by_path_and_reports_orphans_once(messy_folder):
     with pytest.warns(RuntimeWarning, match="1 image.* without a caption.* 1 caption") as record:
-        dataset = TextImageDataset(
-            messy_folder, text_len=TEXT_LEN, image_size=SIZE, tokenizer=ByteTokenizer()
-        )
+        dataset = TextImageDataset(messy_folder, text_len=TEXT_LEN, image_size=SIZE, tokenizer=ByteTokenizer())
     assert len([w for w in record if "without a caption" in str(w.message)]) == 1
     assert dataset.images_without_caption == 1
     assert dataset.captions_without_image == 1

@@ -57,8 +57,7 @@ class FileServer:
                 pass
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.02},
-                                       daemon=True)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
 
     def url(self, path: str = "/file.bin") -> str:
         return f"http://127.0.0.1:{self.httpd.server_address[1]}{path}"
@@ -159,8 +158,13 @@ def test_http_error_is_a_download_error(server, tmp_path):
 
 
 def _released(sha256=PAYLOAD_SHA256):
-    return ReleasedFile(cache_name="weights/file.bin", url="http://example.invalid/file.bin",
-                        sha256=sha256, size=len(PAYLOAD), description="test weights")
+    return ReleasedFile(
+        cache_name="weights/file.bin",
+        url="http://example.invalid/file.bin",
+        sha256=sha256,
+        size=len(PAYLOAD),
+        description="test weights",
+    )
 
 
 def test_fetch_uses_the_base_url_mirror_and_then_the_cache(server, tmp_path, monkeypatch):

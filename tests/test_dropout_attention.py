@@ -8,14 +8,17 @@ from dalle_pytorch.attention import Attention, causal_mask
 from dalle_pytorch.dropout_attention import dropout_attention, keep_mask
 
 
-def _reference(q, k, v, allowed, dropout_p, scale, seed, chunk):
-    """Dense attention with the kernel's keep masks, chunk by chunk, through plain autograd."""
+def _reference(q, k, v, allowed, dropout_p, scale, seed, chunk, causal=False):
+    """Dense attention with the kernel's keep masks, chunk by chunk, through plain autograd. A causal chunk
+    of queries [start, end) draws masks for the keys [0, end) only."""
     scores = (q @ k.transpose(-1, -2)) * scale
     probs = scores.masked_fill(~allowed, float("-inf")).softmax(-1)
-    keeps = [
-        keep_mask(probs[:, :, start : start + chunk].shape, dropout_p, seed, index, q.device)
-        for index, start in enumerate(range(0, q.shape[2], chunk))
-    ]
+    n, keeps = k.shape[2], []
+    for index, start in enumerate(range(0, q.shape[2], chunk)):
+        shape = probs[:, :, start : start + chunk].shape
+        keys = min(start + chunk, n) if causal else n
+        keep = keep_mask((*shape[:-1], keys), dropout_p, seed, index, q.device)
+        keeps.append(torch.nn.functional.pad(keep, (0, n - keys)))
     return (probs * torch.cat(keeps, dim=2) / (1 - dropout_p)) @ v
 
 
@@ -38,7 +41,7 @@ def test_equals_dense_reference_with_the_same_dropout(kind, chunk_elements, monk
         q, k, v, None if kind == "causal" else allowed, causal=kind == "causal", dropout_p=0.3, seed=5
     )
     chunk = module._chunk_len(q, n)
-    expected = _reference(q, k, v, allowed, 0.3, 8**-0.5, 5, chunk)
+    expected = _reference(q, k, v, allowed, 0.3, 8**-0.5, 5, chunk, causal=kind == "causal")
     torch.testing.assert_close(out, expected)
     grad = torch.randn_like(out)
     got = torch.autograd.grad(out, (q, k, v), grad)

@@ -130,9 +130,7 @@ def test_openai_native_modules_match_official(openai_files, tmp_path, legacy_for
     vae = OpenAIDiscreteVAE(tmp_path / "encoder.pkl", tmp_path / "decoder.pkl")
     images = _images(2, 32)  # the networks are convolutional: a small input exercises every layer
     with torch.no_grad():
-        torch.testing.assert_close(
-            vae.encoder(map_pixels(images)), encoder(dall_e_utils.map_pixels(images))
-        )
+        torch.testing.assert_close(vae.encoder(map_pixels(images)), encoder(dall_e_utils.map_pixels(images)))
         codes = torch.randint(0, 512, (2, 4, 4), generator=torch.Generator().manual_seed(1))
         one_hot = F.one_hot(codes, 512).permute(0, 3, 1, 2).float()
         torch.testing.assert_close(vae.decoder(codes), decoder(one_hot))
@@ -145,7 +143,9 @@ def test_openai_interface_and_config(openai_files):
     assert attributes == (256, 512, 3, 3, 32)
     assert isinstance(vae, torch.nn.Module)
     assert vae.config == {
-        "image_size": 256, "vocab_size": 512, "encoder": {"n_hid": 64, "n_blk_per_group": 1},
+        "image_size": 256,
+        "vocab_size": 512,
+        "encoder": {"n_hid": 64, "n_blk_per_group": 1},
         "decoder": {"n_init": 32, "n_hid": 64, "n_blk_per_group": 1},
     }
     # decode is a lookup: the one-hot 1x1 convolution became a (vocab, n_init) embedding table
@@ -160,10 +160,14 @@ def test_openai_interface_and_config(openai_files):
 
 def test_openai_input_validation(openai_files):
     directory, _, _ = openai_files
-    vae = OpenAIDiscreteVAE._from_config({
-        "image_size": 16, "vocab_size": 8, "encoder": {"n_hid": 4, "n_blk_per_group": 1},
-        "decoder": {"n_init": 4, "n_hid": 4, "n_blk_per_group": 1},
-    })
+    vae = OpenAIDiscreteVAE._from_config(
+        {
+            "image_size": 16,
+            "vocab_size": 8,
+            "encoder": {"n_hid": 4, "n_blk_per_group": 1},
+            "decoder": {"n_init": 4, "n_hid": 4, "n_blk_per_group": 1},
+        }
+    )
     assert vae.fmap_size == 2
     assert vae.get_codebook_indices(_images(2, 16)).shape == (2, 4)
     with pytest.raises(ValueError, match=r"images must have shape \(b, 3, 16, 16\)"):
@@ -177,8 +181,7 @@ def test_openai_input_validation(openai_files):
     with pytest.raises(ValueError, match=r"ids must be in \[0, 8\)"):
         vae.decode(torch.full((1, 4), 8))
     with pytest.raises(ValueError, match="n_hid"):
-        OpenAIDiscreteVAE._from_config({"image_size": 16, "vocab_size": 8, "encoder": {"n_hid": 0},
-                                        "decoder": {}})
+        OpenAIDiscreteVAE._from_config({"image_size": 16, "vocab_size": 8, "encoder": {"n_hid": 0}, "decoder": {}})
     with pytest.raises(TypeError, match="encoder_path"):
         OpenAIDiscreteVAE(encoder_path=3, decoder_path=directory / "decoder.pkl")
     with pytest.raises(FileNotFoundError, match="decoder_path"):
@@ -256,8 +259,18 @@ def test_openai_full_size_matches_official(tmp_path):
 
 # --- VQGanVAE -----------------------------------------------------------------------------------------
 
-TINY_DDCONFIG = dict(double_z=False, z_channels=32, resolution=32, in_channels=3, out_ch=3, ch=32,
-                     ch_mult=[1, 2], num_res_blocks=1, attn_resolutions=[16], dropout=0.0)
+TINY_DDCONFIG = dict(
+    double_z=False,
+    z_channels=32,
+    resolution=32,
+    in_channels=3,
+    out_ch=3,
+    ch=32,
+    ch_mult=[1, 2],
+    num_res_blocks=1,
+    attn_resolutions=[16],
+    dropout=0.0,
+)
 
 
 class LightningCallbackStandIn:
@@ -276,7 +289,8 @@ def _taming_vqgan(quantizer: str, ddconfig: dict, n_embed: int, embed_dim: int, 
         "post_quant_conv": torch.nn.Conv2d(embed_dim, ddconfig["z_channels"], 1),
         "quantize": (
             taming_quantize.GumbelQuantize(ddconfig["z_channels"], embed_dim, n_embed=n_embed)
-            if quantizer == "gumbel" else taming_quantize.VectorQuantizer2(n_embed, embed_dim, beta=0.25)
+            if quantizer == "gumbel"
+            else taming_quantize.VectorQuantizer2(n_embed, embed_dim, beta=0.25)
         ),
     }
     for index, module in enumerate(modules.values()):
@@ -285,29 +299,40 @@ def _taming_vqgan(quantizer: str, ddconfig: dict, n_embed: int, embed_dim: int, 
     return modules
 
 
-def _write_vqgan(directory: Path, modules: dict, quantizer: str, ddconfig: dict, n_embed: int,
-                 embed_dim: int) -> tuple[Path, Path]:
+def _write_vqgan(
+    directory: Path, modules: dict, quantizer: str, ddconfig: dict, n_embed: int, embed_dim: int
+) -> tuple[Path, Path]:
     """A Lightning-style checkpoint and a model.yaml laid out like the released taming files."""
     state_dict = OrderedDict(
-        (f"{prefix}.{key}", tensor) for prefix, module in modules.items()
-        for key, tensor in module.state_dict().items()
+        (f"{prefix}.{key}", tensor) for prefix, module in modules.items() for key, tensor in module.state_dict().items()
     )
     state_dict["loss.discriminator.main.0.weight"] = torch.randn(64, 3, 4, 4)  # ignored by the loader
     state_dict["loss.perceptual_loss.net.slice1.0.weight"] = torch.randn(64, 3, 3, 3)
     checkpoint = {
-        "epoch": 3, "global_step": 1000, "pytorch-lightning_version": "1.0.8",
+        "epoch": 3,
+        "global_step": 1000,
+        "pytorch-lightning_version": "1.0.8",
         "callbacks": {LightningCallbackStandIn: LightningCallbackStandIn()},
         "optimizer_states": [{"state": {0: {"exp_avg": torch.randn(8)}}, "param_groups": [{"lr": 4.5e-6}]}],
-        "lr_schedulers": [], "state_dict": state_dict,
+        "lr_schedulers": [],
+        "state_dict": state_dict,
     }
     target = "taming.models.vqgan.GumbelVQ" if quantizer == "gumbel" else "taming.models.vqgan.VQModel"
-    params = {"embed_dim": embed_dim, "n_embed": n_embed, "ddconfig": ddconfig,
-              "lossconfig": {"target": "taming.modules.losses.vqperceptual.VQLPIPSWithDiscriminator",
-                             "params": {"disc_start": 250001, "disc_weight": 0.8}}}
+    params = {
+        "embed_dim": embed_dim,
+        "n_embed": n_embed,
+        "ddconfig": ddconfig,
+        "lossconfig": {
+            "target": "taming.modules.losses.vqperceptual.VQLPIPSWithDiscriminator",
+            "params": {"disc_start": 250001, "disc_weight": 0.8},
+        },
+    }
     if quantizer == "gumbel":
         params["kl_weight"] = 1.0e-08
-        params["temperature_scheduler_config"] = {"target": "taming.lr_scheduler.LambdaWarmUpCosineScheduler",
-                                                  "params": {"warm_up_steps": 0, "lr_start": 0.9}}
+        params["temperature_scheduler_config"] = {
+            "target": "taming.lr_scheduler.LambdaWarmUpCosineScheduler",
+            "params": {"warm_up_steps": 0, "lr_start": 0.9},
+        }
     config = {"model": {"base_learning_rate": 4.5e-06, "target": target, "params": params}}
     directory.mkdir(parents=True, exist_ok=True)
     torch.save(checkpoint, directory / "last.ckpt")
@@ -421,8 +446,18 @@ def test_vqgan_default_files_come_from_the_cache(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_vqgan_imagenet_f16_1024_size_matches_taming(tmp_path):
-    ddconfig = dict(double_z=False, z_channels=256, resolution=256, in_channels=3, out_ch=3, ch=128,
-                    ch_mult=[1, 1, 2, 2, 4], num_res_blocks=2, attn_resolutions=[16], dropout=0.0)
+    ddconfig = dict(
+        double_z=False,
+        z_channels=256,
+        resolution=256,
+        in_channels=3,
+        out_ch=3,
+        ch=128,
+        ch_mult=[1, 1, 2, 2, 4],
+        num_res_blocks=2,
+        attn_resolutions=[16],
+        dropout=0.0,
+    )
     modules = _taming_vqgan("vector", ddconfig, 1024, 256)
     vae = VQGanVAE(*_write_vqgan(tmp_path, modules, "vector", ddconfig, 1024, 256))
     assert (vae.image_size, vae.num_layers, vae.fmap_size) == (256, 4, 16)

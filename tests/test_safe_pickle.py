@@ -41,8 +41,9 @@ def test_plain_pickle_would_run_the_payload(tmp_path):
     # Shows the payload used below is live: the standard unpickler runs it (in a child process).
     marker = tmp_path / "ran"
     payload = pickle.dumps(RunsShellCommand(_marker_command(marker)), protocol=2)
-    subprocess.run([sys.executable, "-c", "import pickle, sys; pickle.loads(sys.stdin.buffer.read())"],
-                   input=payload, check=True)
+    subprocess.run(
+        [sys.executable, "-c", "import pickle, sys; pickle.loads(sys.stdin.buffer.read())"], input=payload, check=True
+    )
     assert marker.exists()
 
 
@@ -50,8 +51,9 @@ def test_plain_pickle_would_run_the_payload(tmp_path):
 def test_reduce_to_os_system_is_not_run(tmp_path, file_format):
     marker = tmp_path / "ran"
     path = tmp_path / "evil.pt"
-    torch.save({"weight": torch.ones(2), "payload": RunsShellCommand(_marker_command(marker))}, path,
-               **FORMATS[file_format])
+    torch.save(
+        {"weight": torch.ones(2), "payload": RunsShellCommand(_marker_command(marker))}, path, **FORMATS[file_format]
+    )
 
     loaded = load_torch_file(path)
 

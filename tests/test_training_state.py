@@ -23,16 +23,28 @@ from dalle_pytorch.training_state import (
 
 
 def draw_all_rngs():
-    return (random.random(), random.gauss(0, 1), np.random.rand(3).tolist(), np.random.randn(),
-            torch.rand(3), torch.randint(0, 100, (4,)))
+    return (
+        random.random(),
+        random.gauss(0, 1),
+        np.random.rand(3).tolist(),
+        np.random.randn(),
+        torch.rand(3),
+        torch.randint(0, 100, (4,)),
+    )
 
 
 def test_training_state_restores_rng_draws_and_counters(tmp_path):
     random.seed(1), np.random.seed(2), torch.manual_seed(3)
     random.gauss(0, 1), np.random.randn()  # leaves a cached second Gaussian in both generators
     optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(2))], lr=0.1)
-    path = save_training_state(tmp_path, optimizer=optimizer, step=12, epoch=3,
-                               data_position={"batch": 5, "order": torch.arange(4)}, extra={"note": "x"})
+    path = save_training_state(
+        tmp_path,
+        optimizer=optimizer,
+        step=12,
+        epoch=3,
+        data_position={"batch": 5, "order": torch.arange(4)},
+        extra={"note": "x"},
+    )
     expected = draw_all_rngs()
     random.seed(10), np.random.seed(20), torch.manual_seed(30)
 
@@ -60,8 +72,7 @@ def test_optimizer_scheduler_and_scaler_round_trip(tmp_path):
     optimizer2 = torch.optim.AdamW(model.parameters(), lr=0.01)
     scheduler2 = torch.optim.lr_scheduler.StepLR(optimizer2, step_size=2, gamma=0.5)
     scaler2 = torch.amp.GradScaler("cpu", init_scale=2.0)
-    load_training_state(tmp_path, optimizer=optimizer2, scheduler=scheduler2, scaler=scaler2,
-                        restore_rng=False)
+    load_training_state(tmp_path, optimizer=optimizer2, scheduler=scheduler2, scaler=scaler2, restore_rng=False)
     assert scheduler2.state_dict() == scheduler.state_dict()
     assert scaler2.get_scale() == 256.0
     assert optimizer2.param_groups[0]["lr"] == optimizer.param_groups[0]["lr"] == 0.005
@@ -113,8 +124,7 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path, restore_rn
     state = load_training_state(path, optimizer=optimizer, scheduler=scheduler, restore_rng=restore_rng)
     assert state["step"] == 3
     train(model, optimizer, scheduler, steps=3)
-    same = all(torch.equal(a, b) for a, b in zip(straight[0].state_dict().values(),
-                                                model.state_dict().values()))
+    same = all(torch.equal(a, b) for a, b in zip(straight[0].state_dict().values(), model.state_dict().values()))
     assert same is restore_rng  # without the RNG states the run diverges, so this test can fail
 
 
@@ -156,8 +166,7 @@ def test_training_state_version_and_missing_parts_are_clear_errors(tmp_path):
 
 def test_save_checkpoint_writes_model_and_training_state_together(tmp_path):
     model, optimizer, scheduler = fresh_run()
-    path = save_checkpoint(tmp_path / "ckpt", model, optimizer=optimizer, scheduler=scheduler,
-                           step=4, epoch=1)
+    path = save_checkpoint(tmp_path / "ckpt", model, optimizer=optimizer, scheduler=scheduler, step=4, epoch=1)
     assert sorted(p.name for p in path.iterdir()) == sorted([CONFIG_NAME, WEIGHTS_NAME, TRAINING_STATE_NAME])
     assert load_training_state(path, restore_rng=False)["epoch"] == 1
     model.save_pretrained(path)  # a plain model save replaces the whole directory

@@ -80,8 +80,10 @@ def test_rotary_scores_depend_on_relative_text_position():
     angles = rotary_angles(text_len=8, fmap=1, dim_head=12)
     cos, sin = rotary_tables(angles, 12)
     q, k = torch.randn(12), torch.randn(12)
+
     def score(i, j):
         return rotate(q, cos[i], sin[i]) @ rotate(k, cos[j], sin[j])
+
     torch.testing.assert_close(score(3, 1), score(6, 4))
     assert not torch.allclose(score(3, 1), score(3, 2))
 
