@@ -12,6 +12,7 @@ Prints one JSON line per measurement:
 
     python benchmarks/sparse_vs_full.py                                   # text_seq_len 256, batch 1
     python benchmarks/sparse_vs_full.py --text-seq-len 32 --batch 2 --rounds 8
+    python benchmarks/sparse_vs_full.py --text-seq-len 32 --batch 2 --attn-dropout 0.1   # with attention dropout
 
 On a machine shared with other work, OpenMP's default spin-waiting makes every extra kernel launch cost a
 wait for a descheduled thread; run with OMP_WAIT_POLICY=PASSIVE (or --threads 1) for comparable numbers.
@@ -28,7 +29,9 @@ import sys
 import time
 
 TYPES = ("full", "axial_row", "axial_col", "conv_like", "sparse")
-SIZES = ("fmap", "text_seq_len", "text_tokens", "image_tokens", "dim", "depth", "heads", "dim_head", "batch")
+SIZES = (
+    "fmap", "text_seq_len", "text_tokens", "image_tokens", "dim", "depth", "heads", "dim_head", "batch", "attn_dropout"
+)  # fmt: skip
 
 
 def _dalle(args: argparse.Namespace, attn_type: str, fast: bool):
@@ -40,7 +43,7 @@ def _dalle(args: argparse.Namespace, attn_type: str, fast: bool):
     vae = DiscreteVAE(image_size=args.fmap * 8, num_layers=3, num_tokens=args.image_tokens, codebook_dim=64)
     dalle = DALLE(
         dim=args.dim, vae=vae, num_text_tokens=args.text_tokens, text_seq_len=args.text_seq_len, depth=args.depth,
-        heads=args.heads, dim_head=args.dim_head, attn_types=(attn_type,),
+        heads=args.heads, dim_head=args.dim_head, attn_types=(attn_type,), attn_dropout=args.attn_dropout,
     )  # fmt: skip
     dalle.transformer.fast_path = fast
     generator = torch.Generator().manual_seed(1)
@@ -106,6 +109,7 @@ def time_attention(args: argparse.Namespace) -> None:
     import torch.nn.functional as F
 
     from dalle_pytorch.attention import attention_mask
+    from dalle_pytorch.dropout_attention import dropout_attention
     from dalle_pytorch.sparse_attention import pattern_attention
 
     text_len, n = args.text_seq_len + 1, args.text_seq_len + args.fmap**2  # DALLE's input: [BOS, text, image[:-1]]
@@ -116,14 +120,15 @@ def time_attention(args: argparse.Namespace) -> None:
     def step_for(attn_type: str, fast: bool):
         mask = None if attn_type == "full" else attention_mask(attn_type, text_len, args.fmap)[:n, :n]
 
-        def step():
+        def step():  # the kernels DALLE's Attention runs at this size (with dropout: chunked ones)
             q.grad = k.grad = v.grad = None
-            if attn_type == "full":
-                out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-            elif fast:
-                out = pattern_attention(attn_type, q, k, v, text_len, args.fmap)
+            p = args.attn_dropout
+            if fast and attn_type != "full":
+                out = pattern_attention(attn_type, q, k, v, text_len, args.fmap, dropout_p=p)
+            elif p:
+                out = dropout_attention(q, k, v, mask, causal=mask is None, dropout_p=p)
             else:
-                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
             out.sum().backward()
 
         return step
@@ -191,6 +196,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--dim-head", type=int, default=64)
     parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--attn-dropout", type=float, default=0.0, help="attention dropout of every layer")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (the machine has 2 cores)")
     parser.add_argument("--rounds", type=int, default=5, help="timed steps per configuration, interleaved")
     parser.add_argument("--types", default=",".join(TYPES), help="comma-separated attention types")
