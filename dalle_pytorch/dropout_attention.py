@@ -65,12 +65,15 @@ def _probabilities(q, k, mask, causal, scale, start, end, lse=None) -> tuple[Ten
     allowed = _chunk_mask(mask, causal, start, end, num_keys, q.device)
     if allowed is not None:
         scores.masked_fill_(~allowed, float("-inf"))
-    if lse is None:
-        lse = torch.logsumexp(scores, dim=-1)
-        lse = lse.masked_fill(torch.isinf(lse), 0.0)  # a row that sees no key: probabilities 0, output 0
-    else:
-        lse = lse[:, :, start:end]
-    return scores.sub_(lse[..., None]).exp_(), lse
+    if lse is not None:
+        return scores.sub_(lse[:, :, start:end, None]).exp_(), lse[:, :, start:end]
+    # the softmax in place (logsumexp would copy the scores twice more)
+    row_max = scores.amax(dim=-1, keepdim=True)
+    row_max.masked_fill_(torch.isinf(row_max), 0.0)  # a row that sees no key: probabilities 0, log-sum-exp 0
+    probs = scores.sub_(row_max).exp_()
+    total = probs.sum(dim=-1, keepdim=True)
+    probs.div_(total.clamp_min(torch.finfo(total.dtype).tiny))
+    return probs, (row_max + total.log()).squeeze(-1).masked_fill_(total.squeeze(-1) == 0, 0.0)
 
 
 def dropout_forward(q, k, v, mask, causal: bool, dropout_p: float, scale: float, seed: int):
@@ -100,13 +103,12 @@ def dropout_backward(grad_out, q, k, v, out, lse, mask, causal: bool, dropout_p:
         end = min(start + chunk, q.shape[2])
         probs, _ = _probabilities(q, k, mask, causal, scale, start, end, lse)
         j = probs.shape[-1]
-        dropped = ~keep_mask(probs.shape, dropout_p, seed, index, q.device)
-        d_out = grad_out[:, :, start:end]
-        # dV = A^T dO with A = P * keep / (1 - p)
-        dv[:, :, :j] += torch.matmul(probs.masked_fill(dropped, 0.0).transpose(-1, -2), d_out).mul_(inverse_keep)
-        # dS = P * (dA * keep / (1 - p) - rowsum(dO * O)), with dA = dO V^T
-        d_scores = torch.matmul(d_out, v[:, :, :j].transpose(-1, -2)).masked_fill_(dropped, 0.0).mul_(inverse_keep)
-        d_scores = d_scores.sub_(row_dot[:, :, start:end]).mul_(probs)
+        kept = probs.masked_fill(~keep_mask(probs.shape, dropout_p, seed, index, q.device), 0.0)  # P * keep
+        d_out = grad_out[:, :, start:end] * inverse_keep  # the 1 / (1 - p) of A = P * keep / (1 - p), on (c, d)
+        dv[:, :, :j] += torch.matmul(kept.transpose(-1, -2), d_out)  # dV = A^T dO
+        # dS = P * (dA * keep / (1 - p) - rowsum(dO * O)) = dO' V^T * (P * keep) - P * rowsum(dO * O)
+        d_scores = torch.matmul(d_out, v[:, :, :j].transpose(-1, -2)).mul_(kept)
+        d_scores = d_scores.sub_(probs.mul_(row_dot[:, :, start:end]))
         dq[:, :, start:end] = torch.matmul(d_scores, k[:, :, :j]).mul_(scale)
         dk[:, :, :j] += torch.matmul(d_scores.transpose(-1, -2), q[:, :, start:end]).mul_(scale)
     return dq, dk, dv
