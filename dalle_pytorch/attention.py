@@ -231,7 +231,9 @@ class Attention(nn.Module):
         if rotary is not None:
             # queries and keys in one go: (2, b, h, n, d)
             q, k = rotate(qkv[:2], *rotary).unbind(0)
-            v = qkv[2]
+            # q and k are new tensors; the attention kernel keeps v for its backward pass, and as a view v would
+            # keep all of qkv alive (10% of a training step's activations at dim 256); decoding copies v anyway
+            v = qkv[2] if cache is not None else qkv[2].contiguous()
         else:
             q, k, v = qkv.unbind(0)
         if cache is not None:

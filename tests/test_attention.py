@@ -112,3 +112,31 @@ def test_attention_equals_explicit_softmax():
     expected = attn.to_out((weights @ v).transpose(1, 2).reshape(1, 5, 8))
     torch.testing.assert_close(attn(x, mask), expected)
     assert F.scaled_dot_product_attention  # the one kernel this module uses
+
+
+@pytest.mark.parametrize("attn_type", ["full", "axial_row"])
+def test_rotary_attention_does_not_keep_the_whole_qkv_projection_for_backward(attn_type):
+    # with rotary, q and k are new tensors: the kernels keep v, which must not hold on to the (b, n, 3 * inner)
+    # projection through a view
+    from dalle_pytorch.attention import rotary_tables
+    from dalle_pytorch.sparse_attention import SparsePattern
+
+    attn = Attention(16, heads=2, dim_head=8)
+    text_len, fmap = 3, 4
+    n = text_len + fmap * fmap - 1
+    rotary = rotary_tables(torch.randn(n, 8), 8)
+    x = torch.randn(2, n, 16, requires_grad=True)
+    pattern = SparsePattern(attn_type, text_len, fmap) if attn_type != "full" else None
+    mask = None if pattern is None else attention_mask(attn_type, text_len, fmap)[:n, :n]
+    sizes = []
+
+    def pack(t):
+        sizes.append(t.untyped_storage().nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = attn(x, mask, causal=pattern is None, rotary=rotary, pattern=pattern)
+    qkv_bytes = 2 * n * 3 * 16 * 4
+    assert sizes and max(sizes) < qkv_bytes
+    out.sum().backward()  # and the gradients still flow
+    assert x.grad is not None and torch.isfinite(x.grad).all()
