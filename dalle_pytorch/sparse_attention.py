@@ -273,53 +273,53 @@ def _part_backward(part: int, dropout: _Dropout, grad_out, q, k, v, out, lse, ba
     return dropout_backward(grad_out, q, k, v, out, lse, mask, causal, dropout.p, scale, dropout.seed + part)
 
 
-def _region_buffer(x: Tensor, plan: TilePlan) -> Tensor:
-    """(b, h, n, ...) -> (B, front + region_len, ...): the positions after the prefix, zero-padded around."""
-    region = x[:, :, plan.prefix_len :]
-    back = plan.region_len - region.shape[2]
-    padded = F.pad(region, (0, 0) * (x.ndim - 3) + (plan.front, back))  # one copy
-    return padded.flatten(0, 1)
+def _lead(plan: TilePlan) -> int:
+    """Zero positions a sequence buffer needs before position 0, for windows that reach before the sequence."""
+    return max(0, plan.front - plan.prefix_len)
 
 
-def _view(buffer: Tensor, plan: TilePlan, tiling: Tiling, start: int, length: int, step: int) -> Tensor:
-    """(t, B, length, ...) view of a region buffer: item i of tile t is region position
+def _sequence_buffer(x: Tensor, plan: TilePlan) -> Tensor:
+    """(b, h, n, ...) -> (B, lead + prefix_len + region_len, ...): x between zero padding (one copy).
+
+    Region position r is at index ``lead + prefix_len + r`` (the buffer's *origin* plus r); the positions a
+    window reads before the region are prefix positions or zeros, and they are always masked."""
+    tail = plan.prefix_len + plan.region_len - x.shape[2]
+    return F.pad(x, (0, 0) * (x.ndim - 3) + (_lead(plan), tail)).flatten(0, 1)
+
+
+def _view(buffer: Tensor, origin: int, tiling: Tiling, start: int, length: int, step: int) -> Tensor:
+    """(t, B, length, ...) view of a sequence buffer: item i of tile t is region position
     ``start + t * tile_step + i * step`` (overlapping tiles share memory; nothing is copied)."""
     per_position = buffer.stride(1)
     size = (tiling.num_tiles, buffer.shape[0], length, *buffer.shape[2:])
     stride = (tiling.tile_step * per_position, buffer.stride(0), step * per_position, *buffer.stride()[2:])
-    return buffer.as_strided(size, stride, buffer.storage_offset() + (plan.front + start) * per_position)
+    return buffer.as_strided(size, stride, buffer.storage_offset() + (origin + start) * per_position)
 
 
-def _tiles(buffer: Tensor, plan: TilePlan, tiling: Tiling) -> Tensor:
-    """The query tiles of a region buffer: (t, B, c, ...)."""
-    return _view(buffer, plan, tiling, 0, tiling.tile_len, tiling.query_step)
+def _tiles(buffer: Tensor, origin: int, tiling: Tiling) -> Tensor:
+    """The query tiles of a sequence buffer: (t, B, c, ...)."""
+    return _view(buffer, origin, tiling, 0, tiling.tile_len, tiling.query_step)
 
 
-def _from_tiles(tiles: Tensor, plan: TilePlan, tiling: Tiling, x: Tensor) -> Tensor:
-    """Query tiles (t, B, c, ...) back to the region of x's layout: (b, h, n - prefix_len, ...)."""
-    buffer = tiles.new_empty(tiles.shape[1], plan.front + plan.region_len, *tiles.shape[3:])
-    _tiles(buffer, plan, tiling).copy_(tiles)
-    region = buffer[:, plan.front : plan.front + x.shape[2] - plan.prefix_len]
-    return region.unflatten(0, x.shape[:2])
-
-
-def _band_keys(buffer: Tensor, plan: TilePlan, band) -> Tensor:
+def _band_keys(buffer: Tensor, origin: int, band) -> Tensor:
     """The keys (or values) of a band: (t, B, length, d), a view for a Window, a copy for Gathered."""
     if isinstance(band, Window):
-        return _view(buffer, plan, band.tiling, band.start, band.length, band.key_step)
-    blocks = buffer[:, plan.front :].unflatten(1, (-1, band.block))  # (B, blocks, block, d)
+        return _view(buffer, origin, band.tiling, band.start, band.length, band.key_step)
+    blocks = buffer[:, origin:].unflatten(1, (-1, band.block))  # (B, blocks, block, d)
     gathered = blocks[:, band.block_index.clamp(min=0)]  # (B, t, s, block, d)
     return rearrange(gathered, "B t s l d -> t B (s l) d")
 
 
-def _add_band_grad(grad_buffer: Tensor, grad: Tensor, plan: TilePlan, band) -> None:
-    """Add the gradients (t, B, length, d) of a band's keys onto the region buffer they were read from."""
+def _add_band_grad(grad_buffer: Tensor, grad: Tensor, origin: int, band) -> None:
+    """Add the gradients (t, B, length, d) of a band's keys onto the sequence buffer they were read from.
+    Keys read before the region are masked: their gradient is exactly 0."""
     if isinstance(band, Window):
         for i in range(0, band.length, band.piece):  # pieces never overlap across tiles, so += is safe
             start = band.start + i * band.key_step
-            _view(grad_buffer, plan, band.tiling, start, band.piece, band.key_step).add_(grad[:, :, i : i + band.piece])
+            piece = _view(grad_buffer, origin, band.tiling, start, band.piece, band.key_step)
+            piece.add_(grad[:, :, i : i + band.piece])
         return
-    blocks = grad_buffer[:, plan.front :].unflatten(1, (-1, band.block))  # (B, blocks, block, d)
+    blocks = grad_buffer[:, origin:].unflatten(1, (-1, band.block))  # (B, blocks, block, d)
     grad = rearrange(grad, "t B (s l) d -> B (t s) l d", l=band.block)
     # empty slots (-1) are fully masked, so the zero gradient they carry may land on block 0
     blocks.index_add_(1, band.block_index.clamp(min=0).flatten(), grad)
@@ -338,13 +338,14 @@ def _blind(band) -> Tensor | None:
     return None if band.mask is None else ~band.mask.any(-1)[:, None]
 
 
-def _merge(out: Tensor, lse: Tensor, other_out: Tensor, other_lse: Tensor) -> tuple[Tensor, Tensor]:
-    """Combine two softmax attentions over disjoint key sets into one over their union.
+def _merge_into(out: Tensor, lse: Tensor, other_out: Tensor, other_lse: Tensor) -> None:
+    """Combine two softmax attentions over disjoint key sets into one over their union, in place of the first.
 
-    The first part's share of the union is exp(lse - logaddexp(lse, other_lse)) = sigmoid(lse - other_lse).
+    The second part's share of the union is exp(other_lse - logaddexp(lse, other_lse)) = sigmoid(other_lse - lse).
     """
-    share = torch.sigmoid(lse - other_lse)
-    return torch.lerp(other_out, out, share[..., None].to(out.dtype)), torch.logaddexp(lse, other_lse)
+    share = torch.sigmoid(other_lse - lse)
+    out.lerp_(other_out, share[..., None].to(out.dtype))
+    lse.copy_(torch.logaddexp(lse, other_lse))
 
 
 class _PlannedAttention(torch.autograd.Function):
@@ -356,51 +357,59 @@ class _PlannedAttention(torch.autograd.Function):
         # every query over the prefix keys, causally (top-left aligned: queries past p see the whole prefix)
         out, lse = _part_forward(0, dropout, q, k[:, :, :p], v[:, :, :p], None, None, scale)
         biases = [None if dropout.p else _bias(band, q.dtype) for band in plan.bands]
-        if plan.region_len:
-            q_buffer, k_buffer, v_buffer = (_region_buffer(x, plan) for x in (q, k, v))
-            region_out, region_lse = out[:, :, p:], lse[:, :, p:]
-            for part, (band, bias) in enumerate(zip(plan.bands, biases), start=1):
-                keys, values = _band_keys(k_buffer, plan, band), _band_keys(v_buffer, plan, band)
-                queries = _tiles(q_buffer, plan, band.tiling)
-                band_out, band_lse = _part_forward(part, dropout, queries, keys, values, band, bias, scale)
-                blind = _blind(band)
-                if blind is not None:  # the kernel gives log-sum-exp 0 where a row sees no key
-                    band_lse.masked_fill_(blind, float("-inf"))
-                band_out, band_lse = (_from_tiles(x, plan, band.tiling, q) for x in (band_out, band_lse))
-                region_out, region_lse = _merge(region_out, region_lse, band_out, band_lse)
-            out[:, :, p:], lse[:, :, p:] = region_out, region_lse
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.plan, ctx.scale, ctx.biases, ctx.dropout = plan, scale, biases, dropout
-        return out
+        ctx.plan, ctx.scale, ctx.biases, ctx.dropout, ctx.heads = plan, scale, biases, dropout, q.shape[:2]
+        if not plan.region_len:
+            ctx.save_for_backward(q, k, v, out, lse)
+            return out
+        # the padded copies are all a layer keeps (q, k, v, output, log-sum-exp), as the plain kernel would
+        buffers = [_sequence_buffer(x, plan) for x in (q, k, v, out, lse)]
+        q_seq, k_seq, v_seq, out_seq, lse_seq = buffers
+        origin = _lead(plan) + p
+        for part, (band, bias) in enumerate(zip(plan.bands, biases), start=1):
+            keys, values = _band_keys(k_seq, origin, band), _band_keys(v_seq, origin, band)
+            queries = _tiles(q_seq, origin, band.tiling)
+            band_out, band_lse = _part_forward(part, dropout, queries, keys, values, band, bias, scale)
+            blind = _blind(band)
+            if blind is not None:  # the kernel gives log-sum-exp 0 where a row sees no key
+                band_lse.masked_fill_(blind, float("-inf"))
+            _merge_into(_tiles(out_seq, origin, band.tiling), _tiles(lse_seq, origin, band.tiling), band_out, band_lse)
+        ctx.save_for_backward(*buffers)
+        return _unpad(out_seq, plan, q.shape[:2], q.shape[2])
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out: Tensor):
-        q, k, v, out, lse = ctx.saved_tensors
         plan, scale, p, dropout = ctx.plan, ctx.scale, ctx.plan.prefix_len, ctx.dropout
+        n = grad_out.shape[2]
         grad_out = grad_out.contiguous()
+        if not plan.region_len:
+            q, k, v, out, lse = ctx.saved_tensors
+            return (*_part_backward(0, dropout, grad_out, q, k, v, out, lse, None, None, scale), None, None, None)
+        buffers = ctx.saved_tensors
+        q_seq, k_seq, v_seq, out_seq, lse_seq = buffers
+        q, k, v, out, lse = (_unpad(x, plan, ctx.heads, n) for x in buffers)
         # given the merged output and log-sum-exp, each part's backward returns its keys' exact share
         dq, dk, dv = _part_backward(0, dropout, grad_out, q, k[:, :, :p], v[:, :, :p], out, lse, None, None, scale)
-        if not plan.region_len:
-            return dq, dk, dv, None, None, None
-        # empty query slots have dO = 0, so rowsum(dO * O) = 0 and they pass no gradient
-        q_buffer, do_buffer, out_buffer, lse_buffer = (_region_buffer(x, plan) for x in (q, grad_out, out, lse))
-        k_buffer, v_buffer = _region_buffer(k, plan), _region_buffer(v, plan)
-        dk_buffer, dv_buffer = torch.zeros_like(k_buffer), torch.zeros_like(v_buffer)
+        origin, lead = _lead(plan) + p, _lead(plan)
+        # padding query slots have dO = 0, so rowsum(dO * O) = 0 and they pass no gradient
+        do_seq, dq_seq = _sequence_buffer(grad_out, plan), _sequence_buffer(dq, plan)
+        dk_seq, dv_seq = torch.zeros_like(k_seq), torch.zeros_like(v_seq)
+        dk_seq[:, lead:origin], dv_seq[:, lead:origin] = dk.flatten(0, 1), dv.flatten(0, 1)
         for part, (band, bias) in enumerate(zip(plan.bands, ctx.biases), start=1):
-            keys, values = _band_keys(k_buffer, plan, band), _band_keys(v_buffer, plan, band)
-            tiles = [_tiles(buffer, plan, band.tiling) for buffer in (do_buffer, q_buffer, out_buffer, lse_buffer)]
+            keys, values = _band_keys(k_seq, origin, band), _band_keys(v_seq, origin, band)
+            tiles = [_tiles(buffer, origin, band.tiling) for buffer in (do_seq, q_seq, out_seq, lse_seq)]
             dq_band, dk_band, dv_band = _part_backward(
                 part, dropout, tiles[0], tiles[1], keys, values, tiles[2], tiles[3], band, bias, scale
             )
-            dq[:, :, p:] += _from_tiles(dq_band, plan, band.tiling, q)
-            _add_band_grad(dk_buffer, dk_band, plan, band)
-            _add_band_grad(dv_buffer, dv_band, plan, band)
-        n = q.shape[2]
-        regions = [
-            buffer[:, plan.front : plan.front + n - p].unflatten(0, q.shape[:2]) for buffer in (dk_buffer, dv_buffer)
-        ]
-        return dq, torch.cat((dk, regions[0]), dim=2), torch.cat((dv, regions[1]), dim=2), None, None, None
+            _tiles(dq_seq, origin, band.tiling).add_(dq_band)
+            _add_band_grad(dk_seq, dk_band, origin, band)
+            _add_band_grad(dv_seq, dv_band, origin, band)
+        return (*(_unpad(x, plan, ctx.heads, n) for x in (dq_seq, dk_seq, dv_seq)), None, None, None)
+
+
+def _unpad(buffer: Tensor, plan: TilePlan, heads: tuple[int, int], n: int) -> Tensor:
+    """The positions [0, n) of a sequence buffer, as (b, h, n, ...): a view."""
+    return buffer[:, _lead(plan) : _lead(plan) + n].unflatten(0, heads)
 
 
 def planned_attention(
