@@ -80,7 +80,8 @@ def _probabilities(q, k, mask, causal, scale, start, end, lse=None) -> tuple[Ten
 def dropout_forward(q, k, v, mask, causal: bool, dropout_p: float, scale: float, seed: int):
     """(output, log-sum-exp) of attention with dropout; q (x, y, i, d), k and v (x, y, j, d), ``mask``
     broadcastable to (x, y, i, j). A row that sees no key gets output 0 and log-sum-exp 0."""
-    out = q.new_empty(*q.shape[:3], v.shape[-1])
+    # (x, i, y, d) in memory, as PyTorch's kernels: DALLE's "b h n d -> b n (h d)" of the output is then a view
+    out = q.new_empty(q.shape[0], q.shape[2], q.shape[1], v.shape[-1]).transpose(1, 2)
     lse = q.new_empty(q.shape[:3])
     chunk = _chunk_len(q, k.shape[2])
     for index, start in enumerate(range(0, q.shape[2], chunk)):

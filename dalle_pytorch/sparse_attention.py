@@ -361,9 +361,8 @@ class _PlannedAttention(torch.autograd.Function):
         if not plan.region_len:
             ctx.save_for_backward(q, k, v, out, lse)
             return out
-        # the padded copies are all a layer keeps (q, k, v, output, log-sum-exp), as the plain kernel would
-        buffers = [_sequence_buffer(x, plan) for x in (q, k, v, out, lse)]
-        q_seq, k_seq, v_seq, out_seq, lse_seq = buffers
+        # a layer keeps the padded copies of q, k, v and the log-sum-exp, and the output: as much as PyTorch's kernel
+        q_seq, k_seq, v_seq, out_seq, lse_seq = (_sequence_buffer(x, plan) for x in (q, k, v, out, lse))
         origin = _lead(plan) + p
         for part, (band, bias) in enumerate(zip(plan.bands, biases), start=1):
             keys, values = _band_keys(k_seq, origin, band), _band_keys(v_seq, origin, band)
@@ -373,8 +372,12 @@ class _PlannedAttention(torch.autograd.Function):
             if blind is not None:  # the kernel gives log-sum-exp 0 where a row sees no key
                 band_lse.masked_fill_(blind, float("-inf"))
             _merge_into(_tiles(out_seq, origin, band.tiling), _tiles(lse_seq, origin, band.tiling), band_out, band_lse)
-        ctx.save_for_backward(*buffers)
-        return _unpad(out_seq, plan, q.shape[:2], q.shape[2])
+        # the output in the memory layout of PyTorch's attention kernels, (b, n, h, d): the caller's
+        # "b h n d -> b n (h d)" is then a view, so the output projection keeps this very tensor for backward
+        b, h, n = q.shape[:3]
+        out = q.new_empty(b, n, h, v.shape[-1]).transpose(1, 2).copy_(_unpad(out_seq, plan, (b, h), n))
+        ctx.save_for_backward(q_seq, k_seq, v_seq, out, lse_seq)
+        return out
 
     @staticmethod
     @once_differentiable
@@ -385,9 +388,9 @@ class _PlannedAttention(torch.autograd.Function):
         if not plan.region_len:
             q, k, v, out, lse = ctx.saved_tensors
             return (*_part_backward(0, dropout, grad_out, q, k, v, out, lse, None, None, scale), None, None, None)
-        buffers = ctx.saved_tensors
-        q_seq, k_seq, v_seq, out_seq, lse_seq = buffers
-        q, k, v, out, lse = (_unpad(x, plan, ctx.heads, n) for x in buffers)
+        q_seq, k_seq, v_seq, out, lse_seq = ctx.saved_tensors
+        out_seq = _sequence_buffer(out, plan)
+        q, k, v, lse = (_unpad(x, plan, ctx.heads, n) for x in (q_seq, k_seq, v_seq, lse_seq))
         # given the merged output and log-sum-exp, each part's backward returns its keys' exact share
         dq, dk, dv = _part_backward(0, dropout, grad_out, q, k[:, :, :p], v[:, :, :p], out, lse, None, None, scale)
         origin, lead = _lead(plan) + p, _lead(plan)
