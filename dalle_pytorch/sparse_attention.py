@@ -42,7 +42,6 @@ import functools
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor
 from torch.autograd.function import once_differentiable
@@ -283,8 +282,12 @@ def _sequence_buffer(x: Tensor, plan: TilePlan) -> Tensor:
 
     Region position r is at index ``lead + prefix_len + r`` (the buffer's *origin* plus r); the positions a
     window reads before the region are prefix positions or zeros, and they are always masked."""
-    tail = plan.prefix_len + plan.region_len - x.shape[2]
-    return F.pad(x, (0, 0) * (x.ndim - 3) + (_lead(plan), tail)).flatten(0, 1)
+    lead, n = _lead(plan), x.shape[2]
+    buffer = x.new_empty(x.shape[0] * x.shape[1], lead + plan.prefix_len + plan.region_len, *x.shape[3:])
+    buffer[:, :lead].zero_()
+    buffer[:, lead + n :].zero_()  # (F.pad would zero the whole buffer before copying)
+    buffer[:, lead : lead + n] = x.flatten(0, 1)
+    return buffer
 
 
 def _view(buffer: Tensor, origin: int, tiling: Tiling, start: int, length: int, step: int) -> Tensor:
