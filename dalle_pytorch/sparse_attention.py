@@ -17,7 +17,9 @@ The partial softmaxes (prefix, each band) are merged through their log-sum-exps.
 the kernel's backward once per part with the *merged* output and log-sum-exp: it recomputes the
 probabilities exp(q k^T * scale - lse) and dS = P (dP - rowsum(dO * O)), which is exactly that part's share
 of the merged gradient (FlashAttention, Dao et al. 2022, https://arxiv.org/abs/2205.14135, algorithm 2).
-So a layer keeps only q, k, v, the output and the log-sum-exp, like the causal kernel of ``full``.
+So a layer keeps only q, k, v, the output and the log-sum-exp, like the causal kernel of ``full``. Tiles and
+windows are strided views of one zero-padded copy of the sequence per tensor (padding completes the last
+tile and the windows that reach before the first image row; padded keys are always masked).
 
 The fused kernel is ``aten::_scaled_dot_product_flash_attention_for_cpu``, the one behind
 ``F.scaled_dot_product_attention`` on CPU. It has no dropout: with attention dropout each part runs the
