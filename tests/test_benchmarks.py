@@ -156,3 +156,25 @@ def test_report_from_an_earlier_results_file(tmp_path):
     text = table.read_text()
     assert "| dalle_train_full | 0.5 (0.4-0.6) | 1536 tokens/s, MFU 60.0%" in text
     assert "MFU >= 60% | mfu = 0.6 (best repeat 0.75) | yes |" in text
+
+
+def test_sparse_vs_full_prints_every_kind(tmp_path):
+    tiny = ["--fmap", "4", "--text-seq-len", "4", "--text-tokens", "50", "--image-tokens", "16", "--dim", "16",
+            "--depth", "1", "--heads", "2", "--dim-head", "8", "--rounds", "1", "--threads", "1",
+            "--attn-dropout", "0.1", "--types", "full,conv_like,sparse"]  # fmt: skip
+    command = [sys.executable, str(ROOT / "benchmarks" / "sparse_vs_full.py"), *tiny]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    lines = [json.loads(line) for line in done.stdout.splitlines()]
+    kinds = {(r["kind"], r["attn_type"], r["path"]) for r in lines}
+    for kind in ("memory", "attention", "dalle_step"):
+        assert (kind, "full", "causal_kernel") in kinds
+        for attn_type in ("conv_like", "sparse"):
+            assert {(kind, attn_type, "fast"), (kind, attn_type, "dense_mask")} <= kinds
+    assert len(lines) == 3 * 5
+    for r in lines:
+        assert r["config"]["attn_dropout"] == 0.1
+        if r["kind"] == "memory":
+            assert r["saved_activations_mb"] > 0 and r["peak_rss_mb"] > 0
+        else:
+            assert r["time_s"] > 0 and r["speedup_vs_full"] > 0
