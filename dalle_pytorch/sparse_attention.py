@@ -100,21 +100,26 @@ class _Dropout:
     seed: int = 0
 
 
+def _causal_and_mask(band) -> tuple[bool, Tensor | None]:
+    """Whether a part (the prefix: band None) is causal, else its bool mask (t or 1, 1, c, length)."""
+    if band is None or band.mask is None:
+        return True, None
+    return False, band.mask[:, None]
+
+
 def _part_forward(part: int, dropout: _Dropout, q, k, v, band, bias, scale) -> tuple[Tensor, Tensor]:
     """(output, log-sum-exp) of one part: the fused kernel, or the chunked one with dropout."""
-    causal = band is None or band.mask is None
+    causal, mask = _causal_and_mask(band)
     if not dropout.p:
         return _fused_forward(q, k, v, causal, bias, scale)
-    mask = None if causal else band.mask[:, None]
     return dropout_forward(q, k, v, mask, causal, dropout.p, scale, dropout.seed + part)
 
 
 def _part_backward(part: int, dropout: _Dropout, grad_out, q, k, v, out, lse, band, bias, scale):
     """Gradients of one part given the merged output and log-sum-exp."""
-    causal = band is None or band.mask is None
+    causal, mask = _causal_and_mask(band)
     if not dropout.p:
         return _fused_backward(grad_out, q, k, v, out, lse, causal, bias, scale)
-    mask = None if causal else band.mask[:, None]
     return dropout_backward(grad_out, q, k, v, out, lse, mask, causal, dropout.p, scale, dropout.seed + part)
 
 

@@ -157,20 +157,37 @@ def test_bad_input():
     assert not fast_path_available(torch.device("meta"))
 
 
+class _Counter:
+    """Counts the calls of ``owner.name`` (by default the planned kernel, i.e. every fast-path call)."""
+
+    def __init__(self, monkeypatch, owner=sparse_attention._PlannedAttention, name="apply"):
+        self.calls = 0
+        original = getattr(owner, name)
+
+        def counted(*args, **kwargs):
+            self.calls += 1
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(owner, name, counted)
+
+
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("text_len, fmap", [(2, 3), (5, 4)])
 def test_dropout_equals_the_dense_reference_with_the_kernels_own_masks(case, text_len, fmap, monkeypatch):
     # The kernel draws its dropout masks itself. With v = identity (dim_head = n) its output *is* the dropped
     # probability matrix P * keep / (1 - p), which reveals keep; a second call from the same random state with
     # random v must then equal dense attention with that keep, outputs and gradients.
-    monkeypatch.setattr(sparse_attention, "dropout_forward", _spy(sparse_attention.dropout_forward))
+    dropout_kernel = _Counter(monkeypatch, sparse_attention, "dropout_forward")
     attn_type, options = CASES[case]
     dropout_p = 0.4
     for n in sorted({text_len + fmap + 1, text_len + fmap * fmap - 1}):
         generator = torch.Generator().manual_seed(n)
         q, k, v = torch.randn(3, 2, 3, n, n, dtype=torch.float64, generator=generator)
         allowed = attention_mask(attn_type, text_len, fmap, **options)[:n, :n]
-        probs = ((q @ k.transpose(-1, -2)) * n**-0.5).masked_fill(~allowed, float("-inf")).softmax(-1)
+        dense_leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+        scores = (dense_leaves[0] @ dense_leaves[1].transpose(-1, -2)) * n**-0.5
+        dense_probs = scores.masked_fill(~allowed, float("-inf")).softmax(-1)
+        probs = dense_probs.detach()
 
         torch.manual_seed(7)
         dropped = pattern_attention(attn_type, q, k, torch.eye(n).double().expand_as(q), text_len, fmap,
@@ -185,24 +202,12 @@ def test_dropout_equals_the_dense_reference_with_the_kernels_own_masks(case, tex
         fast = pattern_attention(attn_type, *leaves, text_len, fmap, dropout_p=dropout_p, **options)
         grad = torch.randn_like(fast)
         fast_grads = torch.autograd.grad(fast, leaves, grad)
-        dense_leaves = [x.clone().requires_grad_() for x in (q, k, v)]
-        scores = (dense_leaves[0] @ dense_leaves[1].transpose(-1, -2)) * n**-0.5
-        dense_probs = scores.masked_fill(~allowed, float("-inf")).softmax(-1)
         dense = (dense_probs * keep / (1 - dropout_p)) @ dense_leaves[2]
         dense_grads = torch.autograd.grad(dense, dense_leaves, grad)
         torch.testing.assert_close(fast, dense)
         for name_, e, g in zip(("dq", "dk", "dv"), dense_grads, fast_grads):
             torch.testing.assert_close(g, e, msg=lambda m, n=n, x=name_: f"{x} at n={n}: {m}")
-    assert _spy.calls  # the dropout kernel ran (not a dropout-free path)
-
-
-def _spy(function):
-    def spied(*args, **kwargs):
-        _spy.calls += 1
-        return function(*args, **kwargs)
-
-    _spy.calls = 0
-    return spied
+    assert dropout_kernel.calls  # the dropout kernel ran (not a dropout-free path)
 
 
 def test_dropout_masks_come_from_the_global_generator():
@@ -218,18 +223,6 @@ def test_dropout_masks_come_from_the_global_generator():
 # ---------------------------------------------------------------------------------------------------------
 # Dispatch: Attention and DALLE use the fast kernels for full-sequence passes only, with the same results
 # ---------------------------------------------------------------------------------------------------------
-
-
-class _Counter:
-    def __init__(self, monkeypatch):
-        self.calls = 0
-        original = sparse_attention._PlannedAttention.apply
-
-        def counted(*args):
-            self.calls += 1
-            return original(*args)
-
-        monkeypatch.setattr(sparse_attention._PlannedAttention, "apply", counted)
 
 
 @pytest.mark.parametrize("stable", [False, True])
