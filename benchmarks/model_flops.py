@@ -45,7 +45,7 @@ def linear_weights(modules: Iterable[nn.Module]) -> int:
 
 def _type_mask(dalle: nn.Module, layer_type: str) -> torch.Tensor:
     """The (n, n) boolean mask a layer type uses, n = text_seq_len + 1 + image_seq_len."""
-    from dalle_pytorch.attention import attention_mask
+    from dalle_pytorch.attention.layer import attention_mask
 
     transformer = dalle.transformer
     buffer = getattr(transformer, f"mask_{layer_type}", None)

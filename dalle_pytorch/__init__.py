@@ -5,9 +5,9 @@ transformer) and CLIP (ranks generated images against their text).
 """
 
 from dalle_pytorch._version import __version__
-from dalle_pytorch.clip import CLIP
-from dalle_pytorch.dalle import DALLE
-from dalle_pytorch.pretrained_vae import OpenAIDiscreteVAE, VQGanVAE
-from dalle_pytorch.vae import DiscreteVAE
+from dalle_pytorch.image_tokenizers.pretrained_vae import OpenAIDiscreteVAE, VQGanVAE
+from dalle_pytorch.models.clip import CLIP
+from dalle_pytorch.models.dalle import DALLE
+from dalle_pytorch.models.vae import DiscreteVAE
 
 __all__ = ["CLIP", "DALLE", "DiscreteVAE", "OpenAIDiscreteVAE", "VQGanVAE", "__version__"]

@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 
 from dalle_pytorch import CLIP, DALLE, DiscreteVAE
-from dalle_pytorch.demo import build_word_tokenizer, make_grid
-from dalle_pytorch.shapes import ShapesDataset, heldout_pairs
+from dalle_pytorch.data.shapes import ShapesDataset, heldout_pairs
+from dalle_pytorch.demo.pipeline import build_word_tokenizer, make_grid
 
 torch.manual_seed(0)
 out_dir = Path("outputs/walkthrough")

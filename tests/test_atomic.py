@@ -1,4 +1,4 @@
-"""Tests for dalle_pytorch.atomic on plain files and folders (checkpoint-level crash tests: test_checkpoint.py)."""
+"""Tests for dalle_pytorch.io.atomic on plain files and folders (checkpoint-level crash tests: test_checkpoint.py)."""
 
 import re
 import sys
@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from dalle_pytorch import atomic
-from dalle_pytorch.atomic import (
+from dalle_pytorch.io import atomic
+from dalle_pytorch.io.atomic import (
     atomic_write_dir,
     atomic_write_file,
     interrupted_backups,

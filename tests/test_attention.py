@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dalle_pytorch.attention import Attention, attention_mask, causal_mask
+from dalle_pytorch.attention.layer import Attention, attention_mask, causal_mask
 
 # a grid of 3 x 3 image tokens after 2 text positions: positions 0-1 text, 2-10 image
 TEXT, FMAP = 2, 3
@@ -118,8 +118,8 @@ def test_attention_equals_explicit_softmax():
 def test_rotary_attention_does_not_keep_the_whole_qkv_projection_for_backward(attn_type):
     # with rotary, q and k are new tensors: the kernels keep v, which must not hold on to the (b, n, 3 * inner)
     # projection through a view
-    from dalle_pytorch.attention import rotary_tables
-    from dalle_pytorch.sparse_attention import SparsePattern
+    from dalle_pytorch.attention.layer import rotary_tables
+    from dalle_pytorch.kernels.sparse_attention import SparsePattern
 
     attn = Attention(16, heads=2, dim_head=8)
     text_len, fmap = 3, 4

@@ -1,4 +1,4 @@
-"""Tests for dalle_pytorch.checkpoint: model directories, their atomic saves, real models.
+"""Tests for dalle_pytorch.io.checkpoint: model directories, their atomic saves, real models.
 
 Training state and rotation: test_training_state.py; the atomic-write primitives: test_atomic.py."""
 
@@ -27,9 +27,9 @@ from toy_models import (
     stored_keys,
 )
 
-from dalle_pytorch import atomic, checkpoint
 from dalle_pytorch._version import __version__
-from dalle_pytorch.checkpoint import (
+from dalle_pytorch.io import atomic, checkpoint
+from dalle_pytorch.io.checkpoint import (
     CONFIG_NAME,
     WEIGHTS_NAME,
     CheckpointError,
@@ -261,7 +261,7 @@ import os, signal, sys
 sys.path.insert(0, {tests_dir!r})
 import torch
 import toy_models as t
-from dalle_pytorch import atomic, checkpoint
+from dalle_pytorch.io import atomic, checkpoint
 
 def die(*args, **kwargs):
     os.kill(os.getpid(), signal.SIGKILL)
@@ -311,7 +311,7 @@ def test_sigkill_during_save_leaves_previous_checkpoint_readable(tmp_path, momen
 
 
 def test_discrete_vae_round_trip(tmp_path):
-    vae_module = pytest.importorskip("dalle_pytorch.vae")
+    vae_module = pytest.importorskip("dalle_pytorch.models.vae")
     if not issubclass(vae_module.DiscreteVAE, PretrainedMixin):
         pytest.skip("DiscreteVAE does not use PretrainedMixin yet")
     torch.manual_seed(0)
@@ -322,8 +322,8 @@ def test_discrete_vae_round_trip(tmp_path):
 
 
 def test_dalle_round_trip_keeps_vae_in_subfolder_and_tied_embeddings(tmp_path):
-    dalle_module = pytest.importorskip("dalle_pytorch.dalle")
-    vae_module = pytest.importorskip("dalle_pytorch.vae")
+    dalle_module = pytest.importorskip("dalle_pytorch.models.dalle")
+    vae_module = pytest.importorskip("dalle_pytorch.models.vae")
     if not issubclass(dalle_module.DALLE, PretrainedMixin):
         pytest.skip("DALLE does not use PretrainedMixin yet")
     torch.manual_seed(0)

@@ -22,13 +22,13 @@ from safetensors.torch import load_file
 
 from dalle_pytorch.cli import generate, train_clip, train_dalle, train_vae
 from dalle_pytorch.cli.generate import prompt_folder, prompt_folder_name
-from dalle_pytorch.data_order import ResumableSampler
-from dalle_pytorch.download import CACHE_ENV, OFFLINE_ENV
-from dalle_pytorch.run_logging import read_metrics
-from dalle_pytorch.tokenizer_training import train_tokenizer
-from dalle_pytorch.training_settings import TrainingSettings, lr_factor_fn
-from dalle_pytorch.training_state import TRAINING_STATE_NAME
-from dalle_pytorch.vae import DiscreteVAE
+from dalle_pytorch.io.download import CACHE_ENV, OFFLINE_ENV
+from dalle_pytorch.models.vae import DiscreteVAE
+from dalle_pytorch.text.tokenizer_training import train_tokenizer
+from dalle_pytorch.training.data_order import ResumableSampler
+from dalle_pytorch.training.run_logging import read_metrics
+from dalle_pytorch.training.settings import TrainingSettings, lr_factor_fn
+from dalle_pytorch.training.state import TRAINING_STATE_NAME
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 40)}
 SHAPES = ("square", "circle")
@@ -196,7 +196,7 @@ KILL_DRIVER = textwrap.dedent("""
     import sys, time
     from pathlib import Path
     import torch
-    import dalle_pytorch.training_state as training_state
+    import dalle_pytorch.training.state as training_state
     torch.set_num_threads(1)
     marker, saves, write = Path(sys.argv[1]), [], training_state.write_model_dir  # what save_checkpoint calls
 

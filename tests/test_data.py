@@ -1,4 +1,4 @@
-"""Tests for the folder dataset (dalle_pytorch.data) and the WebDataset pipeline (dalle_pytorch.webdata)."""
+"""Tests for the folder dataset (dalle_pytorch.data.text_image) and the WebDataset pipeline (data.webdata)."""
 
 import io
 import tarfile
@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from dalle_pytorch.data import (
+from dalle_pytorch.data.text_image import (
     BadSampleError,
     TextImageDataset,
     captions_from_bytes,
@@ -390,7 +390,7 @@ GOOD_WEB = {f"caption s{s}_{i}" for s in range(3) for i in range(4)} | {"caption
 
 
 def web_dataset(urls, **kwargs):
-    from dalle_pytorch.webdata import TextImageWebDataset
+    from dalle_pytorch.data.webdata import TextImageWebDataset
 
     kwargs = {"text_len": TEXT_LEN, "image_size": SIZE, "tokenizer": ByteTokenizer(), **kwargs}
     return TextImageWebDataset(urls, **kwargs)
@@ -438,7 +438,7 @@ def test_webdataset_truncated_shard_keeps_its_complete_samples(tmp_path):
 
 
 def test_webdataset_shard_specs(shards):
-    from dalle_pytorch.webdata import expand_shards
+    from dalle_pytorch.data.webdata import expand_shards
 
     listed = expand_shards(shards)
     assert [p.name for p in listed] == [f"shard-{i:03d}.tar" for i in range(5)]
@@ -493,7 +493,7 @@ def test_webdataset_splits_across_ranks_and_shuffles_by_epoch(shards):
 
 
 def test_webdataset_loader_with_workers_is_reproducible(shards):
-    from dalle_pytorch.webdata import webdataset_loader
+    from dalle_pytorch.data.webdata import webdataset_loader
 
     def run():
         loader = webdataset_loader(

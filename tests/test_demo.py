@@ -14,7 +14,15 @@ from PIL import Image
 
 from dalle_pytorch import CLIP, DALLE, DiscreteVAE
 from dalle_pytorch.cli.demo import build_parser, format_report, main
-from dalle_pytorch.demo import (
+from dalle_pytorch.data.shapes import (
+    COLOURS,
+    DEFAULT_SHAPES,
+    NUM_PHRASINGS,
+    ShapeAttributes,
+    caption_for,
+    evaluation_prompts,
+)
+from dalle_pytorch.demo.pipeline import (
     FAST_CONFIG,
     DemoConfig,
     build_word_tokenizer,
@@ -23,15 +31,7 @@ from dalle_pytorch.demo import (
     make_grid,
     resolve_device,
 )
-from dalle_pytorch.demo_report import Stopwatch, build_report, grid_rows, write_grid_and_report
-from dalle_pytorch.shapes import (
-    COLOURS,
-    DEFAULT_SHAPES,
-    NUM_PHRASINGS,
-    ShapeAttributes,
-    caption_for,
-    evaluation_prompts,
-)
+from dalle_pytorch.demo.report import Stopwatch, build_report, grid_rows, write_grid_and_report
 
 
 @pytest.fixture

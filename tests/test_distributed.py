@@ -16,8 +16,8 @@ from safetensors.torch import load_file
 from test_cli import one_thread, vae_args, write_dataset  # noqa: F401 (one_thread: an autouse fixture)
 
 from dalle_pytorch.cli import generate, train_vae
-from dalle_pytorch.run_logging import read_metrics
-from dalle_pytorch.tokenizer_training import train_tokenizer
+from dalle_pytorch.text.tokenizer_training import train_tokenizer
+from dalle_pytorch.training.run_logging import read_metrics
 
 # each rank runs the real CLI entry point and leaves what only it knows (its weights, its local losses)
 DRIVER = textwrap.dedent("""
@@ -91,7 +91,7 @@ def test_two_processes_train_one_model_and_rank_zero_writes_one_checkpoint(tmp_p
 
 @pytest.mark.parametrize("variable", ["RANK", "WORLD_SIZE"])
 def test_a_malformed_launcher_environment_is_a_clear_error(monkeypatch, variable):
-    from dalle_pytorch.distributed import init_distributed
+    from dalle_pytorch.training.distributed import init_distributed
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "0")

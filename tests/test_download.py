@@ -7,7 +7,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from dalle_pytorch.download import (
+from dalle_pytorch.io.download import (
     DownloadError,
     ReleasedFile,
     cache_directory,

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from dalle_pytorch import dropout_attention as module
-from dalle_pytorch.attention import Attention, causal_mask
-from dalle_pytorch.dropout_attention import dropout_attention, keep_mask
+from dalle_pytorch.attention.layer import Attention, causal_mask
+from dalle_pytorch.kernels import dropout_attention as module
+from dalle_pytorch.kernels.dropout_attention import dropout_attention, keep_mask
 
 
 def _reference(q, k, v, allowed, dropout_p, scale, seed, chunk, causal=False):

@@ -7,15 +7,7 @@ import warnings
 import pytest
 import torch
 
-from dalle_pytorch.eval import (
-    ShapeClassifier,
-    degrade,
-    dominant_colour,
-    evaluate_fidelity,
-    palette_hues,
-    train_shape_classifier,
-)
-from dalle_pytorch.shapes import (
+from dalle_pytorch.data.shapes import (
     COLOURS,
     DEFAULT_SHAPES,
     ShapeAttributes,
@@ -23,6 +15,14 @@ from dalle_pytorch.shapes import (
     ShapesDataset,
     evaluation_prompts,
     render_shape,
+)
+from dalle_pytorch.demo.judge import (
+    ShapeClassifier,
+    degrade,
+    dominant_colour,
+    evaluate_fidelity,
+    palette_hues,
+    train_shape_classifier,
 )
 
 PALETTE = list(COLOURS)

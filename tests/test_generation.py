@@ -2,7 +2,7 @@ import pytest
 import torch
 from conftest import make_clip, make_dalle, random_images, random_text
 
-from dalle_pytorch.sampling import sample, top_k_filter, top_p_filter
+from dalle_pytorch.models.sampling import sample, top_k_filter, top_p_filter
 
 CONFIGS = {
     "full": dict(),

@@ -19,10 +19,10 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from dalle_pytorch.download import DownloadError
-from dalle_pytorch.openai_dvae import map_pixels
-from dalle_pytorch.pretrained_vae import OpenAIDiscreteVAE, VQGanVAE
-from dalle_pytorch.safe_pickle import CheckpointFormatError
+from dalle_pytorch.image_tokenizers.openai_dvae import map_pixels
+from dalle_pytorch.image_tokenizers.pretrained_vae import OpenAIDiscreteVAE, VQGanVAE
+from dalle_pytorch.io.download import DownloadError
+from dalle_pytorch.io.safe_pickle import CheckpointFormatError
 
 REFERENCE_INSTALL = "pip install --no-deps DALL-E==0.1 taming-transformers-rom1504==0.0.6 && pip install attrs requests"
 
@@ -103,7 +103,7 @@ def test_openai_loads_in_a_process_where_the_file_cannot_run_code(openai_files, 
         import sys
         sys.modules["dall_e"] = None
         import torch
-        from dalle_pytorch.pretrained_vae import OpenAIDiscreteVAE
+        from dalle_pytorch.image_tokenizers.pretrained_vae import OpenAIDiscreteVAE
         vae = OpenAIDiscreteVAE(encoder_path={str(directory / "encoder.pkl")!r},
                                 decoder_path={str(directory / "decoder.pkl")!r})
         images = torch.load({str(tmp_path / "images.pt")!r}, weights_only=True)

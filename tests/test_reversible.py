@@ -2,7 +2,7 @@ import pytest
 import torch
 from conftest import make_dalle, random_images, random_text
 
-from dalle_pytorch.reversible import ReversibleSequence
+from dalle_pytorch.models.reversible import ReversibleSequence
 
 
 def _loss_and_grads(dalle, checkpointing: bool, monkeypatch, seed: int = 3):

@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from dalle_pytorch.safe_pickle import (
+from dalle_pytorch.io.safe_pickle import (
     CheckpointFormatError,
     PickledObject,
     load_tensors_strict,

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from dalle_pytorch.shapes import (
+from dalle_pytorch.data.shapes import (
     ALL_SHAPES,
     COLOURS,
     DEFAULT_SHAPES,

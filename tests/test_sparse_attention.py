@@ -3,9 +3,9 @@ import torch
 import torch.nn.functional as F
 from conftest import make_dalle, random_images, random_text
 
-from dalle_pytorch import sparse_attention
-from dalle_pytorch.attention import Attention, attention_mask
-from dalle_pytorch.sparse_attention import (
+from dalle_pytorch.attention.layer import Attention, attention_mask
+from dalle_pytorch.kernels import sparse_attention
+from dalle_pytorch.kernels.sparse_attention import (
     SparsePattern,
     Window,
     axial_plan,

@@ -1,4 +1,4 @@
-"""Tests for dalle_pytorch.tokenizer, dalle_pytorch.tokenizer_training and the dalle-train-tokenizer CLI."""
+"""Tests for dalle_pytorch.text.tokenizer, dalle_pytorch.text.tokenizer_training and the dalle-train-tokenizer CLI."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from dalle_pytorch.cli.train_tokenizer import main as train_tokenizer_main
-from dalle_pytorch.tokenizer import (
+from dalle_pytorch.text.tokenizer import (
     DEFAULT_BPE_PATH,
     YTTM_INSTALL_HINT,
     BaseTokenizer,
@@ -21,7 +21,7 @@ from dalle_pytorch.tokenizer import (
     clean_text,
     tokenizer,
 )
-from dalle_pytorch.tokenizer_training import read_caption_folder, train_tokenizer
+from dalle_pytorch.text.tokenizer_training import read_caption_folder, train_tokenizer
 
 ROUND_TRIP_TEXTS = {
     "ascii": "a small red cube on a wooden table",
@@ -54,7 +54,7 @@ def hug(tmp_path_factory) -> HugTokenizer:
 
 def test_default_tokenizer_reads_no_file_at_import():
     code = (
-        "from dalle_pytorch.tokenizer import tokenizer, SimpleTokenizer\n"
+        "from dalle_pytorch.text.tokenizer import tokenizer, SimpleTokenizer\n"
         "assert isinstance(tokenizer, SimpleTokenizer)\n"
         "assert '_tables' not in vars(tokenizer), 'merges file read at import'\n"
         "assert tokenizer.encode('a cat') == [321, 2369]\n"
@@ -251,8 +251,8 @@ def test_caption_folder_is_read_like_the_datasets_read_it(tmp_path):
 
 
 def test_train_tokenizer_stays_importable_from_the_tokenizer_module():
+    import dalle_pytorch.text.tokenizer_training as training_module
     import dalle_pytorch.tokenizer as tokenizer_module
-    import dalle_pytorch.tokenizer_training as training_module
     from dalle_pytorch.tokenizer import train_tokenizer as old_path
 
     assert old_path is training_module.train_tokenizer is train_tokenizer
@@ -261,17 +261,14 @@ def test_train_tokenizer_stays_importable_from_the_tokenizer_module():
         tokenizer_module.no_such_name  # noqa: B018
 
 
-def test_tokenizer_training_imports_first_without_a_cycle():
+def test_tokenizers_import_without_the_training_module_or_datasets():
     code = (
         "import sys\n"
-        "import dalle_pytorch.tokenizer_training as t\n"  # first, so it imports dalle_pytorch.tokenizer itself
-        "import dalle_pytorch.tokenizer as tok\n"
-        "assert tok.train_tokenizer is t.train_tokenizer\n"
-        # a fresh import of the tokenizers alone loads neither the training module nor dalle_pytorch.data
-        "for name in ('dalle_pytorch.tokenizer', 'dalle_pytorch.tokenizer_training', 'dalle_pytorch.data'):\n"
-        "    del sys.modules[name]\n"
-        "import dalle_pytorch.tokenizer\n"
-        "assert 'dalle_pytorch.tokenizer_training' not in sys.modules and 'dalle_pytorch.data' not in sys.modules\n"
+        "import dalle_pytorch.text.tokenizer\n"
+        "assert 'dalle_pytorch.text.tokenizer_training' not in sys.modules\n"
+        "assert 'dalle_pytorch.data.text_image' not in sys.modules\n"
+        "import dalle_pytorch.text.tokenizer_training\n"  # trains from caption files without importing the datasets
+        "assert 'dalle_pytorch.data.text_image' not in sys.modules\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 

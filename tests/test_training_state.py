@@ -1,4 +1,4 @@
-"""Tests for dalle_pytorch.training_state: training state for exact resume, save_checkpoint, rotation."""
+"""Tests for dalle_pytorch.training.state: training state for exact resume, save_checkpoint, rotation."""
 
 import random
 from pathlib import Path
@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 from toy_models import ToyNet, assert_same_state, perturbed
 
-from dalle_pytorch.checkpoint import CONFIG_NAME, WEIGHTS_NAME, CheckpointError, load_pretrained
-from dalle_pytorch.training_state import (
+from dalle_pytorch.io.checkpoint import CONFIG_NAME, WEIGHTS_NAME, CheckpointError, load_pretrained
+from dalle_pytorch.training.state import (
     TRAINING_STATE_NAME,
     CheckpointManager,
     load_training_state,

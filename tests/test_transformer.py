@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from dalle_pytorch.attention import apply_rotary, rotary_tables, rotate
-from dalle_pytorch.transformer import (
+from dalle_pytorch.attention.layer import apply_rotary, rotary_tables, rotate
+from dalle_pytorch.models.transformer import (
     rotary_angles,
     shift_one_token,
     shift_sequence,

@@ -5,7 +5,7 @@ import torch
 from conftest import make_vae, random_images
 
 from dalle_pytorch import DiscreteVAE
-from dalle_pytorch.vae import kl_to_uniform, reinmax_one_hot
+from dalle_pytorch.models.vae import kl_to_uniform, reinmax_one_hot
 
 
 def test_shapes_and_codes(vae):

@@ -7,7 +7,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from dalle_pytorch.checkpoint import WEIGHTS_NAME, PretrainedMixin
+from dalle_pytorch.io.checkpoint import WEIGHTS_NAME, PretrainedMixin
 
 
 class ToyNet(PretrainedMixin, nn.Module):

@@ -20,9 +20,10 @@ import numpy as np
 import torch
 
 from dalle_pytorch._version import __version__
-from dalle_pytorch.checkpoint import CONFIG_NAME, load_pretrained
-from dalle_pytorch.download import DownloadError
-from dalle_pytorch.training import (
+from dalle_pytorch.io.checkpoint import CONFIG_NAME, load_pretrained
+from dalle_pytorch.io.download import DownloadError
+from dalle_pytorch.training.state import TRAINING_STATE_NAME, CheckpointManager
+from dalle_pytorch.training.trainer import (
     LR_SCHEDULES,
     PRECISIONS,
     NonFiniteLossError,
@@ -30,7 +31,6 @@ from dalle_pytorch.training import (
     TrainingInterrupted,
     TrainingSettings,
 )
-from dalle_pytorch.training_state import TRAINING_STATE_NAME, CheckpointManager
 
 ARGS_NAME = "args.json"
 DEFAULT_SEED = 42
@@ -310,7 +310,7 @@ def tokenizer_spec_for(args: argparse.Namespace, checkpoint: Path | None) -> dic
 
 
 def build_tokenizer(spec: dict[str, Any]) -> Any:
-    from dalle_pytorch import tokenizer as tokenizers
+    from dalle_pytorch.text import tokenizer as tokenizers
 
     kinds: dict[str, Callable[..., Any]] = {
         "hug": tokenizers.HugTokenizer,
@@ -343,7 +343,7 @@ def load_vae(args: argparse.Namespace) -> torch.nn.Module:
         if args.taming:
             raise ValueError("give either --vae_path or --taming, not both")
         return load_pretrained(resolve_checkpoint(args.vae_path, "--vae_path"))
-    from dalle_pytorch.pretrained_vae import OpenAIDiscreteVAE, VQGanVAE
+    from dalle_pytorch.image_tokenizers.pretrained_vae import OpenAIDiscreteVAE, VQGanVAE
 
     if args.taming:
         return VQGanVAE(args.vqgan_model_path, args.vqgan_config_path)

@@ -5,7 +5,7 @@
     dalle-demo --steps dalle=3000 --cond_scale 3
 
 Writes grid.png, report.json, tokenizer.json and the trained models into --out_dir and prints, per prompt,
-how often the samples show the colour and the shape that the prompt asked for. See `dalle_pytorch.demo`.
+how often the samples show the colour and the shape that the prompt asked for. See `dalle_pytorch.demo.pipeline`.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from collections.abc import Sequence
 
 import torch
 
-from dalle_pytorch.demo import DEFAULT_CONFIG, FAST_CONFIG, run_demo
-from dalle_pytorch.demo_report import format_report
+from dalle_pytorch.demo.pipeline import DEFAULT_CONFIG, FAST_CONFIG, run_demo
+from dalle_pytorch.demo.report import format_report
 
 STEP_KEYS = {"vae": "vae_steps", "dalle": "dalle_steps", "clip": "clip_steps", "classifier": "classifier_steps"}
 

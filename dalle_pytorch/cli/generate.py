@@ -34,11 +34,11 @@ from dalle_pytorch.cli.common import (
     tokenizer_spec_for,
     write_args_json,
 )
-from dalle_pytorch.clip import CLIP
-from dalle_pytorch.dalle import DALLE
-from dalle_pytorch.distributed import resolve_device
-from dalle_pytorch.images import image_grid, load_image, save_image
-from dalle_pytorch.training import PRECISIONS
+from dalle_pytorch.data.images import image_grid, load_image, save_image
+from dalle_pytorch.models.clip import CLIP
+from dalle_pytorch.models.dalle import DALLE
+from dalle_pytorch.training.distributed import resolve_device
+from dalle_pytorch.training.trainer import PRECISIONS
 
 PROG = "dalle-generate"
 MAX_NAME_BYTES = 100

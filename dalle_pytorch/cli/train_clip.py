@@ -30,13 +30,13 @@ from dalle_pytorch.cli.common import (
     seed_everything,
     tokenizer_spec_for,
 )
-from dalle_pytorch.clip import CLIP
-from dalle_pytorch.data import TextImageDataset
-from dalle_pytorch.data_order import IndexedBatches, StreamingBatches
-from dalle_pytorch.distributed import init_distributed, shutdown_distributed
-from dalle_pytorch.run_logging import RunLogger
-from dalle_pytorch.training import TrainResult
-from dalle_pytorch.training_state import TRAINING_STATE_NAME
+from dalle_pytorch.data.text_image import TextImageDataset
+from dalle_pytorch.models.clip import CLIP
+from dalle_pytorch.training.data_order import IndexedBatches, StreamingBatches
+from dalle_pytorch.training.distributed import init_distributed, shutdown_distributed
+from dalle_pytorch.training.run_logging import RunLogger
+from dalle_pytorch.training.state import TRAINING_STATE_NAME
+from dalle_pytorch.training.trainer import TrainResult
 
 PROG = "dalle-train-clip"
 
@@ -126,7 +126,7 @@ def run(argv: list[str] | None = None) -> TrainResult:
             transparent=clip.channels == 4,
         )
         if args.wds:
-            from dalle_pytorch.webdata import webdataset_loader
+            from dalle_pytorch.data.webdata import webdataset_loader
 
             image_key, _, caption_key = args.wds.partition(",")
             loader = webdataset_loader(

@@ -5,7 +5,7 @@
     dalle-train --image_text_folder /path/to/data                        # OpenAI's VAE
     dalle-train --taming --image_text_folder /path/to/data               # a VQGAN
 
-The data is a folder of images with same-named .txt captions (`dalle_pytorch.data.TextImageDataset`), or
+The data is a folder of images with same-named .txt captions (`dalle_pytorch.data.text_image.TextImageDataset`), or
 WebDataset .tar shards with --wds. The VAE is frozen; --precompute_image_tokens runs it once over the
 data instead of at every step. Every --sample_every_n_steps a sample image is logged with its caption.
 Checkpoints (OUTPUT_DIR/step-XXXXXXXX/) hold the DALLE with its VAE in `vae/`; `--dalle_path OUTPUT_DIR`
@@ -38,13 +38,18 @@ from dalle_pytorch.cli.common import (
     seed_everything,
     tokenizer_spec_for,
 )
-from dalle_pytorch.dalle import DALLE
-from dalle_pytorch.data import TextImageDataset
-from dalle_pytorch.data_order import IndexedBatches, SeededDataset, StreamingBatches, derive_seed
-from dalle_pytorch.distributed import DistributedContext, gather_strided, init_distributed, shutdown_distributed
-from dalle_pytorch.run_logging import RunLogger
-from dalle_pytorch.training import TrainResult
-from dalle_pytorch.training_state import TRAINING_STATE_NAME
+from dalle_pytorch.data.text_image import TextImageDataset
+from dalle_pytorch.models.dalle import DALLE
+from dalle_pytorch.training.data_order import IndexedBatches, SeededDataset, StreamingBatches, derive_seed
+from dalle_pytorch.training.distributed import (
+    DistributedContext,
+    gather_strided,
+    init_distributed,
+    shutdown_distributed,
+)
+from dalle_pytorch.training.run_logging import RunLogger
+from dalle_pytorch.training.state import TRAINING_STATE_NAME
+from dalle_pytorch.training.trainer import TrainResult
 
 PROG = "dalle-train"
 DEFAULT_WDS_KEYS = "jpg;png;jpeg;webp,txt"
@@ -206,7 +211,7 @@ def build_data(args: argparse.Namespace, dalle: DALLE, tokenizer: Any, seed: int
     if args.wds:
         if args.precompute_image_tokens:
             raise ValueError("--precompute_image_tokens needs a folder, not --wds shards")
-        from dalle_pytorch.webdata import webdataset_loader
+        from dalle_pytorch.data.webdata import webdataset_loader
 
         image_key, _, caption_key = args.wds.partition(",")
         loader = webdataset_loader(

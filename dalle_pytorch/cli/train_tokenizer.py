@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 
-from dalle_pytorch.tokenizer_training import train_tokenizer
+from dalle_pytorch.text.tokenizer_training import train_tokenizer
 
 
 def build_parser() -> argparse.ArgumentParser:

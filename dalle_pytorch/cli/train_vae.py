@@ -32,12 +32,19 @@ from dalle_pytorch.cli.common import (
     run_main,
     seed_everything,
 )
-from dalle_pytorch.data import IMAGE_EXTENSIONS, SAMPLE_ERRORS, SkipLog, open_image, preprocess_image, reason_for
-from dalle_pytorch.data_order import IndexedBatches
-from dalle_pytorch.distributed import init_distributed, shutdown_distributed
-from dalle_pytorch.run_logging import RunLogger
-from dalle_pytorch.training import TrainResult
-from dalle_pytorch.vae import DiscreteVAE
+from dalle_pytorch.data.text_image import (
+    IMAGE_EXTENSIONS,
+    SAMPLE_ERRORS,
+    SkipLog,
+    open_image,
+    preprocess_image,
+    reason_for,
+)
+from dalle_pytorch.models.vae import DiscreteVAE
+from dalle_pytorch.training.data_order import IndexedBatches
+from dalle_pytorch.training.distributed import init_distributed, shutdown_distributed
+from dalle_pytorch.training.run_logging import RunLogger
+from dalle_pytorch.training.trainer import TrainResult
 
 PROG = "dalle-train-vae"
 

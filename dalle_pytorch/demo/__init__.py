@@ -1,0 +1,1 @@
+"""The demo: train every model on the built-in shapes dataset, generate, judge and report."""

@@ -1,0 +1,77 @@
+"""The demo's settings: every knob in one frozen dataclass, with the default and the `--fast` budgets."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+__all__ = ["DEFAULT_CONFIG", "FAST_CONFIG", "DemoConfig"]
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """Every knob of the demo. Steps are optimiser steps; ``clip_steps=0`` skips CLIP reranking."""
+
+    image_size: int = 32
+    num_train_images: int = 4000
+    # discrete VAE: 32 / 2**2 = an 8x8 grid of codes
+    vae_num_layers: int = 2
+    vae_num_tokens: int = 128
+    vae_hidden_dim: int = 32
+    vae_codebook_dim: int = 32
+    vae_kl_weight: float = 0.01
+    vae_steps: int = 1200
+    vae_batch_size: int = 32
+    vae_learning_rate: float = 3e-3
+    vae_final_temperature: float = 1 / 16
+    # DALLE
+    dalle_dim: int = 128
+    dalle_depth: int = 3
+    dalle_heads: int = 4
+    dalle_ff_mult: int = 2
+    dalle_steps: int = 1600
+    dalle_batch_size: int = 32
+    dalle_learning_rate: float = 2e-3
+    null_cond_prob: float = 0.2
+    # CLIP for reranking
+    clip_steps: int = 500
+    clip_dim: int = 64
+    clip_batch_size: int = 64
+    clip_learning_rate: float = 1e-3
+    # the judge's shape classifier
+    classifier_steps: int = 150
+    # generation
+    samples_per_prompt: int = 8
+    candidates_per_sample: int = 4
+    cond_scale: float = 1.5
+    temperature: float = 0.7
+    filter_thres: float = 0.5
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if field.type == "int" and (not isinstance(value, int) or isinstance(value, bool)):
+                raise TypeError(f"{field.name} must be an int, got {value!r}")
+            minimum = 0 if field.name in ("clip_steps", "seed") else 1
+            if field.type == "int" and value < minimum:
+                raise ValueError(f"{field.name} must be >= {minimum}, got {value}")
+        if self.clip_steps == 0 and self.candidates_per_sample > 1:
+            raise ValueError("candidates_per_sample > 1 needs a CLIP to rank them: set clip_steps > 0")
+        if not 0.0 <= self.null_cond_prob < 1.0:
+            raise ValueError(f"null_cond_prob must be in [0, 1), got {self.null_cond_prob}")
+        if self.cond_scale != 1.0 and self.null_cond_prob == 0.0:
+            raise ValueError("cond_scale != 1 needs a model trained with null_cond_prob > 0")
+
+
+DEFAULT_CONFIG = DemoConfig()
+FAST_CONFIG = dataclasses.replace(
+    DEFAULT_CONFIG,
+    num_train_images=2000,
+    vae_steps=600,
+    dalle_steps=500,
+    dalle_learning_rate=3e-3,
+    clip_steps=0,
+    candidates_per_sample=1,
+    samples_per_prompt=4,
+)

@@ -1,0 +1,1 @@
+"""Released image tokenizers: OpenAI's discrete VAE and VQGAN, read without running code from their files."""

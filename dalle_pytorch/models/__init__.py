@@ -1,0 +1,1 @@
+"""The models: DALLE, CLIP, DiscreteVAE, and the transformer they are built from."""

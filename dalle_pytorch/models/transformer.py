@@ -1,0 +1,336 @@
+"""The DALLE transformer: blocks, token shift, rotary positions, reversible execution and the decoding cache.
+
+The sequence is ``[BOS, text | image grid]`` (``text_len`` text positions, then ``fmap * fmap`` image
+positions in raster order). Each layer is an attention sublayer and a feed-forward sublayer, each
+``x + sublayer(norm(x))``; with ``reversible=True`` the two form a RevNet coupling (Gomez et al. 2017,
+https://arxiv.org/abs/1707.04585; Reformer, https://arxiv.org/abs/2001.04451) so activations are recomputed
+in the backward pass instead of stored.
+
+Attention masks are dense per type and serve cached decoding; a pass over positions [0, n) without a cache
+(training) runs the sparse types through the kernels of :mod:`dalle_pytorch.kernels.sparse_attention`, which compute
+the same attention while skipping the masked blocks (``fast_path=False`` keeps the dense masks throughout).
+
+Shape letters: b batch, n positions, d model dim.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from dalle_pytorch.attention.layer import ATTENTION_TYPES, Attention, attention_mask, rotary_tables
+from dalle_pytorch.kernels.sparse_attention import SparsePattern
+from dalle_pytorch.models.reversible import ReversibleSequence
+
+
+class DecodingCache:
+    """Keys, values and token-shift history of the positions processed so far, per layer.
+
+    Buffers are allocated once for ``max_len`` positions and filled in place, so one decoding step costs
+    work proportional to the current length, not a copy of the whole prefix.
+    """
+
+    def __init__(self, max_len: int):
+        self.max_len = max_len
+        self.offset = 0
+        self._buffers: dict = {}
+
+    def append(self, key, new: Tensor) -> Tensor:
+        """Store ``new`` (..., n_new, d) at positions [offset, offset + n_new) and return (..., end, d)."""
+        end = self.offset + new.shape[-2]
+        if end > self.max_len:
+            raise ValueError(f"the cache holds {self.max_len} positions; cannot extend to {end}")
+        buffer = self._buffers.get(key)
+        if buffer is None:
+            buffer = new.new_empty(*new.shape[:-2], self.max_len, new.shape[-1])
+            self._buffers[key] = buffer
+        buffer[..., self.offset : end, :] = new
+        return buffer[..., :end, :]
+
+
+class FeedForward(nn.Module):
+    """GEGLU feed-forward (Shazeer 2020, https://arxiv.org/abs/2002.05202)."""
+
+    def __init__(self, dim: int, mult: int = 4, dropout: float = 0.0):
+        super().__init__()
+        self.proj_in = nn.Linear(dim, dim * mult * 2)
+        self.dropout = nn.Dropout(dropout)
+        self.proj_out = nn.Linear(dim * mult, dim)
+
+    def forward(self, x: Tensor, **_) -> Tensor:
+        x, gate = self.proj_in(x).chunk(2, dim=-1)
+        return self.proj_out(self.dropout(x * F.gelu(gate)))
+
+
+def token_shift_sources(text_len: int, fmap: int) -> Tensor:
+    """(n, 2) long: where each position takes its two shifted channel groups from (-1 = zeros).
+
+    Text takes group one from the previous token and keeps group two; an image token takes group one from
+    its left neighbour and group two from the token above, so a layer sees the 2-D neighbourhood.
+    """
+    n = text_len + fmap * fmap
+    pos = torch.arange(n)
+    grid = pos - text_len
+    is_image = grid >= 0
+    has_left = is_image & (grid % fmap > 0)
+    has_above = is_image & (grid >= fmap)
+    first = torch.where(is_image, torch.where(has_left, pos - 1, -1), pos - 1)
+    second = torch.where(is_image, torch.where(has_above, pos - fmap, -1), pos)
+    return torch.stack((first, second), dim=-1)
+
+
+def token_shift_source(position: int, text_len: int, fmap: int) -> tuple[int, int]:
+    """Row ``position`` of :func:`token_shift_sources` as Python ints: the one-token decoding step needs
+    no index tensors (and no device synchronisation to read them)."""
+    grid = position - text_len
+    if grid < 0:
+        return position - 1, position
+    return (position - 1 if grid % fmap > 0 else -1), (position - fmap if grid >= fmap else -1)
+
+
+def shift_one_token(history: Tensor, first: int, second: int) -> Tensor:
+    """:func:`shift_tokens` for the last position of history (b, end, d) alone, sources given as ints: (b, 1, d)."""
+    group = history.shape[-1] // 4
+    own = history[:, -1:]
+
+    def part(source: int, channels: slice) -> Tensor:
+        if source < 0:  # no such neighbour
+            return own.new_zeros(own.shape[0], 1, group)
+        return history[:, source : source + 1, channels]
+
+    return torch.cat((part(first, slice(0, group)), part(second, slice(group, 2 * group)), own[..., 2 * group :]), -1)
+
+
+def shift_tokens(history: Tensor, sources: Tensor) -> Tensor:
+    """Token shift of the last ``len(sources)`` positions of history (b, end, d): returns (b, n_new, d)."""
+    dim = history.shape[-1]
+    group = dim // 4
+    n_new = sources.shape[0]
+    own = history[:, history.shape[1] - n_new :]
+    gathered = []
+    for g in range(2):
+        src = sources[:, g]
+        values = history[:, src.clamp(min=0), g * group : (g + 1) * group]
+        gathered.append(values * (src >= 0)[None, :, None].to(values.dtype))
+    return torch.cat((*gathered, own[..., 2 * group :]), dim=-1)
+
+
+def token_shift_tables(sources: Tensor) -> Tensor:
+    """Sources (n, 2) from :func:`token_shift_sources` -> (3, n, 1) float 0/1: whether each position takes
+    group one from the previous position, group two from the position above, and keeps its own group two.
+
+    These are the only three cases, so over a whole sequence the shift is two constant offsets and masks
+    (:func:`shift_sequence`): cheap slices whose gradient is a slice too, where a gather's is a scatter-add.
+    """
+    pos = torch.arange(sources.shape[0])
+    first, second = sources.unbind(-1)
+    tables = torch.stack((first >= 0, (second >= 0) & (second != pos), second == pos))
+    return tables[..., None].float()
+
+
+def shift_sequence(x: Tensor, fmap: int, tables: Tensor) -> Tensor:
+    """:func:`shift_tokens` of all positions [0, n) of x (b, n, d), with ``tables[:, :n]`` of
+    :func:`token_shift_tables`: returns (b, n, d)."""
+    n, group = x.shape[1], x.shape[-1] // 4
+    from_left, from_above, keep_own = tables.to(x.dtype)
+    previous = F.pad(x[:, : n - 1, :group], (0, 0, 1, 0))  # position p holds x[p - 1]
+    above = F.pad(x[:, :, group : 2 * group], (0, 0, fmap, 0))[:, :n]  # position p holds x[p - fmap]
+    second = above * from_above + x[:, :, group : 2 * group] * keep_own
+    return torch.cat((previous * from_left, second, x[:, :, 2 * group :]), dim=-1)
+
+
+def rotary_angles(text_len: int, fmap: int, dim_head: int, theta: float = 10000.0) -> Tensor:
+    """(n, r) rotary angles: a 1-D part for text order and 2-D axial parts for image rows and columns.
+
+    Image tokens all sit at text position ``text_len`` and text tokens at row = column = 0, image rows and
+    columns counting from 1, so relative angles stay meaningful across the text / image boundary.
+    """
+    per_axis = (dim_head // 3) // 2 * 2
+    if per_axis < 2:
+        raise ValueError(f"rotary_emb needs dim_head >= 6, got {dim_head}")
+    n = text_len + fmap * fmap
+    pos = torch.arange(n)
+    grid = pos - text_len
+    is_image = grid >= 0
+    text_pos = torch.where(is_image, text_len, pos)
+    row = torch.where(is_image, grid // fmap + 1, 0)
+    col = torch.where(is_image, grid % fmap + 1, 0)
+    inv_freq = 1.0 / theta ** (torch.arange(0, per_axis, 2).float() / per_axis)
+    parts = [(p.float()[:, None] * inv_freq).repeat_interleave(2, dim=-1) for p in (text_pos, row, col)]
+    return torch.cat(parts, dim=-1)
+
+
+class Sublayer(nn.Module):
+    """norm -> (token shift) -> attention or feed-forward -> (sandwich norm)."""
+
+    def __init__(self, dim: int, fn: nn.Module, *, sandwich_norm: bool, shift: bool):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.fn = fn
+        self.norm_out = nn.LayerNorm(dim) if sandwich_norm else nn.Identity()
+        self.shift = shift
+
+    def forward(self, x: Tensor, ctx: dict, key) -> Tensor:
+        x = self.norm(x)
+        if self.shift:
+            cache = ctx["cache"]
+            history = cache.append((key, "shift"), x) if cache is not None else x
+            if ctx["shift_step"] is not None:  # one new position of cached decoding
+                x = shift_one_token(history, *ctx["shift_step"])
+            elif ctx["shift_tables"] is not None:  # positions [0, n): training, or the prompt of decoding
+                x = shift_sequence(history, ctx["fmap"], ctx["shift_tables"])
+            else:
+                x = shift_tokens(history, ctx["shift_sources"])
+        if isinstance(self.fn, Attention):
+            mask, causal, pattern = ctx["masks"][ctx["layer_types"][key[0]]]
+            x = self.fn(
+                x, mask, causal=causal, rotary=ctx["rotary"], cache=ctx["cache"], cache_key=key, pattern=pattern
+            )
+        else:
+            x = self.fn(x)
+        return self.norm_out(x)
+
+
+def _expand(ids: Sequence | None, depth: int, name: str) -> list:
+    if ids is None:
+        return list(range(depth))
+    ids = list(ids)
+    if len(ids) == 0:
+        raise ValueError(f"{name} must not be empty")
+    return [ids[i % len(ids)] for i in range(depth)]
+
+
+class Transformer(nn.Module):
+    """A stack of ``depth`` layers over the [text | image] sequence; see the module docstring."""
+
+    def __init__(
+        self,
+        *,
+        dim: int,
+        depth: int,
+        text_len: int,
+        fmap: int,
+        heads: int = 8,
+        dim_head: int = 64,
+        attn_dropout: float = 0.0,
+        ff_dropout: float = 0.0,
+        ff_mult: int = 4,
+        attn_types: Sequence[str] = ("full",),
+        reversible: bool = False,
+        stable: bool = False,
+        sandwich_norm: bool = False,
+        shift_tokens: bool = True,
+        rotary_emb: bool = True,
+        shared_attn_ids: Sequence | None = None,
+        shared_ff_ids: Sequence | None = None,
+        mask_options: dict | None = None,
+        fast_path: bool = True,
+    ):
+        super().__init__()
+        if depth < 1:
+            raise ValueError(f"depth must be >= 1, got {depth}")
+        attn_types = (attn_types,) if isinstance(attn_types, str) else tuple(attn_types)
+        for t in attn_types:
+            if t not in ATTENTION_TYPES:
+                raise ValueError(f"attn_types entries must be among {ATTENTION_TYPES}, got {t!r}")
+        self.text_len, self.fmap = text_len, fmap
+        self.seq_len = text_len + fmap * fmap
+        self.reversible = reversible
+        self.layer_types = [attn_types[i % len(attn_types)] for i in range(depth)]
+
+        attn_ids, ff_ids = (
+            _expand(shared_attn_ids, depth, "shared_attn_ids"),
+            _expand(shared_ff_ids, depth, "shared_ff_ids"),
+        )
+        shared_attn: dict = {}
+        shared_ff: dict = {}
+        layers = []
+        for i in range(depth):
+            attn_id, attn_type = attn_ids[i], self.layer_types[i]
+            if attn_id in shared_attn and shared_attn[attn_id][1] != attn_type:
+                raise ValueError(
+                    f"shared_attn_ids gives layer {i} the id {attn_id!r} of a layer with attention type "
+                    f"{shared_attn[attn_id][1]!r}, but layer {i} has type {attn_type!r}"
+                )
+            if attn_id not in shared_attn:
+                shared_attn[attn_id] = (Attention(dim, heads, dim_head, attn_dropout, stable), attn_type)
+            if ff_ids[i] not in shared_ff:
+                shared_ff[ff_ids[i]] = FeedForward(dim, ff_mult, ff_dropout)
+            layers.append(
+                nn.ModuleList(
+                    [
+                        Sublayer(dim, shared_attn[attn_id][0], sandwich_norm=sandwich_norm, shift=shift_tokens),
+                        Sublayer(dim, shared_ff[ff_ids[i]], sandwich_norm=sandwich_norm, shift=shift_tokens),
+                    ]
+                )
+            )
+        self.layers = nn.ModuleList(layers)
+        self.reversible_stack = ReversibleSequence(self.layers) if reversible else None
+
+        # derived from the configuration: rebuilt at construction, never saved in checkpoints
+        mask_options = mask_options or {}
+        for t in sorted(set(self.layer_types)):
+            if t != "full":
+                self.register_buffer(f"mask_{t}", attention_mask(t, text_len, fmap, **mask_options), persistent=False)
+        # a full-sequence pass (training) runs the sparse types through kernels that skip masked blocks;
+        # ``fast_path = False`` keeps the dense masks everywhere (the reference the tests compare with)
+        self.fast_path = fast_path
+        options = tuple(sorted(mask_options.items()))
+        self.patterns = {t: SparsePattern(t, text_len, fmap, options) for t in set(self.layer_types) if t != "full"}
+        self.register_buffer("shift_sources", token_shift_sources(text_len, fmap), persistent=False)
+        self.register_buffer("shift_tables", token_shift_tables(self.shift_sources), persistent=False)
+        self.shift = shift_tokens
+        self.rotary = rotary_emb
+        if rotary_emb:
+            cos, sin = rotary_tables(rotary_angles(text_len, fmap, dim_head), dim_head)
+            self.register_buffer("rotary_cos", cos, persistent=False)
+            self.register_buffer("rotary_sin", sin, persistent=False)
+
+    def _masks(self, start: int, end: int, cached: bool) -> dict:
+        """Per attention type: (mask or None, causal flag, fast pattern or None) for queries [start, end)
+        over keys [0, end)."""
+        masks = {}
+        for t in set(self.layer_types):
+            if t == "full":
+                if start == 0:
+                    masks[t] = (None, True, None)
+                elif end - start == 1:
+                    masks[t] = (None, False, None)  # one new query sees every earlier key
+                else:
+                    causal = torch.ones(end, end, dtype=torch.bool, device=self.shift_sources.device).tril()
+                    masks[t] = (causal[start:], False, None)
+            else:
+                pattern = self.patterns[t] if self.fast_path and not cached else None
+                masks[t] = (getattr(self, f"mask_{t}")[start:end, :end], False, pattern)
+        return masks
+
+    def forward(self, x: Tensor, cache: DecodingCache | None = None) -> Tensor:
+        """x: (b, n, d) for positions [cache.offset, cache.offset + n) (from 0 without a cache)."""
+        start = cache.offset if cache is not None else 0
+        end = start + x.shape[1]
+        if end > self.seq_len:
+            raise ValueError(f"sequence of {end} positions is longer than the {self.seq_len} this model has")
+        ctx = {
+            "cache": cache,
+            "masks": self._masks(start, end, cached=cache is not None),
+            "layer_types": self.layer_types,
+            "rotary": (self.rotary_cos[start:end], self.rotary_sin[start:end]) if self.rotary else None,
+            "shift_sources": self.shift_sources[start:end],
+            "shift_tables": self.shift_tables[:, :end] if start == 0 else None,
+            "fmap": self.fmap,
+            "shift_step": (
+                token_shift_source(start, self.text_len, self.fmap) if cache is not None and end - start == 1 else None
+            ),
+        }
+        if self.reversible:
+            x = self.reversible_stack(x, ctx, use_checkpointing=torch.is_grad_enabled() and cache is None)
+        else:
+            for i, (attn, ff) in enumerate(self.layers):
+                x = x + attn(x, ctx, (i, 0))
+                x = x + ff(x, ctx, (i, 1))
+        if cache is not None:
+            cache.offset = end
+        return x

@@ -1,0 +1,1 @@
+"""Text tokenizers (CLIP BPE, Hugging Face, YouTokenToMe, Chinese) and training a tokenizer on captions."""

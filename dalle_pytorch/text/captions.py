@@ -1,0 +1,33 @@
+"""Caption files: the extension that marks them and decoding their bytes into caption lines."""
+
+from __future__ import annotations
+
+CAPTION_EXTENSION = ".txt"
+
+
+class BadSampleError(ValueError):
+    """A sample whose files exist but hold nothing usable; `reason` is a short category for counting."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+
+
+def captions_from_bytes(raw: bytes) -> list[str]:
+    """All non-blank caption lines of a text file; UTF-8 (or UTF-16 with a BOM), invalid bytes replaced.
+
+    Raises BadSampleError('empty caption') when no line holds a printable character.
+    """
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+        text = raw.decode("utf-16", errors="replace")
+    else:
+        text = raw.decode("utf-8-sig", errors="replace")
+    captions = []
+    for line in text.splitlines():
+        # control characters (e.g. NULs of a mis-encoded file) carry no meaning for a caption
+        line = "".join(char for char in line if char.isprintable() or char == "\t").strip()
+        if line.strip("\ufffd \t"):
+            captions.append(line)
+    if not captions:
+        raise BadSampleError("empty caption", "no non-blank line")
+    return captions

@@ -1,0 +1,1 @@
+"""The training loop, exact resume, distributed engines and run logging."""

@@ -1,0 +1,280 @@
+"""Training state for exact resume: `training_state.pt` beside a model directory, and checkpoint rotation.
+
+`training_state.pt` holds the optimizer, scheduler and AMP scaler state, step, epoch, position in the data
+and every RNG state (Python, NumPy, torch CPU, CUDA, MPS), in a form `torch.load(weights_only=True)` reads
+(https://docs.pytorch.org/docs/stable/notes/serialization.html#weights-only-security), so resuming never
+unpickles code. `save_checkpoint` writes it together with the model directory (`dalle_pytorch.io.checkpoint`)
+in one atomic step (`dalle_pytorch.io.atomic`); `CheckpointManager` keeps the newest `step-XXXXXXXX/` folders.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+import warnings
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from dalle_pytorch._version import __version__
+from dalle_pytorch.io.atomic import atomic_write_dir, atomic_write_file, temp_sibling
+from dalle_pytorch.io.checkpoint import CONFIG_NAME, CheckpointError, PretrainedMixin, write_model_dir
+
+TRAINING_STATE_NAME = "training_state.pt"
+TRAINING_STATE_VERSION = 1
+
+PathLike = str | os.PathLike
+
+
+def save_training_state(
+    directory: PathLike,
+    *,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any = None,
+    scaler: Any = None,
+    step: int,
+    epoch: int,
+    data_position: Any = None,
+    extra: Any = None,
+) -> Path:
+    """Writes `directory/training_state.pt` atomically: optimizer/scheduler/scaler state, step, epoch,
+    `data_position` and `extra` (anything `torch.load(weights_only=True)` reads), and all RNG states."""
+    state = _training_state(
+        optimizer=optimizer,
+        scheduler=scheduler,
+        scaler=scaler,
+        step=step,
+        epoch=epoch,
+        data_position=data_position,
+        extra=extra,
+    )
+    path = Path(directory) / TRAINING_STATE_NAME
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_file(path, lambda tmp: torch.save(state, tmp))
+    return path
+
+
+def load_training_state(
+    directory: PathLike,
+    *,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: Any = None,
+    scaler: Any = None,
+    restore_rng: bool = True,
+) -> dict[str, Any]:
+    """Restores the given objects (and the RNGs) from `directory/training_state.pt`; returns the state,
+    including `step`, `epoch`, `data_position` and `extra`. Load the model weights before this."""
+    path = Path(directory) / TRAINING_STATE_NAME
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    version = state.get("format_version") if isinstance(state, dict) else None
+    if not isinstance(version, int):
+        raise CheckpointError(f"{path} is not a dalle_pytorch training state")
+    if version > TRAINING_STATE_VERSION:
+        raise CheckpointError(
+            f"{path} has training-state format version {version}, but this dalle_pytorch {__version__} "
+            f"reads up to {TRAINING_STATE_VERSION}; upgrade dalle_pytorch to resume from it"
+        )
+    for name, target in (("optimizer", optimizer), ("scheduler", scheduler)):
+        if target is not None:
+            if state.get(name) is None:
+                raise ValueError(f"{path} holds no {name} state, but a {name} was given to restore")
+            target.load_state_dict(state[name])
+    # A scaler saved disabled (or not at all) has nothing to restore; a fresh loss scale is harmless.
+    if scaler is not None and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
+    if restore_rng:
+        _set_rng_states(state["rng"])
+    return state
+
+
+def save_checkpoint(
+    directory: PathLike,
+    model: PretrainedMixin,
+    *,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: Any = None,
+    scaler: Any = None,
+    step: int | None = None,
+    epoch: int | None = None,
+    data_position: Any = None,
+    extra: Any = None,
+) -> Path:
+    """Writes the model directory and, when `optimizer` is given, `training_state.pt` (arguments as in
+    `save_training_state`) in one atomic step, so weights and training state always belong together."""
+    state = None
+    if optimizer is not None:
+        state = _training_state(
+            optimizer=optimizer,
+            scheduler=scheduler,
+            scaler=scaler,
+            step=step,
+            epoch=epoch,
+            data_position=data_position,
+            extra=extra,
+        )
+    elif any(value is not None for value in (scheduler, scaler, step, epoch, data_position, extra)):
+        raise ValueError("save_checkpoint writes a training state only together with its optimizer=")
+
+    def fill(tmp: Path) -> None:
+        write_model_dir(model, tmp)
+        if state is not None:
+            torch.save(state, tmp / TRAINING_STATE_NAME)
+
+    return atomic_write_dir(Path(directory), fill)
+
+
+def _training_state(
+    *,
+    optimizer: Any,
+    scheduler: Any = None,
+    scaler: Any = None,
+    step: int,
+    epoch: int,
+    data_position: Any = None,
+    extra: Any = None,
+) -> dict[str, Any]:
+    for name, value in (("step", step), ("epoch", epoch)):
+        if type(value) is not int or value < 0:
+            raise ValueError(f"{name} should be a non-negative int, got {value!r}")
+    for name, value in (("optimizer", optimizer), ("scheduler", scheduler), ("scaler", scaler)):
+        if value is not None and not callable(getattr(value, "state_dict", None)):
+            raise TypeError(f"{name} should have a state_dict() method, got {type(value).__name__}")
+    if optimizer is None:
+        raise TypeError("optimizer is required to save a training state")
+    state = {
+        "format_version": TRAINING_STATE_VERSION,
+        "library_version": __version__,
+        "step": step,
+        "epoch": epoch,
+        "data_position": data_position,
+        "extra": extra,
+        "optimizer": optimizer.state_dict(),
+        "scheduler": None if scheduler is None else scheduler.state_dict(),
+        "scaler": None if scaler is None else scaler.state_dict(),
+        "rng": _get_rng_states(),
+    }
+    _check_weights_only_loadable(state, "training state")
+    return state
+
+
+_PLAIN_TYPES = (type(None), bool, int, float, complex, str, bytes, torch.Size, torch.dtype, torch.device)
+
+
+def _check_weights_only_loadable(value: Any, where: str) -> None:
+    """Refuses at save time what `torch.load(weights_only=True)` would refuse at resume time."""
+    if isinstance(value, torch.Tensor) or type(value) in _PLAIN_TYPES:
+        return
+    if type(value) in (dict, OrderedDict):
+        for key, item in value.items():
+            _check_weights_only_loadable(key, f"{where} key")
+            _check_weights_only_loadable(item, f"{where}[{key!r}]")
+        return
+    if type(value) in (list, tuple, set):
+        for i, item in enumerate(value):
+            _check_weights_only_loadable(item, f"{where}[{i}]")
+        return
+    raise TypeError(
+        f"{where} is a {type(value).__name__}, which torch.load(weights_only=True) cannot read; use "
+        "tensors, numbers, strings, None and lists/tuples/dicts of them"
+    )
+
+
+def _get_rng_states() -> dict[str, Any]:
+    version, internal, gauss_next = random.getstate()
+    name, keys, pos, has_gauss, cached_gaussian = np.random.get_state(legacy=True)
+    return {
+        "python": {"version": version, "state": torch.tensor(internal, dtype=torch.int64), "gauss_next": gauss_next},
+        "numpy": {
+            "name": str(name),
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached_gaussian),
+        },
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "mps": torch.mps.get_rng_state() if torch.backends.mps.is_available() else None,
+    }
+
+
+def _set_rng_states(rng: dict[str, Any]) -> None:
+    python = rng["python"]
+    random.setstate((python["version"], tuple(python["state"].tolist()), python["gauss_next"]))
+    numpy = rng["numpy"]
+    keys = numpy["keys"].numpy().astype(np.uint32)
+    np.random.set_state((numpy["name"], keys, numpy["pos"], numpy["has_gauss"], numpy["cached_gaussian"]))
+    torch.set_rng_state(rng["torch"])
+    cuda = rng.get("cuda") or []
+    if cuda:
+        if torch.cuda.is_available() and torch.cuda.device_count() == len(cuda):
+            torch.cuda.set_rng_state_all(cuda)
+        else:
+            available = torch.cuda.device_count() if torch.cuda.is_available() else 0
+            warnings.warn(
+                f"training state has RNG states for {len(cuda)} CUDA devices but {available} are "
+                "available; CUDA random draws will differ from the interrupted run",
+                stacklevel=3,
+            )
+    if rng.get("mps") is not None and torch.backends.mps.is_available():
+        torch.mps.set_rng_state(rng["mps"])
+
+
+# ---------------------------------------------------------------------------------------- rotation
+
+
+class CheckpointManager:
+    """Writes `root/step-{step:08d}/` (model directory + `training_state.pt`) and keeps the newest
+    `keep_n` of them (all when None). One process writes to a root at a time."""
+
+    _STEP_DIR = re.compile(r"step-(\d+)")
+    _LEFTOVER = re.compile(r"\.step-\d+\.(tmp|old|del)-[0-9a-f]+")  # names from atomic.temp_sibling
+
+    def __init__(self, root: PathLike, keep_n: int | None = None):
+        if keep_n is not None and (type(keep_n) is not int or keep_n < 1):
+            raise ValueError(f"keep_n should be a positive int or None, got {keep_n!r}")
+        self.root = Path(root)
+        self.keep_n = keep_n
+
+    def save(self, model: PretrainedMixin, step: int, **training_state: Any) -> Path:
+        """Saves `model` (and, given `optimizer=`, `epoch=`, ..., its training state) as `step`."""
+        if type(step) is not int or step < 0:
+            raise ValueError(f"step should be a non-negative int, got {step!r}")
+        if training_state:
+            training_state = {**training_state, "step": step}
+        path = save_checkpoint(self.root / f"step-{step:08d}", model, **training_state)
+        self._prune(keep=path)
+        return path
+
+    def checkpoints(self) -> list[Path]:
+        """Complete checkpoint directories, oldest step first."""
+        if not self.root.is_dir():
+            return []
+        found = [
+            (int(match.group(1)), entry)
+            for entry in self.root.iterdir()
+            if (match := self._STEP_DIR.fullmatch(entry.name)) and (entry / CONFIG_NAME).is_file()
+        ]
+        return [path for _, path in sorted(found)]
+
+    def latest(self) -> Path | None:
+        """The checkpoint with the highest step, or None when there is none."""
+        checkpoints = self.checkpoints()
+        return checkpoints[-1] if checkpoints else None
+
+    def _prune(self, keep: Path) -> None:
+        for entry in self.root.iterdir():
+            if self._LEFTOVER.fullmatch(entry.name):  # from an earlier crash
+                shutil.rmtree(entry, ignore_errors=True)
+        if self.keep_n is None:
+            return
+        old = [path for path in self.checkpoints() if path != keep]
+        for path in old[: max(0, len(old) - (self.keep_n - 1))]:
+            # Rename first, so a crash mid-delete never leaves a half-deleted `step-*` directory.
+            doomed = temp_sibling(path, "del")
+            os.replace(path, doomed)
+            shutil.rmtree(doomed, ignore_errors=True)
