@@ -27,3 +27,11 @@ def test_readme_quickstart_runs(tmp_path, monkeypatch):
     reloaded, text = namespace["dalle"], namespace["text"]
     assert (tmp_path / "my_dalle" / "config.json").is_file()
     assert reloaded.text_seq_len == text.shape[1] and reloaded.num_text_tokens >= 10000
+
+
+def test_readme_links_point_at_files_in_the_repository():
+    links = re.findall(r"\]\(([^)\s]+)\)", README.read_text(encoding="utf-8"))
+    local = [link.split("#", 1)[0] for link in links if not re.match(r"[a-z]+://", link)]
+    assert local, "README.md links to no local file"
+    missing = [link for link in local if not (README.parent / link).exists()]
+    assert not missing, f"README.md links to missing files: {missing}"
