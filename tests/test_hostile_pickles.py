@@ -39,9 +39,7 @@ def _tensor_pickle(numel: int) -> bytes:
 
 def test_build_cannot_change_the_objects_later_loads_use(tmp_path):
     # The file sets `dtype = float16` on the object standing for torch.FloatStorage, then returns {}.
-    hostile = (
-        b"\x80\x02ctorch\nFloatStorage\n}" + _binunicode("dtype") + b"ctorch\nfloat16\nsb0}."
-    )
+    hostile = b"\x80\x02ctorch\nFloatStorage\n}" + _binunicode("dtype") + b"ctorch\nfloat16\nsb0}."
     _zip_checkpoint(tmp_path / "hostile.pt", hostile)
     clean = tmp_path / "clean.pt"
     torch.save({"w": torch.arange(4.0)}, clean)
@@ -78,7 +76,7 @@ def _legacy_parts(path) -> tuple[list[bytes], bytes]:
     parts, offset = [], 0
     for _ in range(5):
         stream = io.BytesIO(data[offset:])
-        for _opcode, _arg, position in pickletools.genops(stream):
+        for _opcode, _arg, _position in pickletools.genops(stream):
             pass
         end = offset + stream.tell()
         parts.append(data[offset:end])

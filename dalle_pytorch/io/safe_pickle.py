@@ -346,9 +346,9 @@ def _load_zip(path: Path) -> Any:
         if len(pickles) != 1:
             raise CheckpointFormatError(f"{path} holds no single '<archive>/data.pkl': not a torch.save file")
         prefix = pickles[0].removesuffix("data.pkl")
-        if prefix + "byteorder" in archive.namelist():
-            if _read_zip_member(archive, archive.getinfo(prefix + "byteorder"), path) != b"little":
-                raise CheckpointFormatError(f"{path} was written on a big-endian machine; not supported")
+        byteorder = archive.NameToInfo.get(prefix + "byteorder")
+        if byteorder is not None and _read_zip_member(archive, byteorder, path) != b"little":
+            raise CheckpointFormatError(f"{path} was written on a big-endian machine; not supported")
         file_size = os.fstat(raw.fileno()).st_size
         mapped = mmap.mmap(raw.fileno(), 0, access=mmap.ACCESS_COPY) if file_size else None
         storages: dict[str, _Storage] = {}
@@ -369,9 +369,7 @@ def _load_zip(path: Path) -> Any:
 
 def _read_zip_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, path: Path) -> bytes:
     """An entry's bytes, refusing before decompressing when it would expand more than allowed."""
-    if info.compress_type != zipfile.ZIP_STORED and info.file_size > MAX_COMPRESSION_RATIO * max(
-        info.compress_size, 1
-    ):
+    if info.compress_type != zipfile.ZIP_STORED and info.file_size > MAX_COMPRESSION_RATIO * max(info.compress_size, 1):
         raise CheckpointFormatError(
             f"{path}: entry {info.filename} expands from {info.compress_size} to {info.file_size} bytes, more "
             f"than {MAX_COMPRESSION_RATIO}x (a zip bomb?); see dalle_pytorch.io.safe_pickle.MAX_COMPRESSION_RATIO"
