@@ -149,6 +149,13 @@ def add_training_args(
     add_arg(group, "--keep_n_checkpoints", type=int, default=None, help="keep only the newest N checkpoints")
     add_arg(
         group,
+        "--ema_decay",
+        type=float,
+        default=None,
+        help="keep a moving average of the weights with this decay (e.g. 0.999), saved as ema/ in each checkpoint",
+    )
+    add_arg(
+        group,
         "--resume",
         nargs="?",
         const="latest",
