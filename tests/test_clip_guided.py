@@ -1,13 +1,19 @@
 """CLIP-guided generation: relaxed decoding, the optimisation, determinism, batching, untouched models."""
 
+import json
+
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from conftest import NUM_TEXT_TOKENS, make_clip, make_vae, random_text
+from PIL import Image
 
+from dalle_pytorch.cli import generate
 from dalle_pytorch.generation import clip_guided_generate
 from dalle_pytorch.generation.clip_guided import augment_views, image_similarity
 from dalle_pytorch.image_tokenizers.pretrained_vae import OpenAIDiscreteVAE, VQGanVAE
+from dalle_pytorch.text.tokenizer import tokenizer
 
 TINY_VQGAN = {
     "ddconfig": dict(ch=32, out_ch=3, ch_mult=[1, 2], num_res_blocks=1, attn_resolutions=[8], in_channels=3,
@@ -18,6 +24,15 @@ TINY_OPENAI = {
     "image_size": 16, "vocab_size": 8,
     "encoder": {"n_hid": 4, "n_blk_per_group": 1}, "decoder": {"n_init": 4, "n_hid": 4, "n_blk_per_group": 1},
 }  # fmt: skip
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # the test machine's 2 cores are shared: OpenMP spin-waiting with 2 threads makes tiny models much slower
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def blocky_vae():
@@ -172,3 +187,37 @@ def test_bad_input_is_a_clear_error(models, change, error, match):
     arguments = {**dict(vae=vae, clip=clip, text=random_text(2), steps=1, num_augments=1), **change}
     with pytest.raises(error, match=match):
         clip_guided_generate(**arguments)
+
+
+def test_generate_cli_clip_guided_writes_images_independent_of_batch_size(models, tmp_path, capsys):
+    vae, _ = models
+    clip = make_clip(num_text_tokens=tokenizer.vocab_size, text_seq_len=12)  # the default BPE tokenizer's ids
+    vae_dir, clip_dir = vae.save_pretrained(tmp_path / "vae"), clip.save_pretrained(tmp_path / "clip")
+    common = ["--method", "clip-guided", "--vae-path", str(vae_dir), "--clip-path", str(clip_dir), "--text",
+              "a red square|a blue circle", "--num-images", "3", "--steps", "2", "--num-augments", "2",
+              "--device", "cpu"]  # fmt: skip
+    folders = generate.run([*common, "--batch-size", "2", "--outputs-dir", str(tmp_path / "a")])
+    again = generate.run([*common, "--batch-size", "1", "--outputs-dir", str(tmp_path / "b"), "--keep-top", "2"])
+    assert [folder.name for folder in folders] == ["a_red_square", "a_blue_circle"]
+    for folder, other in zip(folders, again):
+        metadata = json.loads((folder / "metadata.json").read_text())
+        assert metadata["method"] == "clip-guided" and metadata["vae_path"] == str(vae_dir)
+        assert metadata["dalle_path"] is None and len(metadata["images"]) == 3
+        scores = [entry["clip_score"] for entry in metadata["images"]]
+        assert scores == sorted(scores, reverse=True)
+        for entry in metadata["images"]:
+            image = np.asarray(Image.open(folder / entry["file"]))
+            assert image.shape == (16, 16, 3)
+        assert (folder / "grid.png").is_file()
+        # the best two of the same three images, whatever the batch size
+        kept = json.loads((other / "metadata.json").read_text())["images"]
+        assert [entry["index"] for entry in kept] == [entry["index"] for entry in metadata["images"][:2]]
+        for entry in kept:
+            assert np.array_equal(np.asarray(Image.open(other / entry["file"])),
+                                  np.asarray(Image.open(folder / entry["file"])))  # fmt: skip
+    with pytest.raises(SystemExit) as stop:
+        generate.main(["--method", "clip-guided", "--clip-path", str(clip_dir), "--text", "x", "--device", "cpu"])
+    assert stop.value.code == 2 and "--method clip-guided needs --vae_path" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as stop:
+        generate.main(["--text", "x", "--device", "cpu"])
+    assert stop.value.code == 2 and "--method dalle needs --dalle_path" in capsys.readouterr().err

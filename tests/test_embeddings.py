@@ -18,6 +18,15 @@ from dalle_pytorch.text.tokenizer import tokenizer
 TEXT_LEN = 12
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # the test machine's 2 cores are shared: OpenMP spin-waiting with 2 threads makes tiny models much slower
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def clip():
     # the default BPE tokenizer's vocabulary, so the shapes captions need no tokenizer training

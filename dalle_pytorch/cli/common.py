@@ -331,6 +331,15 @@ def build_tokenizer(spec: dict[str, Any]) -> Any:
     return kinds[spec["kind"]](spec["path"])
 
 
+def check_tokenizer_fits(tokenizer: Any, model: Any, name: str) -> None:
+    """A clear error when the tokenizer makes ids the model's text embedding does not have."""
+    if tokenizer.vocab_size > model.num_text_tokens:
+        raise ValueError(
+            f"the tokenizer has {tokenizer.vocab_size} tokens, the {name} only {model.num_text_tokens}: "
+            "pass the tokenizer it was trained with (--bpe_path)"
+        )
+
+
 # ------------------------------------------------------------------------------------------ VAE
 
 

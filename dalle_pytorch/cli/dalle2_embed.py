@@ -19,6 +19,7 @@ from dalle_pytorch.cli.common import (
     add_arg,
     add_tokenizer_args,
     build_tokenizer,
+    check_tokenizer_fits,
     resolve_checkpoint,
     run_main,
     tokenizer_spec_for,
@@ -67,11 +68,7 @@ def run(argv: list[str] | None = None) -> Path:
     clip = CLIP.from_pretrained(checkpoint, map_location=resolve_device(args.device))
     spec = tokenizer_spec_for(args, checkpoint)
     tokenizer = build_tokenizer(spec)
-    if tokenizer.vocab_size > clip.num_text_tokens:
-        raise ValueError(
-            f"the tokenizer has {tokenizer.vocab_size} tokens, the CLIP only {clip.num_text_tokens}: "
-            "pass the tokenizer it was trained with (--bpe_path)"
-        )
+    check_tokenizer_fits(tokenizer, clip, "CLIP")
     options = dict(
         text_len=clip.text_seq_len, image_size=clip.image_size, tokenizer=tokenizer,
         truncate_captions=args.truncate_captions, resize_ratio=args.resize_ratio,
