@@ -6,8 +6,9 @@
 Writes `shard-XXXXX.safetensors` files (image_embed, text_embed and the caption's token ids) and an
 `index.json` into --output-dir; `dalle_pytorch.data.embeddings.ClipEmbeddingsDataset` reads them back.
 Running the same command again after an interruption continues after the last whole shard. Images are
-cropped to CLIP's image size (the whole image by default, --resize-ratio below 1 for random crops), and one
-caption line is chosen per image; both are fixed by --seed, so a resumed run equals an uninterrupted one.
+cropped to a square at a random place (the largest square by default, smaller ones with --resize-ratio
+below 1) and resized to CLIP's image size, and one caption line is chosen per image; both are fixed by
+--seed, so a resumed run equals an uninterrupted one.
 """
 
 from __future__ import annotations
