@@ -15,6 +15,8 @@ from dalle_pytorch.generation.clip_guided import augment_views, image_similarity
 from dalle_pytorch.image_tokenizers.pretrained_vae import OpenAIDiscreteVAE, VQGanVAE
 from dalle_pytorch.text.tokenizer import tokenizer
 
+pytestmark = pytest.mark.usefixtures("one_thread_per_module")
+
 TINY_VQGAN = {
     "ddconfig": dict(ch=32, out_ch=3, ch_mult=[1, 2], num_res_blocks=1, attn_resolutions=[8], in_channels=3,
                      resolution=16, z_channels=32),
@@ -24,15 +26,6 @@ TINY_OPENAI = {
     "image_size": 16, "vocab_size": 8,
     "encoder": {"n_hid": 4, "n_blk_per_group": 1}, "decoder": {"n_init": 4, "n_hid": 4, "n_blk_per_group": 1},
 }  # fmt: skip
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # the test machine's 2 cores are shared: OpenMP spin-waiting with 2 threads makes tiny models much slower
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def blocky_vae():

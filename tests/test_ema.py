@@ -14,19 +14,13 @@ from dalle_pytorch.training.ema import WeightAverage
 from dalle_pytorch.training.state import EMA_DIR_NAME, TRAINING_STATE_NAME
 from dalle_pytorch.training.trainer import Trainer, TrainingSettings
 
+pytestmark = pytest.mark.usefixtures("one_thread_per_module")
+
 IMAGES = [random_images(1, seed=i)[0] for i in range(6)]
 
 
 class Crash(Exception):
     """Stands in for the process being killed: nothing is saved on the way out."""
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def train(output_dir, max_steps, *, model=None, resume=None, crash_at=None, **settings):

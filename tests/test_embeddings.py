@@ -15,16 +15,9 @@ from dalle_pytorch.data.shapes import ShapesDataset, write_folder
 from dalle_pytorch.data.text_image import TextImageDataset
 from dalle_pytorch.text.tokenizer import tokenizer
 
+pytestmark = pytest.mark.usefixtures("one_thread_per_module")
+
 TEXT_LEN = 12
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # the test machine's 2 cores are shared: OpenMP spin-waiting with 2 threads makes tiny models much slower
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -71,18 +64,24 @@ def test_embeddings_read_back_equal_clips_own(clip, folder, tmp_path):
     assert (out / INDEX_NAME).read_text() == before
 
 
+def dies_on_call(number, function):
+    """`function`, except that its call `number` raises KeyboardInterrupt (a kill at that point)."""
+    calls = []
+
+    def wrapped(*args):
+        calls.append(1)
+        if len(calls) == number:
+            raise KeyboardInterrupt
+        return function(*args)
+
+    return wrapped
+
+
 def test_an_interrupted_run_keeps_whole_shards_and_resumes_exactly(clip, folder, tmp_path, monkeypatch):
     options = dict(shard_size=2, batch_size=1, seed=5)
     reference = precompute_clip_embeddings(clip, dataset(folder, 0.6), tmp_path / "reference", **options)
-    calls, embed_batch = [], embeddings._embed_batch
-
-    def dies_on_the_fourth_batch(*args):
-        calls.append(1)
-        if len(calls) == 4:
-            raise KeyboardInterrupt
-        embed_batch(*args)
-
-    monkeypatch.setattr(embeddings, "_embed_batch", dies_on_the_fourth_batch)
+    embed_batch, write_index = embeddings._embed_batch, embeddings._write_index
+    monkeypatch.setattr(embeddings, "_embed_batch", dies_on_call(4, embed_batch))
     out = tmp_path / "resumed"
     with pytest.raises(KeyboardInterrupt):
         precompute_clip_embeddings(clip, dataset(folder, 0.6), out, **options)
@@ -94,16 +93,8 @@ def test_an_interrupted_run_keeps_whole_shards_and_resumes_exactly(clip, folder,
     assert len(ClipEmbeddingsDataset(out, allow_incomplete=True)) == 2
 
     # a crash after a shard is written but before the index names it: the shard is written again
-    writes, write_index = [], embeddings._write_index
-
-    def dies_writing_the_index(*args):
-        writes.append(1)
-        if len(writes) == 1:
-            raise KeyboardInterrupt
-        write_index(*args)
-
     monkeypatch.setattr(embeddings, "_embed_batch", embed_batch)
-    monkeypatch.setattr(embeddings, "_write_index", dies_writing_the_index)
+    monkeypatch.setattr(embeddings, "_write_index", dies_on_call(1, write_index))
     with pytest.raises(KeyboardInterrupt):
         precompute_clip_embeddings(clip, dataset(folder, 0.6), out, **options)
     assert (out / "shard-00001.safetensors").is_file() and read_index(out)["total"] == 2
