@@ -92,8 +92,8 @@ class Decoder(PretrainedMixin, nn.Module):
         if len(image_sizes) != len(unets):
             raise ValueError(f"image_sizes needs one size per U-Net ({len(unets)}), got {image_sizes!r}")
         positive = all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in image_sizes)
-        if not positive or list(image_sizes) != sorted(set(image_sizes)):
-            raise ValueError(f"image_sizes must be increasing positive ints, got {image_sizes!r}")
+        if not positive or list(image_sizes) != sorted(image_sizes):
+            raise ValueError(f"image_sizes must be non-decreasing positive ints, got {image_sizes!r}")
         vaes = _as_tuple(vae)
         if len(vaes) > len(unets):
             raise ValueError(f"vae has {len(vaes)} entries for {len(unets)} U-Nets")
