@@ -88,6 +88,12 @@ def test_wrong_sizes_and_unet_numbers_get_clear_errors():
         Decoder(unet=make_unet(channels=16), vae=make_vae(), image_sizes=(8,))
     with pytest.raises(ValueError, match="latent space has 16 channels"):
         Decoder(unet=make_unet(), vae=make_vae(), image_sizes=(16,))
+    with pytest.raises(ValueError, match="image_embed_dim=8; the CLIP's is 16"):
+        Decoder(unet=make_unet(image_embed_dim=8), clip=make_clip(), image_sizes=(8,))
+    with pytest.raises(ValueError, match="text_embed_dim=16; the CLIP's text encodings have 32"):
+        Decoder(unet=make_unet(cond_on_text_encodings=True), clip=make_clip(), image_sizes=(8,))
+    with pytest.raises(ValueError, match="pass text or text_encodings"):
+        make_decoder(text=True)(images, unet_number=1)
     with pytest.raises(TypeError, match="OpenAIDiscreteVAE"):
         Decoder(unet=make_unet(), vae=torch.nn.Linear(1, 1), image_sizes=(16,))
 

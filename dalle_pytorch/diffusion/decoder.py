@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dalle_pytorch.diffusion.clip_adapter import BaseClipAdapter, as_clip_adapter
 from dalle_pytorch.diffusion.inpainting import repaint_loop
 from dalle_pytorch.diffusion.latents import LatentSpace, PixelSpace, latent_space
 from dalle_pytorch.diffusion.samplers import check_cond_scale, guided_forward, randn, sample_loop
@@ -73,7 +74,7 @@ class Decoder(PretrainedMixin, nn.Module):
         self,
         unet: Unet | Sequence[Unet],
         *,
-        clip: nn.Module | None = None,
+        clip: nn.Module | BaseClipAdapter | None = None,
         vae: nn.Module | Sequence[nn.Module | None] | None = None,
         image_sizes: Sequence[int] | None = None,
         timesteps: int = 1000,
@@ -113,7 +114,10 @@ class Decoder(PretrainedMixin, nn.Module):
         slots = [None if v is None else VAE_SLOTS[[id(d) for d in distinct].index(id(v))] for v in vaes]
         for slot, tokenizer in zip(VAE_SLOTS, distinct):
             setattr(self, slot, tokenizer.requires_grad_(False).eval())
-        self.clip = clip.requires_grad_(False).eval() if clip is not None else None
+        adapter = as_clip_adapter(clip) if clip is not None else None
+        # the adapter is a plain object: the CLIP module is registered (and saved) once, as `clip`
+        self.clip = adapter.clip.requires_grad_(False).eval() if adapter is not None else None
+        self.clip_adapter = adapter
         self.config = dict(
             unet=[dict(u.config) for u in unets], image_sizes=image_sizes, timesteps=timesteps,
             image_cond_drop_prob=image_cond_drop_prob, text_cond_drop_prob=text_cond_drop_prob,
@@ -129,6 +133,15 @@ class Decoder(PretrainedMixin, nn.Module):
         self.inpaint_resample_times = inpaint_resample_times
         for number, (u, size, space) in enumerate(zip(unets, image_sizes, self.latents), start=1):
             self._check_stage(number, u, size, space)
+            if adapter is not None and u.image_embed_dim != adapter.dim_latent:
+                raise ValueError(
+                    f"U-Net {number} has image_embed_dim={u.image_embed_dim}; the CLIP's is {adapter.dim_latent}"
+                )
+            if adapter is not None and u.cond_on_text_encodings and u.text_embed_dim != adapter.text_encoding_dim:
+                raise ValueError(
+                    f"U-Net {number} has text_embed_dim={u.text_embed_dim}; the CLIP's text encodings have "
+                    f"{adapter.text_encoding_dim}"
+                )
 
     @classmethod
     def _from_config(cls, config: dict[str, Any], **children: Any) -> Decoder:
@@ -180,16 +193,20 @@ class Decoder(PretrainedMixin, nn.Module):
     @torch.no_grad()
     def embed_images(self, images: Tensor) -> Tensor:
         """CLIP image embeddings (b, d) of images (b, 3, s, s) in [0, 1], resized to the CLIP's input size."""
-        if self.clip is None:
-            raise ValueError("this Decoder has no clip: pass image_embed, or build the Decoder with clip=...")
-        return self.clip.embed_image(resize(images, self.clip.image_size))
+        adapter = self._require_clip("image_embed")
+        return adapter.embed_image(resize(images, adapter.image_size).to(adapter.device))
 
     @torch.no_grad()
-    def encode_text(self, text: Tensor) -> tuple[Tensor, Tensor]:
-        """Token ids (b, n) -> the CLIP's per-token text encodings (b, n, d) and their mask (b, n)."""
-        if self.clip is None:
-            raise ValueError("this Decoder has no clip: pass text_encodings, or build the Decoder with clip=...")
-        return self.clip.encode_text(text)
+    def encode_text(self, text: str | Sequence[str] | Tensor) -> tuple[Tensor, Tensor]:
+        """Strings or token ids (b, n) -> the CLIP's per-token text encodings (b, n, e) and their mask (b, n)."""
+        adapter = self._require_clip("text_encodings")
+        embeds = adapter.embed_text(adapter.prepare_text(text))
+        return embeds.text_encodings, embeds.mask
+
+    def _require_clip(self, what: str) -> BaseClipAdapter:
+        if self.clip_adapter is None:
+            raise ValueError(f"this Decoder has no clip: pass {what}, or build the Decoder with clip=...")
+        return self.clip_adapter
 
     def _text_conditions(
         self, unet: Unet, batch: int, text: Tensor | None, text_encodings: Tensor | None, text_mask: Tensor | None
@@ -200,7 +217,9 @@ class Decoder(PretrainedMixin, nn.Module):
             raise ValueError("give text (token ids) or text_encodings, not both")
         if text is not None:
             text_encodings, text_mask = self.encode_text(text)
-        if text_encodings is not None and text_encodings.shape[0] != batch:
+        if text_encodings is None:
+            raise ValueError("this U-Net reads text (cond_on_text_encodings=True): pass text or text_encodings")
+        if text_encodings.shape[0] != batch:
             raise ValueError(f"text_encodings has batch {text_encodings.shape[0]}, the images {batch}")
         return text_encodings, text_mask
 
