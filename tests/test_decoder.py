@@ -82,6 +82,8 @@ def test_wrong_sizes_and_unet_numbers_get_clear_errors():
         Decoder(unet=make_unet(), image_sizes=(8, 16))
     with pytest.raises(ValueError, match="lowres_cond=True"):
         Decoder(unet=(make_unet(), make_unet()), image_sizes=(8, 16))
+    with pytest.raises(ValueError, match=r"same image embedding width, got image_embed_dim \[16, 8\]"):
+        Decoder(unet=(make_unet(), make_unet(lowres_cond=True, image_embed_dim=8)), image_sizes=(8, 16))
     with pytest.raises(ValueError, match="no clip"):
         Decoder(unet=make_unet(), image_sizes=(8,))(random_images(2, size=8))
     with pytest.raises(ValueError, match="encodes 16px images"):

@@ -89,6 +89,9 @@ class Decoder(PretrainedMixin, nn.Module):
         unets = _as_tuple(unet)
         if not unets or not all(isinstance(u, Unet) for u in unets):
             raise TypeError(f"unet must be a Unet or a tuple of Unets, got {unet!r:.80}")
+        embed_dims = [u.image_embed_dim for u in unets]
+        if len(set(embed_dims)) > 1:
+            raise ValueError(f"every U-Net must read the same image embedding width, got image_embed_dim {embed_dims}")
         image_sizes = _as_tuple(image_sizes)
         if len(image_sizes) != len(unets):
             raise ValueError(f"image_sizes needs one size per U-Net ({len(unets)}), got {image_sizes!r}")
