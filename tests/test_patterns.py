@@ -2,7 +2,7 @@
 fast paths are checked against the masks, and checkpoints store patterns by name."""
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pytest
 import torch
@@ -148,6 +148,21 @@ def test_fast_plan_is_used_only_when_it_matches_the_mask():
         fast_plan(_ColumnsWithRowPlan(), 3, 4, 19)
     assert fast_plan(_RowsOnConv(kernel_size=3), 3, 4, 19) is None
     assert fast_plan(_SameMaskConv(kernel_size=3), 3, 4, 19) is ConvLike(kernel_size=3).tile_plan(3, 4, 19)
+
+
+@dataclass(frozen=True)
+class _UnhashableRows(AxialRow):  # a list field: equal by value, but no hash (fast_plan cannot cache it)
+    notes: list = field(default_factory=list)
+
+
+def test_unhashable_patterns_still_get_their_checked_fast_path(monkeypatch):
+    pattern = _UnhashableRows(["a"])
+    with pytest.raises(TypeError):
+        hash(pattern)
+    assert fast_plan(pattern, 3, 4, 19) is AxialRow().tile_plan(3, 4, 19)
+    dalle = make_dalle(attn_types=(pattern, _UnhashableRows(["a"])), shared_attn_ids=(0, 0))
+    inputs = dalle.transformer._attention_inputs(0, dalle.seq_len, cached=False)
+    assert len(dalle.transformer.patterns) == 1 and all(layer.plan is not None for layer in inputs)
 
 
 @dataclass(frozen=True)

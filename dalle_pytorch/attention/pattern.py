@@ -197,14 +197,23 @@ def _defining_class(cls: type, attribute: str) -> type:
     return next(base for base in cls.__mro__ if attribute in vars(base))
 
 
-@functools.lru_cache(maxsize=64)
 def fast_plan(pattern: AttentionPattern, text_len: int, fmap: int, n: int) -> TilePlan | None:
     """The pattern's tile plan for positions [0, n), once it is checked to cover exactly ``mask[:n, :n]``.
 
     None when the pattern has no fast path, or when a subclass overrides ``mask`` below the class that
     defines ``tile_plan`` and the inherited plan does not match the new mask: such a pattern runs the dense
     kernel with its mask. A plan that does not match the mask of its own class is a bug: ValueError.
+    Checked once per (pattern, text_len, fmap, n) for hashable patterns (dataclass fields that are values).
     """
+    try:
+        hash(pattern)
+    except TypeError:
+        return _checked_plan.__wrapped__(pattern, text_len, fmap, n)
+    return _checked_plan(pattern, text_len, fmap, n)
+
+
+@functools.lru_cache(maxsize=64)
+def _checked_plan(pattern: AttentionPattern, text_len: int, fmap: int, n: int) -> TilePlan | None:
     plan = pattern.tile_plan(text_len, fmap, n)
     if plan is None:
         return None
