@@ -10,6 +10,7 @@ from conftest import make_dalle, random_images, random_text
 from dalle_pytorch import DALLE
 from dalle_pytorch.attention import AttentionPattern, AxialRow, ConvLike, Full, grid_mask, register_pattern
 from dalle_pytorch.kernels import sparse_attention
+from dalle_pytorch.models.reversible import ReversibleSequence
 
 # ---------------------------------------------------------------------------------------------------------
 # The user's pattern: image tokens see all text, themselves and the image rows just above them
@@ -59,6 +60,28 @@ def test_forward_backward_every_parameter_gets_a_finite_gradient(config):
     assert torch.isfinite(loss)
     trainable = {name for name, p in dalle.named_parameters() if p.requires_grad}
     assert grads.keys() == trainable and all(torch.isfinite(g).all() for g in grads.values())
+
+
+def test_reversible_backward_equals_plain_autograd(monkeypatch):
+    # the memory-saving backward recomputes each sublayer (replaying attention dropout) under the user's mask
+    dalle = make_dalle(reversible=True, depth=3, attn_types=(PreviousRows(), "axial_row"), attn_dropout=0.2,
+                       shared_attn_ids=(0, 1, 0))  # fmt: skip
+    text, images = random_text(2), random_images(2)
+    original = ReversibleSequence.__call__
+    results = []
+    for checkpointing in (True, False):
+        with monkeypatch.context() as patch:
+
+            def call(self, x, inputs, use_checkpointing=True, checkpointing=checkpointing):
+                return original(self, x, inputs, checkpointing)
+
+            patch.setattr(ReversibleSequence, "__call__", call)
+            torch.manual_seed(3)
+            results.append(_grads(dalle, text, images))
+    (loss, grads), (reference_loss, reference_grads) = results
+    torch.testing.assert_close(loss, reference_loss)
+    for name in reference_grads:
+        torch.testing.assert_close(grads[name], reference_grads[name], atol=1e-5, rtol=1e-4, msg=name)
 
 
 def test_no_future_leak():
