@@ -34,6 +34,7 @@ from dalle_pytorch.attention.pattern import (
     fast_plan,
     normalize_attn_types,
 )
+from dalle_pytorch.kernels.sparse_attention import fast_path_available
 from dalle_pytorch.kernels.tile_plans import TilePlan
 from dalle_pytorch.models.reversible import ReversibleSequence
 
@@ -320,7 +321,9 @@ class Transformer(nn.Module):
                 else:  # one new query sees every earlier key
                     per_pattern.append(AttentionInputs(None if end - start == 1 else mask, False, None))
                 continue
-            plan = fast_plan(pattern, self.text_len, self.fmap, end) if self.fast_path and not cached else None
+            plan = None
+            if self.fast_path and not cached and fast_path_available(mask.device):  # else never used: not checked
+                plan = fast_plan(pattern, self.text_len, self.fmap, end, self.pattern_masks[index])
             per_pattern.append(AttentionInputs(mask, False, plan))
         return tuple(per_pattern[index] for index in self._pattern_of_layer)
 
