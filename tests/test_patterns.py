@@ -213,6 +213,15 @@ def test_checkpoints_keep_names_as_names_and_store_instances_by_name(tmp_path):
     torch.testing.assert_close(loaded(text, images), dalle.eval()(text, images), rtol=0, atol=0)
 
 
+def test_loading_an_unknown_pattern_name_says_to_register_it(tmp_path):
+    path = make_dalle(attn_types=(ConvLike(kernel_size=3),)).save_pretrained(tmp_path / "dalle")
+    config = json.loads((path / "config.json").read_text())
+    config["config"]["attn_types"][0]["pattern"] = "not_imported_yet"
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="'not_imported_yet'.*register_pattern"):
+        DALLE.from_pretrained(path)
+
+
 def test_unregistered_pattern_is_an_error_at_save_time(tmp_path):
     dalle = make_dalle(attn_types=(_RowsOnConv(kernel_size=3),))  # builds and trains without a name
     dalle(random_text(1), random_images(1), return_loss=True).backward()

@@ -133,8 +133,8 @@ def registered_patterns() -> tuple[str, ...]:
 def pattern_class(name: str, argument: str = "attn_types") -> type[AttentionPattern]:
     if name not in _REGISTRY:
         raise ValueError(
-            f"{argument} entries must be pattern names among {registered_patterns()} (or AttentionPattern "
-            f"instances; register your own with register_pattern), got {name!r}"
+            f"unknown attention pattern {name!r} in {argument}: the names are {registered_patterns()}; register a "
+            "pattern of your own with register_pattern (import the module that does so before from_pretrained)"
         )
     return _REGISTRY[name]
 
