@@ -204,7 +204,13 @@ def _expand(ids: Sequence | None, depth: int, name: str) -> list:
 
 
 class Transformer(nn.Module):
-    """A stack of ``depth`` layers over the [text | image] sequence; see the module docstring."""
+    """A stack of ``depth`` layers over the [text | image] sequence; see the module docstring.
+
+    ``feed_forward_class`` builds each feed-forward block as ``cls(dim, ff_mult, ff_dropout)`` (a module
+    mapping (b, n, d) to (b, n, d)); a subclass may set its own.
+    """
+
+    feed_forward_class: type[nn.Module] = FeedForward
 
     def __init__(
         self,
@@ -258,7 +264,7 @@ class Transformer(nn.Module):
             if attn_id not in shared_attn:
                 shared_attn[attn_id] = (Attention(dim, heads, dim_head, attn_dropout, stable), attn_type)
             if ff_ids[i] not in shared_ff:
-                shared_ff[ff_ids[i]] = FeedForward(dim, ff_mult, ff_dropout)
+                shared_ff[ff_ids[i]] = self.feed_forward_class(dim, ff_mult, ff_dropout)
             layers.append(
                 nn.ModuleList(
                     [
