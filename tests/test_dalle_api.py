@@ -13,9 +13,12 @@ from conftest import NUM_TEXT_TOKENS, TEXT_SEQ_LEN, make_dalle, make_vae, random
 from torch import nn
 
 from dalle_pytorch import DALLE
+from dalle_pytorch.cli import generate, train_dalle
+from dalle_pytorch.cli.common import options_from_args
 from dalle_pytorch.models.dalle import DALLEOutput
 from dalle_pytorch.models.dalle_config import DALLEConfig
 from dalle_pytorch.models.generation import GenerationOptions
+from dalle_pytorch.models.options import help_text
 from dalle_pytorch.models.transformer import Transformer
 
 # ------------------------------------------------------------------------------------------ configuration
@@ -305,3 +308,49 @@ def test_bad_generation_options(dalle):
         GenerationOptions(filter_thres=1.0)
     with pytest.raises(ValueError, match="top_p must be in"):
         GenerationOptions(top_p=0.0)
+
+
+# ------------------------------------------------------------------------------------------ command-line flags
+
+
+def _flag(parser, name):
+    return next(action for action in parser._actions if f"--{name}" in action.option_strings)
+
+
+def test_dalle_train_flags_come_from_the_config():
+    parser = train_dalle.build_parser()
+    for f in dataclasses.fields(DALLEConfig):
+        if f.name == "num_text_tokens":  # the tokenizer's vocabulary size, not a flag
+            assert not any("--num_text_tokens" in action.option_strings for action in parser._actions)
+            continue
+        action = _flag(parser, train_dalle.MODEL_FLAGS.get(f.name, f.name))
+        assert help_text(DALLEConfig, f.name) in action.help
+        assert action.default == train_dalle.MODEL_DEFAULTS.get(f.name, f.default), f.name
+    assert (_flag(parser, "dim").default, _flag(parser, "depth").default) == (512, 2)  # the tool's defaults
+
+    args = parser.parse_args(
+        ["--image_text_folder", "x", "--dim", "32", "--depth", "3", "--heads", "2", "--dim_head", "16",
+         "--text_seq_len", str(TEXT_SEQ_LEN), "--attn_types", "full, axial_row", "--stable_softmax",
+         "--no_rotary_emb", "--shared_ff_ids", "0,0,1", "--conv_kernel_size", "3"]
+    )  # fmt: skip
+    dalle = train_dalle.build_dalle(args, make_vae(), NUM_TEXT_TOKENS)
+    expected = DALLEConfig(
+        dim=32, depth=3, heads=2, dim_head=16, num_text_tokens=NUM_TEXT_TOKENS, text_seq_len=TEXT_SEQ_LEN,
+        attn_types=("full", "axial_row"), stable=True, rotary_emb=False, shared_ff_ids=(0, 0, 1), conv_kernel_size=3,
+    )  # fmt: skip
+    assert dalle.dalle_config == expected
+    sparse = parser.parse_args(["--image_text_folder", "x", "--sparse_attn", "--dim", "32"])
+    assert train_dalle.build_dalle(sparse, make_vae(), NUM_TEXT_TOKENS).config["attn_types"] == ["sparse"]
+
+
+def test_dalle_generate_flags_come_from_the_generation_options():
+    parser = generate.build_parser()
+    for f in dataclasses.fields(GenerationOptions):
+        if f.name in generate.NOT_FLAGS:
+            continue
+        action = _flag(parser, generate.OPTION_FLAGS.get(f.name, f.name))
+        assert help_text(GenerationOptions, f.name) in action.help
+        assert action.default == (0.9 if f.name == "filter_thres" else f.default), f.name
+    args = parser.parse_args(["--dalle_path", "x", "--text", "a", "--top_k", "0.5", "--temperature", "0.7"])
+    options = options_from_args(GenerationOptions, args, flags=generate.OPTION_FLAGS)
+    assert options == GenerationOptions(filter_thres=0.5, temperature=0.7)

@@ -36,8 +36,8 @@ class DALLEConfig:
     ff_dropout: float = option(0.0, help="feed-forward dropout")
     attn_types: Sequence[str] | str | None = option(
         None,
-        help="attention types cycled over the layers: full, sparse, axial_row, axial_col, conv_like "
-        "(default: full, or sparse with sparse_attn)",
+        help="attention types cycled over the layers (comma-separated as a flag): full, sparse, axial_row, "
+        "axial_col, conv_like (default: full, or sparse with sparse_attn)",
     )
     sparse_attn: bool = option(False, help="the original's switch for attn_types=('sparse',) when none are given")
     conv_kernel_size: int = option(5, help="conv_like attention: kernel size (odd)")
@@ -51,8 +51,12 @@ class DALLEConfig:
     sandwich_norm: bool = option(False, help="layer norms after attention and feed-forward as well")
     shift_tokens: bool = option(True, help="token shift along text and image rows")
     rotary_emb: bool = option(True, help="rotary position embeddings (else learned absolute ones)")
-    shared_attn_ids: Sequence | None = option(None, help="ids, one per layer: layers with one id share attention")
-    shared_ff_ids: Sequence | None = option(None, help="ids, one per layer: layers with one id share feed-forwards")
+    shared_attn_ids: Sequence | None = option(
+        None, help="ids cycled over the layers (comma-separated as a flag): layers with one id share attention"
+    )
+    shared_ff_ids: Sequence | None = option(
+        None, help="ids cycled over the layers (comma-separated as a flag): layers with one id share feed-forwards"
+    )
     share_input_output_emb: bool = option(False, help="tie the output projections to the embeddings")
 
     def __post_init__(self) -> None:

@@ -34,7 +34,7 @@ class GenerationOptions:
         1.0, help="classifier-free guidance scale (1 = off); needs a model trained with null_cond_prob > 0"
     )
     num_init_img_tokens: int | None = option(
-        None, help="with img: how many of its image codes prime the generation (default: 14/32 of the grid)"
+        None, help="when priming with an image (img): how many of its codes are kept (default: 14/32 of the grid)"
     )
     use_cache: bool = option(True, help="decode with a KV cache (same result, much faster)")
     truncate_text: bool = option(False, help="cut text longer than text_seq_len instead of raising")
