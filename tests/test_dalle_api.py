@@ -4,7 +4,9 @@ generation options, and swapping the transformer or a block."""
 import dataclasses
 import inspect
 import json
+import re
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -354,3 +356,26 @@ def test_dalle_generate_flags_come_from_the_generation_options():
     args = parser.parse_args(["--dalle_path", "x", "--text", "a", "--top_k", "0.5", "--temperature", "0.7"])
     options = options_from_args(GenerationOptions, args, flags=generate.OPTION_FLAGS)
     assert options == GenerationOptions(filter_thres=0.5, temperature=0.7)
+
+
+# ------------------------------------------------------------------------------------------ docs/models.md
+
+MODELS_DOC = Path(__file__).resolve().parents[1] / "docs" / "models.md"
+
+
+def test_models_doc_lists_every_option():
+    doc = MODELS_DOC.read_text(encoding="utf-8")
+    for options_class in (DALLEConfig, GenerationOptions):
+        for f in dataclasses.fields(options_class):
+            assert f"| `{f.name}` |" in doc, f.name
+
+
+def test_models_doc_examples_run(monkeypatch):
+    blocks = re.findall(r"```python\n(.*?)```", MODELS_DOC.read_text(encoding="utf-8"), flags=re.S)
+    assert len(blocks) >= 8
+    torch.manual_seed(0)
+    namespace: dict = {}
+    exec(compile("\n".join(blocks), str(MODELS_DOC), "exec"), namespace)  # noqa: S102 (our own docs)
+    assert namespace["images_out"].shape == (2, 3, 32, 32)
+    assert namespace["codes"].shape == (2, 64)
+    assert all(p.grad is not None for p in namespace["smoothed"].parameters() if p.requires_grad)
