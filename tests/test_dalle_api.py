@@ -210,6 +210,38 @@ def test_a_subclass_loss_trains_with_the_gradient_of_a_reference():
             torch.testing.assert_close(p.grad, grads[name].grad, msg=name)
 
 
+@dataclasses.dataclass
+class SmoothingConfig(DALLEConfig):
+    smoothing: float = 0.0
+
+
+class ConfigurableSmoothedDALLE(SmoothedDALLE):
+    """Options of its own: a config subclass, saved in config.json like the built-in ones."""
+
+    config_class = SmoothingConfig
+
+    @property
+    def smoothing(self):
+        return self.dalle_config.smoothing
+
+
+def test_a_subclass_adds_options_of_its_own(tmp_path):
+    dalle = ConfigurableSmoothedDALLE(
+        vae=make_vae(), dim=32, depth=1, heads=2, dim_head=16, num_text_tokens=NUM_TEXT_TOKENS,
+        text_seq_len=TEXT_SEQ_LEN, smoothing=0.2,
+    )  # fmt: skip
+    assert dalle.config["smoothing"] == 0.2
+    dalle.save_pretrained(tmp_path / "model")
+    loaded = DALLE.from_pretrained(tmp_path / "model")
+    assert type(loaded) is ConfigurableSmoothedDALLE and loaded.smoothing == 0.2
+    text, images = random_text(2), random_images(2)
+    torch.testing.assert_close(loaded(text, images, return_loss=True), dalle.eval()(text, images, return_loss=True))
+    plain = dataclasses.replace(dalle.dalle_config, smoothing=0.0)
+    unsmoothed = ConfigurableSmoothedDALLE(vae=dalle.vae, config=plain)
+    unsmoothed.load_state_dict(dalle.state_dict())
+    assert not torch.allclose(unsmoothed(text, images, return_loss=True), dalle(text, images, return_loss=True))
+
+
 # ------------------------------------------------------------------------------------------ swapping blocks
 
 

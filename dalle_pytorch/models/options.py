@@ -38,7 +38,8 @@ def collect_options(
     owner: str,
     deprecated: Mapping[str, str] | None = None,
 ) -> OptionsT:
-    """An ``options_class`` instance from keyword arguments, over ``base`` when given.
+    """An ``options_class`` instance from keyword arguments, over ``base`` when given (an ``options_class``
+    or an instance of a parent class of it).
 
     Names in ``deprecated`` (name -> why) warn with a DeprecationWarning and are dropped; unknown names and
     missing required fields are a TypeError naming them, as for an ordinary signature.
@@ -52,10 +53,13 @@ def collect_options(
     unknown = sorted(set(kwargs) - {f.name for f in fields})
     if unknown:
         raise TypeError(f"{owner} got unexpected keyword arguments {unknown}")
-    if base is not None:
-        if not isinstance(base, options_class):
-            raise TypeError(f"{owner}: expected a {options_class.__name__}, got {type(base).__name__}")
+    if isinstance(base, options_class):
         return dataclasses.replace(base, **kwargs)
+    if base is not None:
+        if not (dataclasses.is_dataclass(base) and issubclass(options_class, type(base))):
+            raise TypeError(f"{owner}: expected a {options_class.__name__}, got {type(base).__name__}")
+        # the options of a parent class, extended by the fields only options_class has
+        kwargs = {**{f.name: getattr(base, f.name) for f in dataclasses.fields(base)}, **kwargs}
     missing = [f.name for f in fields if f.default is dataclasses.MISSING and f.name not in kwargs]
     if missing:
         raise TypeError(f"{owner} is missing required keyword arguments {missing}")
