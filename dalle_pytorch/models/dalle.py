@@ -107,11 +107,7 @@ class DALLE(GenerationMixin, PretrainedMixin, nn.Module):
             ff_mult=config.ff_mult, attn_types=config.attn_types, reversible=config.reversible, stable=config.stable,
             sandwich_norm=config.sandwich_norm, shift_tokens=config.shift_tokens, rotary_emb=config.rotary_emb,
             shared_attn_ids=config.shared_attn_ids, shared_ff_ids=config.shared_ff_ids,
-            mask_options=dict(
-                kernel_size=config.conv_kernel_size, dilation=config.conv_dilation,
-                sparse_block_size=config.sparse_block_size, sparse_num_local_blocks=config.sparse_num_local_blocks,
-                sparse_num_random_blocks=config.sparse_num_random_blocks,
-            ),
+            pattern_options=config.pattern_options(),
         )  # fmt: skip
 
     # ----------------------------------------------------------------------------------------------------

@@ -13,7 +13,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from dalle_pytorch.attention.pattern import AttentionPattern, normalize_attn_types
 from dalle_pytorch.models.options import option
+
+# the fields that configure the built-in attention patterns given by name
+PATTERN_OPTIONS = (
+    "conv_kernel_size", "conv_dilation", "sparse_block_size", "sparse_num_local_blocks", "sparse_num_random_blocks",
+)  # fmt: skip
 
 # arguments older code passes that no longer do anything: accepted with a DeprecationWarning, then dropped
 DEPRECATED_ARGUMENTS = {
@@ -34,10 +40,10 @@ class DALLEConfig:
     ff_mult: int = option(4, help="feed-forward expansion")
     attn_dropout: float = option(0.0, help="attention dropout")
     ff_dropout: float = option(0.0, help="feed-forward dropout")
-    attn_types: Sequence[str] | str | None = option(
+    attn_types: Sequence[str | AttentionPattern] | str | AttentionPattern | None = option(
         None,
-        help="attention types cycled over the layers (comma-separated as a flag): full, sparse, axial_row, "
-        "axial_col, conv_like (default: full, or sparse with sparse_attn)",
+        help="attention patterns cycled over the layers (comma-separated as a flag): names among full, sparse, "
+        "axial_row, axial_col, conv_like, or AttentionPattern instances (default: full, or sparse with sparse_attn)",
     )
     sparse_attn: bool = option(False, help="the original's switch for attn_types=('sparse',) when none are given")
     conv_kernel_size: int = option(5, help="conv_like attention: kernel size (odd)")
@@ -62,7 +68,7 @@ class DALLEConfig:
     def __post_init__(self) -> None:
         if self.attn_types is None:
             self.attn_types = ("sparse",) if self.sparse_attn else ("full",)
-        self.attn_types = (self.attn_types,) if isinstance(self.attn_types, str) else tuple(self.attn_types)
+        self.attn_types = normalize_attn_types(self.attn_types)  # names stay names; config.json dicts become patterns
         for name in ("shared_attn_ids", "shared_ff_ids"):
             if getattr(self, name) is not None:
                 setattr(self, name, tuple(getattr(self, name)))
@@ -70,6 +76,10 @@ class DALLEConfig:
             raise ValueError(
                 f"num_text_tokens and text_seq_len must be >= 1, got {self.num_text_tokens}, {self.text_seq_len}"
             )
+
+    def pattern_options(self) -> dict[str, Any]:
+        """The options the built-in attention patterns named in ``attn_types`` are built with."""
+        return {name: getattr(self, name) for name in PATTERN_OPTIONS}
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON-able constructor arguments ``save_pretrained`` writes to ``config.json``."""
