@@ -333,15 +333,13 @@ def test_generation_signatures_list_the_options():
 
 
 def test_bad_generation_options(dalle):
-    text = random_text(1)
+    # the range checks of each option: tests/test_generation.py; here what only the options object adds
     with pytest.raises(TypeError, match="unexpected keyword arguments \\['top_kk'\\]"):
-        dalle.generate_images(text, top_kk=3)
-    with pytest.raises(ValueError, match="temperature must be > 0"):
-        dalle.generate_image_codes(text, temperature=0)
+        dalle.generate_images(random_text(1), top_kk=3)
+    with pytest.raises(TypeError, match="expected a GenerationOptions"):
+        dalle.generate_image_codes(random_text(1), options=dict(temperature=0.5))
     with pytest.raises(ValueError, match="filter_thres must be in"):
-        GenerationOptions(filter_thres=1.0)
-    with pytest.raises(ValueError, match="top_p must be in"):
-        GenerationOptions(top_p=0.0)
+        GenerationOptions(filter_thres=1.0)  # checked when the options are made, before any decoding
 
 
 # ------------------------------------------------------------------------------------------ command-line flags
