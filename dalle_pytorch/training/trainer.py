@@ -256,7 +256,8 @@ class Trainer:
                 raise KeyboardInterrupt
             self._stop_requested = True
             if self.ctx.is_main:
-                print("\nstopping after this step and saving a checkpoint (again to stop at once)", flush=True)
+                saving = " and saving a checkpoint" if self.settings.save_checkpoints else ""
+                print(f"\nstopping after this step{saving} (again to stop at once)", flush=True)
 
         previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
