@@ -217,8 +217,11 @@ class Transformer(nn.Module):
 
     ``attn_types``: attention patterns cycled over the layers, as names (built with ``pattern_options``,
     DALLE's keywords such as ``conv_kernel_size``), :class:`~dalle_pytorch.attention.pattern.AttentionPattern`
-    instances or ``{"pattern": name, ...}`` dicts.
+    instances or ``{"pattern": name, ...}`` dicts. ``feed_forward_class`` builds each feed-forward block as
+    ``cls(dim, ff_mult, ff_dropout)`` (a module mapping (b, n, d) to (b, n, d)); a subclass may set its own.
     """
+
+    feed_forward_class: type[nn.Module] = FeedForward
 
     def __init__(
         self,
@@ -269,7 +272,7 @@ class Transformer(nn.Module):
             if attn_id not in shared_attn:
                 shared_attn[attn_id] = (Attention(dim, heads, dim_head, attn_dropout, stable), pattern)
             if ff_ids[i] not in shared_ff:
-                shared_ff[ff_ids[i]] = FeedForward(dim, ff_mult, ff_dropout)
+                shared_ff[ff_ids[i]] = self.feed_forward_class(dim, ff_mult, ff_dropout)
             layers.append(
                 nn.ModuleList(
                     [
