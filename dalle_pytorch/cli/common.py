@@ -22,7 +22,7 @@ import torch
 from dalle_pytorch._version import __version__
 from dalle_pytorch.io.checkpoint import CONFIG_NAME, load_pretrained
 from dalle_pytorch.io.download import DownloadError
-from dalle_pytorch.training.state import TRAINING_STATE_NAME, CheckpointManager
+from dalle_pytorch.training.state import TRAINING_STATE_NAME, CheckpointManager, read_training_state
 from dalle_pytorch.training.trainer import (
     LR_SCHEDULES,
     PRECISIONS,
@@ -246,7 +246,7 @@ def choose_seed(args: argparse.Namespace, checkpoint: Path | None) -> int:
     if args.seed is not None:
         return args.seed
     if checkpoint is not None and (checkpoint / TRAINING_STATE_NAME).is_file():
-        state = torch.load(checkpoint / TRAINING_STATE_NAME, map_location="cpu", weights_only=True)
+        state = read_training_state(checkpoint)
         seed = (state.get("extra") or {}).get("seed")
         if isinstance(seed, int):
             return seed

@@ -30,9 +30,10 @@ from dalle_pytorch.image_tokenizers.openai_dvae import (
     unmap_pixels,
 )
 from dalle_pytorch.image_tokenizers.vqgan import VQGAN, read_vqgan_checkpoint, read_vqgan_yaml, validate_vqgan_config
+from dalle_pytorch.io.budget import ModelSizeError, build_within_budget
 from dalle_pytorch.io.checkpoint import PretrainedMixin
 from dalle_pytorch.io.download import DownloadError, ReleasedFile, fetch_released_file
-from dalle_pytorch.io.safe_pickle import CheckpointFormatError, load_tensors_strict
+from dalle_pytorch.io.safe_pickle import CheckpointFormatError, describe, load_tensors_strict
 
 __all__ = ["OpenAIDiscreteVAE", "VQGanVAE", "RELEASED_FILES"]
 
@@ -90,8 +91,21 @@ def _resolve_paths(requests: list[tuple[Any, ReleasedFile, str]], cache_dir: Any
 
 def _positive_int(value: Any, name: str) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
+        raise ValueError(f"{name} must be a positive int, got {describe(value)}")
     return value
+
+
+def _elements(tensors: Mapping[str, torch.Tensor]) -> int:
+    return sum(tensor.numel() for tensor in tensors.values())
+
+
+def _build_checked(build: Any, stored_elements: int, source: str) -> None:
+    """Build the modules a config read from a file describes, refusing one far larger than its weights
+    before allocating it (see `dalle_pytorch.io.budget`)."""
+    try:
+        build_within_budget(build, stored_elements, source)
+    except ModelSizeError as error:
+        raise CheckpointFormatError(str(error)) from None
 
 
 class _ImageTokenizer(PretrainedMixin, nn.Module):
@@ -182,14 +196,14 @@ class OpenAIDiscreteVAE(_ImageTokenizer):
                 f"encoder ({encoder_config['vocab_size']} codes) and decoder ({decoder_config['vocab_size']} "
                 "codes) do not belong together"
             )
-        self._build(
-            {
-                "image_size": 256,  # the resolution the released model was trained at
-                "vocab_size": encoder_config["vocab_size"],
-                "encoder": {key: encoder_config[key] for key in ("n_hid", "n_blk_per_group")},
-                "decoder": {key: decoder_config[key] for key in ("n_init", "n_hid", "n_blk_per_group")},
-            }
-        )
+        config = {
+            "image_size": 256,  # the resolution the released model was trained at
+            "vocab_size": encoder_config["vocab_size"],
+            "encoder": {key: encoder_config[key] for key in ("n_hid", "n_blk_per_group")},
+            "decoder": {key: decoder_config[key] for key in ("n_init", "n_hid", "n_blk_per_group")},
+        }
+        stored = _elements(encoder_tensors) + _elements(decoder_tensors)
+        _build_checked(lambda: self._build(config), stored, f"the sizes in {encoder_path} and {decoder_path}")
         load_tensors_strict(self.encoder, encoder_tensors, f"encoder file {encoder_path}")
         load_tensors_strict(self.decoder, decoder_tensors, f"decoder file {decoder_path}")
 
@@ -274,8 +288,10 @@ class VQGanVAE(_ImageTokenizer):
             ],
             cache_dir,
         )
-        self._build(read_vqgan_yaml(config_path))
-        load_tensors_strict(self.model, read_vqgan_checkpoint(model_path), f"VQGAN checkpoint {model_path}")
+        config = read_vqgan_yaml(config_path)
+        tensors = read_vqgan_checkpoint(model_path)
+        _build_checked(lambda: self._build(config), _elements(tensors), f"{config_path} (for {model_path})")
+        load_tensors_strict(self.model, tensors, f"VQGAN checkpoint {model_path}")
 
     @classmethod
     def _from_config(cls, config: Mapping[str, Any]) -> VQGanVAE:
