@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from dalle_pytorch.attention.pattern import AttentionPattern, normalize_attn_types
 from dalle_pytorch.io.checkpoint import PretrainedMixin
-from dalle_pytorch.models.sampling import Generators, filter_logits, guide, sample
+from dalle_pytorch.models.sampling import Generators, check_generation_args, filter_logits, guide, sample
 from dalle_pytorch.models.transformer import DecodingCache, Transformer
 
 
@@ -340,8 +340,10 @@ class DALLE(PretrainedMixin, nn.Module):
 
         When ``step_logits`` is a list, the (guided) image logits used at every step are appended to it.
         """
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
+        check_generation_args(
+            temperature=temperature, cond_scale=cond_scale, generator=generator, img=img,
+            num_init_img_tokens=num_init_img_tokens,
+        )  # fmt: skip
         text_ids = self._prepare_text(text, mask, truncate_text)
         batch = text_ids.shape[0]
         guided = cond_scale != 1.0
@@ -400,6 +402,7 @@ class DALLE(PretrainedMixin, nn.Module):
         ``tokenizer`` has ``encode(str) -> list[int]`` and ``decode(ids) -> str``. Returns
         ``(token_ids (1, text_seq_len) long with 0 for padding, [decoded text])``.
         """
+        check_generation_args(temperature=temperature, generator=generator)
         prompt = list(tokenizer.encode(text)) if text else []
         if len(prompt) > self.text_seq_len:
             raise ValueError(f"text encodes to {len(prompt)} tokens, more than text_seq_len={self.text_seq_len}")
