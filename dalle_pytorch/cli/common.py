@@ -151,6 +151,13 @@ def add_training_args(
     add_arg(group, "--keep_n_checkpoints", type=int, default=None, help="keep only the newest N checkpoints")
     add_arg(
         group,
+        "--ema_decay",
+        type=float,
+        default=None,
+        help="keep a moving average of the weights with this decay (e.g. 0.999), saved as ema/ in each checkpoint",
+    )
+    add_arg(
+        group,
         "--resume",
         nargs="?",
         const="latest",
@@ -325,6 +332,15 @@ def build_tokenizer(spec: dict[str, Any]) -> Any:
     if spec["kind"] not in kinds:
         raise ValueError(f"unknown tokenizer kind {spec['kind']!r}")
     return kinds[spec["kind"]](spec["path"])
+
+
+def check_tokenizer_fits(tokenizer: Any, model: Any, name: str) -> None:
+    """A clear error when the tokenizer makes ids the model's text embedding does not have."""
+    if tokenizer.vocab_size > model.num_text_tokens:
+        raise ValueError(
+            f"the tokenizer has {tokenizer.vocab_size} tokens, the {name} only {model.num_text_tokens}: "
+            "pass the tokenizer it was trained with (--bpe_path)"
+        )
 
 
 # ------------------------------------------------------------------------------------------ VAE

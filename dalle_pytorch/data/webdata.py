@@ -2,7 +2,7 @@
 
 A shard is a tar file whose members are grouped into samples by name without extension: `0001.jpg` and
 `0001.txt` form one sample with keys 'jpg' and 'txt' (format: https://github.com/webdataset/webdataset).
-Reading uses the `webdataset` package (optional extra: `pip install dalle-pytorch[webdataset]`); images and
+Reading uses the `webdataset` package (optional: `pip install webdataset`); images and
 captions go through the same preprocessing as the folder dataset (`dalle_pytorch.data.text_image`).
 
 Shards may be local paths, `http(s)://` URLs or `pipe:COMMAND` URLs, all written by the user. Local shards
@@ -55,9 +55,7 @@ def require_webdataset() -> Any:
     try:
         import webdataset
     except ImportError as error:
-        raise ImportError(
-            "reading .tar shards needs the webdataset package: pip install 'dalle-pytorch[webdataset]'"
-        ) from error
+        raise ImportError("reading .tar shards needs the webdataset package: pip install webdataset") from error
     return webdataset
 
 

@@ -143,6 +143,16 @@ class _ImageTokenizer(PretrainedMixin, nn.Module):
             raise ValueError(f"img_seq ids must be in [0, {self.num_tokens})")
         return rearrange(img_seq.long(), "b (h w) -> b h w", h=self.fmap_size)
 
+    def _check_probs(self, probs: Any) -> torch.Tensor:
+        """Relaxed codes (b, fmap_size ** 2, num_tokens) float, checked."""
+        if not isinstance(probs, torch.Tensor) or not probs.is_floating_point() or probs.dim() != 3:
+            raise TypeError("probs must be a (b, n, num_tokens) float tensor of weights over the codebook")
+        if tuple(probs.shape[1:]) != (self.fmap_size**2, self.num_tokens):
+            raise ValueError(
+                f"probs must have shape (b, {self.fmap_size**2}, {self.num_tokens}), got {tuple(probs.shape)}"
+            )
+        return probs
+
     def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         raise NotImplementedError(
             f"{type(self).__name__} is a pretrained tokenizer: use get_codebook_indices(images) and decode(img_seq)"
@@ -248,6 +258,14 @@ class OpenAIDiscreteVAE(_ImageTokenizer):
         stats = self.decoder(self._check_codes(img_seq))
         return unmap_pixels(torch.sigmoid(stats[:, : self.channels]))
 
+    def decode_relaxed(self, probs: torch.Tensor) -> torch.Tensor:
+        """Relaxed codes (b, 1024, num_tokens) -> images (b, 3, 256, 256) in [0, 1], differentiable in
+        `probs`; one-hot rows give `decode`'s images. The first layer is linear in the one-hot codes, so
+        weights over the codebook mix its rows."""
+        embedded = self._check_probs(probs) @ self.decoder.token_embedding.weight + self.decoder.token_bias
+        stats = self.decoder.blocks(rearrange(embedded, "b (h w) c -> b c h w", h=self.fmap_size))
+        return unmap_pixels(torch.sigmoid(stats[:, : self.channels]))
+
 
 class VQGanVAE(_ImageTokenizer):
     """A taming-transformers VQGAN (vector-quantized or Gumbel) as an image tokenizer.
@@ -302,3 +320,11 @@ class VQGanVAE(_ImageTokenizer):
     def decode(self, img_seq: torch.Tensor) -> torch.Tensor:
         """Token ids (b, fmap_size ** 2) -> images (b, 3, R, R) in [0, 1]."""
         return (self.model.decode(self._check_codes(img_seq)) + 1) / 2
+
+    def decode_relaxed(self, probs: torch.Tensor) -> torch.Tensor:
+        """Relaxed codes (b, fmap_size ** 2, num_tokens) -> images (b, 3, R, R) in [0, 1], differentiable
+        in `probs`: the code vectors are mixed with these weights; one-hot rows give `decode`'s images."""
+        probs = self._check_probs(probs)
+        codebook = self.model.quantize.lookup(torch.arange(self.num_tokens, device=probs.device))  # (k, d)
+        z = rearrange(probs @ codebook, "b (h w) d -> b d h w", h=self.fmap_size)
+        return (self.model.decoder(self.model.post_quant_conv(z)).clamp(-1, 1) + 1) / 2

@@ -28,6 +28,7 @@ from dalle_pytorch.io.checkpoint import CONFIG_NAME, CheckpointError, Pretrained
 from dalle_pytorch.io.safe_pickle import describe
 
 TRAINING_STATE_NAME = "training_state.pt"
+EMA_DIR_NAME = "ema"  # the averaged weights, a model directory inside the checkpoint
 TRAINING_STATE_VERSION = 1
 
 PathLike = str | os.PathLike
@@ -159,9 +160,11 @@ def save_checkpoint(
     epoch: int | None = None,
     data_position: Any = None,
     extra: Any = None,
+    ema: PretrainedMixin | None = None,
 ) -> Path:
     """Writes the model directory and, when `optimizer` is given, `training_state.pt` (arguments as in
-    `save_training_state`) in one atomic step, so weights and training state always belong together."""
+    `save_training_state`) in one atomic step, so weights and training state always belong together.
+    `ema`: a moving average of the weights, written as the model directory `ema/` inside."""
     state = None
     if optimizer is not None:
         state = _training_state(
@@ -178,6 +181,8 @@ def save_checkpoint(
 
     def fill(tmp: Path) -> None:
         write_model_dir(model, tmp)
+        if ema is not None:
+            write_model_dir(ema, tmp / EMA_DIR_NAME)
         if state is not None:
             torch.save(state, tmp / TRAINING_STATE_NAME)
 
