@@ -14,6 +14,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
+from dalle_pytorch.io.files import NotARegularFileError, open_regular_file
 from dalle_pytorch.text.captions import CAPTION_EXTENSION, BadSampleError, captions_from_bytes
 from dalle_pytorch.text.tokenizer import HugTokenizer
 
@@ -23,14 +24,18 @@ __all__ = ["read_caption_folder", "train_tokenizer"]
 def read_caption_folder(folder: str | os.PathLike) -> Iterator[str]:
     """Every caption line of every .txt file under `folder` (recursively, in sorted order; symlinked folders
     are not followed), read as the datasets read them: blank lines dropped, control characters removed,
-    UTF-8 (or UTF-16 with a BOM) with invalid bytes replaced by U+FFFD. Files without a caption are skipped.
+    UTF-8 (or UTF-16 with a BOM) with invalid bytes replaced by U+FFFD. Files without a caption, and FIFOs or
+    devices named *.txt, are skipped.
     """
     for root, dirs, files in os.walk(folder):
         dirs.sort()
         for name in sorted(files):
             if name.lower().endswith(CAPTION_EXTENSION):
-                with open(os.path.join(root, name), "rb") as file:
-                    raw = file.read()
+                try:
+                    with open_regular_file(os.path.join(root, name)) as file:
+                        raw = file.read()
+                except NotARegularFileError:  # a FIFO or device named *.txt would hang or never end
+                    continue
                 try:
                     captions = captions_from_bytes(raw)
                 except BadSampleError:  # a blank file: nothing to learn from (the datasets skip it too)
