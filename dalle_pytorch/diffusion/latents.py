@@ -107,3 +107,4 @@ def latent_space(vae: nn.Module | None, channels: int = 3) -> LatentSpace:
         f"vae must be None (pixel space), a DiscreteVAE, a VQGanVAE or a LatentSpace, got {type(vae).__name__}; "
         "OpenAIDiscreteVAE has no continuous latent space to diffuse in"
     )
+

@@ -209,7 +209,9 @@ class Unet(PretrainedMixin, nn.Module):
                 text_encodings = image_embed.new_zeros(b, 1, self.text_embed_dim)
             shape = tuple(text_encodings.shape)
             if len(shape) != 3 or (shape[0], shape[2]) != (b, self.text_embed_dim):
-                raise ValueError(f"text_encodings must have shape ({b}, n, {self.text_embed_dim}), got {shape}")
+                raise ValueError(
+                    f"text_encodings must have shape ({b}, n, {self.text_embed_dim}), got {shape}"
+                )
             n = text_encodings.shape[1]
             if text_mask is None:
                 text_mask = torch.ones(b, n, dtype=torch.bool, device=text_encodings.device)
