@@ -9,12 +9,12 @@ Caption files are read exactly as the training datasets read them (`dalle_pytorc
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
-from dalle_pytorch.io.files import NotARegularFileError, open_regular_file
 from dalle_pytorch.text.captions import CAPTION_EXTENSION, BadSampleError, captions_from_bytes
 from dalle_pytorch.text.tokenizer import HugTokenizer
 
@@ -31,11 +31,11 @@ def read_caption_folder(folder: str | os.PathLike) -> Iterator[str]:
         dirs.sort()
         for name in sorted(files):
             if name.lower().endswith(CAPTION_EXTENSION):
-                try:
-                    with open_regular_file(os.path.join(root, name)) as file:
-                        raw = file.read()
-                except NotARegularFileError:  # a FIFO or device named *.txt would hang or never end
+                path = os.path.join(root, name)
+                if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO or device named *.txt: hangs or never ends
                     continue
+                with open(path, "rb") as file:
+                    raw = file.read()
                 try:
                     captions = captions_from_bytes(raw)
                 except BadSampleError:  # a blank file: nothing to learn from (the datasets skip it too)
