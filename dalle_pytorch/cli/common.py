@@ -20,9 +20,11 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 
 from dalle_pytorch._version import __version__
-from dalle_pytorch.io.checkpoint import CONFIG_NAME, load_pretrained
+from dalle_pytorch.io.atomic import atomic_write_file
+from dalle_pytorch.io.checkpoint import CONFIG_NAME, CheckpointError, load_pretrained
 from dalle_pytorch.io.download import DownloadError
 from dalle_pytorch.training.state import TRAINING_STATE_NAME, CheckpointManager, read_training_state
 from dalle_pytorch.training.trainer import (
@@ -320,7 +322,8 @@ def write_args_json(output_dir: str | os.PathLike, tool: str, args: argparse.Nam
     }
     path = Path(output_dir) / ARGS_NAME
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(record, indent=2, default=str) + "\n", encoding="utf-8")
+    text = json.dumps(record, indent=2, default=str) + "\n"
+    atomic_write_file(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))  # replaces a link, never follows
     return path
 
 
@@ -436,7 +439,7 @@ def run_main(prog: str, run: Callable[[list[str] | None], Any], argv: list[str] 
     except NonFiniteLossError as error:
         print(f"{prog}: {error}", file=sys.stderr)
         raise SystemExit(1) from None
-    except (ValueError, OSError, ImportError, DownloadError) as error:
+    except (ValueError, OSError, ImportError, DownloadError, CheckpointError, SafetensorError) as error:
         print(f"{prog}: error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
 
