@@ -3,6 +3,8 @@
     dalle-demo                      # about 5 minutes on 2 CPU cores
     dalle-demo --fast               # about 2 minutes
     dalle-demo --steps dalle=3000 --cond_scale 3
+    dalle-demo --model dalle2         # DALL-E 2 instead: CLIP, a diffusion prior and a 32x32 decoder
+    dalle-demo --model both --fast    # DALLE, DALLE2 and CLIP-guided VAE codes, judged side by side
 
 Writes grid.png, report.json, tokenizer.json and the trained models into --out_dir and prints, per prompt,
 how often the samples show the colour and the shape that the prompt asked for. See `dalle_pytorch.demo.pipeline`.
@@ -19,10 +21,20 @@ from collections.abc import Sequence
 
 import torch
 
-from dalle_pytorch.demo.pipeline import DEFAULT_CONFIG, FAST_CONFIG, run_demo
+from dalle_pytorch.demo.comparison import format_comparison
+from dalle_pytorch.demo.pipeline import DEFAULT_CONFIG, FAST_CONFIG, MODELS, run_demo
 from dalle_pytorch.demo.report import format_report
 
-STEP_KEYS = {"vae": "vae_steps", "dalle": "dalle_steps", "clip": "clip_steps", "classifier": "classifier_steps"}
+STEP_KEYS = {
+    "vae": "vae_steps",
+    "dalle": "dalle_steps",
+    "clip": "clip_steps",
+    "classifier": "classifier_steps",
+    "dalle2_clip": "dalle2_clip_steps",
+    "prior": "dalle2_prior_steps",
+    "decoder": "dalle2_decoder_steps",
+    "clip_guided": "clip_guided_steps",
+}
 
 
 def _flag(name: str) -> list[str]:
@@ -64,6 +76,13 @@ def _load_average() -> float | None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dalle-demo", description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--model",
+        choices=MODELS,
+        default="dalle",
+        help="dalle (default): VAE + DALLE; dalle2: CLIP + diffusion prior + decoder; both: DALLE, DALLE2 and "
+        "CLIP-guided optimisation of the VAE's codes, judged side by side",
     )
     parser.add_argument("--fast", action="store_true", help="the small budget (about 2 minutes on 2 CPU cores)")
     parser.add_argument(*_flag("--out_dir"), dest="out_dir", default="outputs/demo", help="output folder")
@@ -125,9 +144,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                   f"{load_average:.1f} on {os.cpu_count()} CPUs (choose with --threads)")  # fmt: skip
     torch.set_num_threads(threads)
     try:
-        report = run_demo(config, args.out_dir, args.device, progress=not args.quiet)
+        report = run_demo(config, args.out_dir, args.device, progress=not args.quiet, model=args.model)
     finally:
         torch.set_num_threads(previous_threads)
+    if args.model != "dalle":
+        print(format_comparison(report))
+        print(f"wrote {args.out_dir}/grid.png and {args.out_dir}/report.json")
+        return 0
     print(format_report(report))
     targets = report["targets"]
     print(f"target (both >= {targets['seen_both_match']:.0%} seen, >= {targets['heldout_both_match']:.0%} held out): "

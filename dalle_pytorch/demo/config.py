@@ -38,6 +38,27 @@ class DemoConfig:
     clip_dim: int = 64
     clip_batch_size: int = 64
     clip_learning_rate: float = 1e-3
+    # DALLE2 (--model dalle2 or both): CLIP (trained for max(clip_steps, dalle2_clip_steps) steps), a diffusion
+    # prior on its embeddings and one pixel U-Net decoder at image_size
+    dalle2_clip_steps: int = 800
+    dalle2_prior_dim: int = 128
+    dalle2_prior_depth: int = 3
+    dalle2_prior_steps: int = 1500
+    dalle2_prior_learning_rate: float = 1e-3
+    dalle2_unet_dim: int = 16
+    dalle2_unet_mults: tuple[int, ...] = (1, 2, 4)
+    dalle2_predict_x0: bool = True
+    dalle2_decoder_steps: int = 1500
+    dalle2_decoder_learning_rate: float = 2e-3
+    dalle2_batch_size: int = 32
+    dalle2_timesteps: int = 1000
+    dalle2_sample_steps: int = 25
+    dalle2_cond_scale: float = 2.0
+    dalle2_prior_cond_scale: float = 1.0
+    # CLIP-guided optimisation of the VAE's codes (--model both): images per prompt, Adam steps per image
+    clip_guided_samples: int = 4
+    clip_guided_steps: int = 60
+    clip_guided_learning_rate: float = 0.2
     # the judge's shape classifier
     classifier_steps: int = 150
     # generation
@@ -49,6 +70,8 @@ class DemoConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        # report.json stores the tuple as a list; read back, it is a tuple again
+        object.__setattr__(self, "dalle2_unet_mults", tuple(self.dalle2_unet_mults))
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
             if field.type == "int" and (not isinstance(value, int) or isinstance(value, bool)):

@@ -38,6 +38,7 @@ __all__ = [
     "degrade",
     "dominant_colour",
     "evaluate_fidelity",
+    "judge_samples",
     "palette_hues",
     "train_shape_classifier",
 ]
@@ -370,3 +371,12 @@ def evaluate_fidelity(
             "both_match": 1 / (len(colours) * len(classifier.shape_names)),
         },
     }
+
+
+def judge_samples(samples: torch.Tensor, prompts: Sequence[ShapePrompt], classifier: ShapeClassifier) -> dict:
+    """:func:`evaluate_fidelity` of samples (p, k, 3, h, w) in [0, 1], ``samples[i]`` drawn for ``prompts[i]``."""
+    if samples.ndim != 5 or len(samples) != len(prompts):
+        raise ValueError(f"samples must be (len(prompts), k, 3, h, w), got {tuple(samples.shape)}")
+    k = samples.shape[1]
+    return evaluate_fidelity(rearrange(samples, "p k c h w -> (p k) c h w"), [p for p in prompts for _ in range(k)],
+                             classifier)  # fmt: skip

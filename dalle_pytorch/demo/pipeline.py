@@ -23,6 +23,7 @@ Captions are tokenized word by word: the dataset's vocabulary is some 25 words, 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,9 +43,12 @@ from dalle_pytorch.data.shapes import (
     evaluation_prompts,
     heldout_pairs,
 )
+from dalle_pytorch.demo.clip_guided import clip_guided_for_prompts, clip_guided_grid_rows
+from dalle_pytorch.demo.comparison import write_comparison
 from dalle_pytorch.demo.config import DEFAULT_CONFIG, FAST_CONFIG, DemoConfig
-from dalle_pytorch.demo.judge import evaluate_fidelity, train_shape_classifier
-from dalle_pytorch.demo.report import Stopwatch, make_grid, write_grid_and_report
+from dalle_pytorch.demo.dalle2 import run_dalle2
+from dalle_pytorch.demo.judge import evaluate_fidelity, judge_samples, train_shape_classifier
+from dalle_pytorch.demo.report import Stopwatch, grid_rows, make_grid, write_grid_and_report
 from dalle_pytorch.demo.training import encode_images, train_clip, train_dalle, train_vae
 from dalle_pytorch.models.clip import CLIP
 from dalle_pytorch.models.dalle import DALLE
@@ -54,6 +58,7 @@ from dalle_pytorch.text.tokenizer import HugTokenizer
 __all__ = [
     "DEFAULT_CONFIG",
     "FAST_CONFIG",
+    "MODELS",
     "DemoConfig",
     "TrainingSet",
     "build_word_tokenizer",
@@ -198,26 +203,38 @@ def _judge_reconstructions(vae: DiscreteVAE, classifier, config: DemoConfig, cou
     return overall, torch.stack([images, reconstructions])
 
 
+MODELS = ("dalle", "dalle2", "both")
+
+
 def run_demo(
     config: DemoConfig = DEFAULT_CONFIG,
     out_dir: str | Path = "outputs/demo",
     device: str | torch.device = "auto",
     progress: bool = True,
     log: Callable[[str], None] = print,
+    model: str = "dalle",
 ) -> dict:
     """Train everything from scratch, generate for every colour x shape prompt and judge the samples.
 
+    ``model``: "dalle" (the VAE and DALLE), "dalle2" (CLIP, the diffusion prior and decoder) or "both"
+    (all of them, and CLIP-guided optimisation of the VAE's codes, judged side by side).
+
     Writes into ``out_dir``: ``grid.png`` (labelled samples and VAE reconstructions), ``report.json`` (the
-    returned dict), ``tokenizer.json``, the trained models as ``vae/``, ``dalle/`` (and ``clip/``) via
+    returned dict), ``tokenizer.json``, the trained models as ``vae/``, ``dalle/``, ``clip/``, ``dalle2/`` via
     ``save_pretrained``, and each model's training metrics as ``training/<model>/metrics.jsonl``. The global
     torch RNG of the caller is left as it was.
     """
     if not isinstance(config, DemoConfig):
         raise TypeError(f"config must be a DemoConfig, got {type(config).__name__}")
+    if model not in MODELS:
+        raise ValueError(f"model must be one of {MODELS}, got {model!r}")
+    uses_dalle, uses_dalle2 = model in ("dalle", "both"), model in ("dalle2", "both")
+    clip_steps = config.clip_steps if not uses_dalle2 else max(config.clip_steps, config.dalle2_clip_steps)
     device = resolve_device(device)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    stopwatch, losses = Stopwatch(), {}
+    stopwatch, losses, models, results = Stopwatch(), {}, {}, {}
+    vae = dalle = None
     rng_devices = [device.index or 0] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=rng_devices):
         torch.manual_seed(config.seed)
@@ -231,36 +248,59 @@ def run_demo(
             images = data.images.to(device)
         log(f"{len(images)} training images, {len(kinds)} kinds of sample; held-out pairs: "
             + ", ".join(f"{c} {s}" for c, s in heldout_pairs()))  # fmt: skip
-        with stopwatch("vae"):
-            vae, losses["vae"] = train_vae(images, config, progress, out_dir / "training" / "vae")
-            codes = encode_images(vae, images)
-        with stopwatch("dalle"):
-            dalle, losses["dalle"] = train_dalle(
-                vae, codes, text, tokenizer.vocab_size, config, progress, out_dir / "training" / "dalle"
-            )
+        if uses_dalle:
+            with stopwatch("vae"):
+                vae, losses["vae"] = train_vae(images, config, progress, out_dir / "training" / "vae")
+                codes = encode_images(vae, images)
+            with stopwatch("dalle"):
+                dalle, losses["dalle"] = train_dalle(
+                    vae, codes, text, tokenizer.vocab_size, config, progress, out_dir / "training" / "dalle"
+                )
+            models.update(dalle=dalle, vae=vae)
         clip = None
-        if config.clip_steps > 0:
+        if clip_steps > 0:
             with stopwatch("clip"):
                 clip, losses["clip"] = train_clip(
-                    images, text, tokenizer.vocab_size, config, progress, out_dir / "training" / "clip"
-                )
+                    images, text, tokenizer.vocab_size, dataclasses.replace(config, clip_steps=clip_steps), progress,
+                    out_dir / "training" / "clip",
+                )  # fmt: skip
+            models["clip"] = clip
         with stopwatch("judge"):
             classifier, accuracy = train_shape_classifier(config.image_size, config.seed, config.classifier_steps)
-        with stopwatch("generation"):
-            prompts = evaluation_prompts()
-            samples = generate_for_prompts(dalle, tokenizer, prompts, config, clip, progress=progress).cpu()
-        with stopwatch("evaluation"):
-            k = config.samples_per_prompt
-            fidelity = evaluate_fidelity(
-                rearrange(samples, "p k c h w -> (p k) c h w"), [p for p in prompts for _ in range(k)], classifier
+        prompts = evaluation_prompts()
+        rows: list[tuple[str, Tensor | None]] = []
+        if uses_dalle:
+            with stopwatch("generation"):
+                reranker = clip if config.clip_steps > 0 else None
+                samples = generate_for_prompts(dalle, tokenizer, prompts, config, reranker, progress=progress).cpu()
+            with stopwatch("evaluation"):
+                results["dalle"] = judge_samples(samples, prompts, classifier)
+                reconstruction, reconstructions = _judge_reconstructions(vae, classifier, config)
+            rows += grid_rows(prompts, samples, results["dalle"], reconstructions)
+        if uses_dalle2:
+            ids = tokenizer.tokenize([p.caption for p in prompts], text.shape[-1])
+            models["dalle2"], results["dalle2"], dalle2_losses, dalle2_rows = run_dalle2(
+                clip, images, text, ids, prompts, classifier, config, stopwatch, progress, out_dir / "training"
             )
-            reconstruction, reconstructions = _judge_reconstructions(vae, classifier, config)
+            losses.update(dalle2_losses)
+            rows += dalle2_rows
+        if model == "both":
+            with stopwatch("clip_guided"):
+                guided = clip_guided_for_prompts(vae, clip, ids, config)
+            results["clip_guided"] = judge_samples(guided, prompts, classifier)
+            rows += clip_guided_grid_rows(prompts, guided, results["clip_guided"])
 
-    for name, model in (("dalle", dalle), ("vae", vae), ("clip", clip)):
-        if model is not None:
-            model.save_pretrained(out_dir / name)
-    return write_grid_and_report(
-        out_dir, config=config, device=device, stopwatch=stopwatch, final_losses=losses,
-        shape_classifier_accuracy=accuracy, prompts=prompts, samples=samples, fidelity=fidelity,
-        vae_reconstruction=reconstruction, reconstructions=reconstructions,
+    for name, trained in models.items():
+        trained.save_pretrained(out_dir / name)
+    if model == "dalle":
+        return write_grid_and_report(
+            out_dir, config=config, device=device, stopwatch=stopwatch, final_losses=losses,
+            shape_classifier_accuracy=accuracy, prompts=prompts, samples=samples, fidelity=results["dalle"],
+            vae_reconstruction=reconstruction, reconstructions=reconstructions,
+        )  # fmt: skip
+    return write_comparison(
+        out_dir, rows, model=model, config=config, device=device, stopwatch=stopwatch, final_losses=losses,
+        shape_classifier_accuracy=accuracy, results=results,
+        vae_reconstruction=reconstruction if uses_dalle else None,
     )  # fmt: skip
+

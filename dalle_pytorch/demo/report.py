@@ -36,8 +36,11 @@ __all__ = [
     "Stopwatch",
     "build_report",
     "format_report",
+    "grid_prompt_indices",
     "grid_rows",
+    "json_ready",
     "make_grid",
+    "rate",
     "write_grid_and_report",
 ]
 
@@ -122,7 +125,7 @@ def make_grid(rows: Sequence[tuple[str, Tensor | None]], scale: int = 2, gap: in
     return canvas
 
 
-def _grid_prompts(prompts: Sequence[ShapePrompt]) -> list[int]:
+def grid_prompt_indices(prompts: Sequence[ShapePrompt]) -> list[int]:
     """Rows to show: per colour, its held-out pair and then the seen pair with the next shape (cyclically), so
     that every shape is shown too."""
     by_colour: dict[str, list[int]] = {}
@@ -157,7 +160,7 @@ def grid_rows(
     rows: list[tuple[str, Tensor | None]] = [
         (f"DALLE samples; colour and shape right: {seen:.0%} seen pairs, {heldout:.0%} held out", None)
     ]
-    for index in _grid_prompts(prompts):
+    for index in grid_prompt_indices(prompts):
         label = prompts[index].caption + ("  (held out)" if prompts[index].heldout else "")
         rows.append((label, samples[index, :per_row]))
     rows += [("VAE: ground truth and reconstruction", None), ("ground truth", reconstructions[0, :per_row])]
@@ -169,14 +172,15 @@ def grid_rows(
 # the report
 
 
-def _json_ready(value):
-    """NaN becomes null: report.json stays strict JSON."""
+def json_ready(value):
+    """``value`` with every non-finite float (NaN, inf) in it, however nested, replaced by None: report.json
+    stays strict JSON."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
-        return {key: _json_ready(item) for key, item in value.items()}
+        return {key: json_ready(item) for key, item in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_json_ready(item) for item in value]
+        return [json_ready(item) for item in value]
     return value
 
 
@@ -213,7 +217,7 @@ def build_report(
         "fidelity": fidelity,
         "targets": {**TARGETS, "met": bool(met)},
     }
-    return _json_ready(report)
+    return json_ready(report)
 
 
 def write_grid_and_report(
@@ -245,7 +249,8 @@ def write_grid_and_report(
 # the printed table
 
 
-def _rate(value: float | None) -> str:
+def rate(value: float | None) -> str:
+    """A rate as a 5-wide figure with two decimals; ``-`` for a missing (None or NaN) rate."""
     return "    -" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:5.2f}"
 
 
@@ -255,8 +260,8 @@ def format_report(report: dict) -> str:
     width = max(len(row["prompt"]) for row in fidelity["per_prompt"]) + 12
 
     def line(label: str, rates: dict) -> str:
-        return f"{label:<{width}}{_rate(rates['colour_match']):>8}{_rate(rates['shape_match']):>8}" + (
-            f"{_rate(rates['both_match']):>8}"
+        return f"{label:<{width}}{rate(rates['colour_match']):>8}{rate(rates['shape_match']):>8}" + (
+            f"{rate(rates['both_match']):>8}"
         )
 
     lines = [f"{'prompt':<{width}}{'colour':>8}{'shape':>8}{'both':>8}"]
@@ -270,8 +275,8 @@ def format_report(report: dict) -> str:
     lines += [
         "",
         f"shape judge accuracy on unseen ground truth: {report['shape_classifier_accuracy']:.1%}",
-        f"judge on VAE reconstructions of ground truth: colour {_rate(recon['colour_match'])}, "
-        f"shape {_rate(recon['shape_match'])}, both {_rate(recon['both_match'])}",
+        f"judge on VAE reconstructions of ground truth: colour {rate(recon['colour_match'])}, "
+        f"shape {rate(recon['shape_match'])}, both {rate(recon['both_match'])}",
         "seconds (wall / CPU): " + ", ".join(f"{name} {value:.0f}/{cpu[name]:.0f}" for name, value in seconds.items())
         + f" ({report['torch_threads']} torch threads, {report['device']})",
     ]  # fmt: skip

@@ -33,7 +33,7 @@ from dalle_pytorch.training.trainer import Trainer, TrainingSettings
 if TYPE_CHECKING:
     from dalle_pytorch.demo.config import DemoConfig
 
-__all__ = ["encode_images", "train_clip", "train_dalle", "train_vae"]
+__all__ = ["encode_images", "fit_model", "train_clip", "train_dalle", "train_vae"]
 
 WARMUP_FRACTION = 0.05
 ADAM_BETAS = (0.9, 0.98)
@@ -54,7 +54,7 @@ class _RandomPhrasing(Dataset):
         return (self.text[index, phrasing], *(other[index] for other in self.others))
 
 
-def _train(
+def fit_model(
     model: nn.Module,
     dataset: Dataset,
     loss_fn: Callable[[nn.Module, Any, int], Tensor],
@@ -112,7 +112,7 @@ def train_vae(
         temperature = config.vae_final_temperature ** (step / max(1, steps - 1))
         return model(batch[0], return_loss=True, temp=temperature)
 
-    final_loss = _train(
+    final_loss = fit_model(
         vae, TensorDataset(images.cpu()), loss_fn, steps=steps, batch_size=config.vae_batch_size,
         learning_rate=config.vae_learning_rate, seed=config.seed, label="VAE", progress=progress, log_dir=log_dir,
         clip_grad_norm=None,
@@ -149,7 +149,7 @@ def train_dalle(
         batch_text, batch_codes = batch
         return model(batch_text, batch_codes, return_loss=True, null_cond_prob=config.null_cond_prob)
 
-    final_loss = _train(
+    final_loss = fit_model(
         dalle, _RandomPhrasing(text.cpu(), codes.cpu()), loss_fn, steps=config.dalle_steps,
         batch_size=config.dalle_batch_size, learning_rate=config.dalle_learning_rate, seed=config.seed + 1,
         label="DALLE", progress=progress, log_dir=log_dir, weight_decay=0.01,
@@ -177,7 +177,7 @@ def train_clip(
         batch_text, batch_images = batch
         return model(batch_text, batch_images, return_loss=True)
 
-    final_loss = _train(
+    final_loss = fit_model(
         clip, _RandomPhrasing(text.cpu(), images.cpu()), loss_fn, steps=config.clip_steps,
         batch_size=config.clip_batch_size, learning_rate=config.clip_learning_rate, seed=config.seed + 3,
         label="CLIP", progress=progress, log_dir=log_dir, weight_decay=0.01,

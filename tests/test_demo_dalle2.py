@@ -1,0 +1,98 @@
+"""The demo's DALLE2 and side-by-side parts: files, report structure and the printed table at tiny sizes; the
+fidelity of a real ``--fast --model dalle2`` run is checked by the slow test."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from dalle_pytorch.cli.demo import main
+from dalle_pytorch.demo.comparison import format_comparison
+from dalle_pytorch.demo.config import FAST_CONFIG, DemoConfig
+from dalle_pytorch.demo.dalle2 import centre_mask, generate_dalle2
+from dalle_pytorch.demo.pipeline import run_demo
+from dalle_pytorch.diffusion.dalle2 import DALLE2
+
+TINY = dataclasses.replace(
+    FAST_CONFIG, num_train_images=64, vae_num_tokens=16, vae_hidden_dim=8, vae_codebook_dim=8, vae_steps=2,
+    dalle_dim=16, dalle_depth=1, dalle_heads=2, dalle_steps=2, clip_dim=16, dalle2_clip_steps=2,
+    dalle2_prior_dim=16, dalle2_prior_depth=1, dalle2_prior_steps=2, dalle2_unet_dim=8, dalle2_unet_mults=(1, 2),
+    dalle2_decoder_steps=2, dalle2_batch_size=8, dalle2_timesteps=50, dalle2_sample_steps=2, classifier_steps=2,
+    samples_per_prompt=1, clip_guided_samples=1, clip_guided_steps=2,
+)  # fmt: skip
+
+
+def _check_files_and_report(out_dir, report: dict, systems: set[str], models: tuple[str, ...]) -> None:
+    for name in ("grid.png", "report.json", "tokenizer.json", *(f"{m}/config.json" for m in models)):
+        assert (out_dir / name).is_file(), name
+    assert json.loads((out_dir / "report.json").read_text()) == report
+    assert set(report["systems"]) == systems
+    for system in report["systems"].values():
+        fidelity = system["fidelity"]
+        assert fidelity["seen"]["num_images"] == 28 and fidelity["heldout"]["num_images"] == 7
+        assert len(fidelity["per_prompt"]) == 35
+        assert system["train_seconds"] > 0 and system["generation_seconds"] > 0
+        assert isinstance(system["targets_met"], bool)
+    assert DemoConfig(**report["config"]) == TINY
+    assert Image.open(out_dir / "grid.png").size[1] > 300
+    table = format_comparison(report)
+    assert "held-out pairs" in table and "DALLE2" in table
+
+
+@pytest.mark.filterwarnings("ignore:shape classifier reached only")
+def test_dalle2_demo_writes_the_side_by_side_report(tmp_path):
+    rng_before = torch.get_rng_state()
+    report = run_demo(TINY, tmp_path, "cpu", progress=False, log=lambda _: None, model="dalle2")
+    assert torch.equal(torch.get_rng_state(), rng_before)
+    _check_files_and_report(tmp_path, report, {"dalle2"}, ("clip", "dalle2"))
+    assert report["model"] == "dalle2" and report["vae_reconstruction"] is None
+    assert {"clip", "prior", "decoder"} <= set(report["final_losses"])
+    assert {"prior", "decoder", "dalle2_generation"} <= set(report["seconds"])
+    loaded = DALLE2.from_pretrained(tmp_path / "dalle2")
+    assert loaded.decoder.clip is loaded.prior.clip
+
+
+@pytest.mark.filterwarnings("ignore:shape classifier reached only")
+def test_both_demo_judges_three_systems(tmp_path):
+    out_dir = tmp_path / "demo"
+    argv = ["--model", "both", "--out_dir", str(out_dir), "--quiet", "--threads", "1", "--samples", "1"]
+    # the CLI builds its config from --fast; the tiny sizes come from a patched FAST_CONFIG
+    import dalle_pytorch.cli.demo as cli
+
+    original = cli.FAST_CONFIG
+    cli.FAST_CONFIG = TINY
+    try:
+        assert main(["--fast", *argv]) == 0
+    finally:
+        cli.FAST_CONFIG = original
+    report = json.loads((out_dir / "report.json").read_text())
+    _check_files_and_report(out_dir, report, {"dalle", "dalle2", "clip_guided"}, ("vae", "dalle", "clip", "dalle2"))
+    assert report["vae_reconstruction"]["num_images"] > 0
+
+
+def test_dalle2_generation_does_not_depend_on_batch_size(tmp_path):
+    report = run_demo(TINY, tmp_path, "cpu", progress=False, log=lambda _: None, model="dalle2")
+    assert report["systems"]["dalle2"]["fidelity"]["overall"]["num_images"] == 35
+    dalle2 = DALLE2.from_pretrained(tmp_path / "dalle2").eval()
+    text = torch.tensor([[2, 3, 4], [5, 6, 7]])
+    config = dataclasses.replace(TINY, dalle2_sample_steps=2)
+    whole = generate_dalle2(dalle2, text, config, samples_per_text=2, batch_size=4, progress=False)
+    split = generate_dalle2(dalle2, text, config, samples_per_text=2, batch_size=1, progress=False)
+    assert whole.shape == (2, 2, 3, 32, 32)
+    assert torch.allclose(whole, split, atol=1e-5)
+    assert 0.0 <= whole.min() and whole.max() <= 1.0
+
+
+def test_centre_mask_hides_the_central_half():
+    mask = centre_mask(32)
+    assert mask.shape == (32, 32) and mask.dtype == torch.bool
+    assert not mask[8:24, 8:24].any() and mask.sum() == 32 * 32 - 16 * 16
+
+
+def test_run_demo_rejects_an_unknown_model(tmp_path):
+    with pytest.raises(ValueError, match="model must be one of"):
+        run_demo(TINY, tmp_path, "cpu", progress=False, model="dalle3")
