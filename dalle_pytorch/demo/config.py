@@ -97,4 +97,8 @@ FAST_CONFIG = dataclasses.replace(
     clip_steps=0,
     candidates_per_sample=1,
     samples_per_prompt=4,
+    dalle2_clip_steps=400,
+    dalle2_prior_steps=800,
+    dalle2_decoder_steps=800,
+    clip_guided_steps=40,
 )
