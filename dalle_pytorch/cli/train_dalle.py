@@ -38,6 +38,7 @@ from dalle_pytorch.cli.common import (
     seed_everything,
     tokenizer_spec_for,
 )
+from dalle_pytorch.cli.runs import settle_output_dir
 from dalle_pytorch.data.text_image import TextImageDataset
 from dalle_pytorch.models.dalle import DALLE
 from dalle_pytorch.training.data_order import IndexedBatches, SeededDataset, StreamingBatches, derive_seed
@@ -239,8 +240,13 @@ def run(argv: list[str] | None = None) -> TrainResult:
     try:
         if args.dalle_path is not None and args.resume is not None:
             raise ValueError("give --dalle_path or --resume, not both")
-        start = resolve_checkpoint(args.dalle_path, "--dalle_path") if args.dalle_path else resume_dir(args)
+        start = (
+            resolve_checkpoint(args.dalle_path, "--dalle_path", expect="DALLE", training_state=True)
+            if args.dalle_path
+            else resume_dir(args)
+        )
         resuming = start is not None and (start / TRAINING_STATE_NAME).is_file()
+        settle_output_dir(args, PROG, start if resuming else None)
         seed = choose_seed(args, start if resuming else None)
         seed_everything(seed)
         spec = tokenizer_spec_for(args, start)
@@ -280,6 +286,7 @@ def run(argv: list[str] | None = None) -> TrainResult:
             seed=seed,
             on_sample=on_sample,
             resume_from=start if resuming else None,
+            flag_aliases={"stable_softmax": "stable"},
             tokenizer=spec,
             resumed_from=str(start) if start is not None else None,
         )
