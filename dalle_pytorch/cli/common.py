@@ -28,8 +28,9 @@ from dalle_pytorch.cli.runs import (
     note,
     record_model_settings,
 )
+from dalle_pytorch.convert.original import is_original_checkpoint, load_original
 from dalle_pytorch.io.atomic import atomic_write_file
-from dalle_pytorch.io.checkpoint import CONFIG_NAME, CheckpointError, load_pretrained, read_config
+from dalle_pytorch.io.checkpoint import CONFIG_NAME, CheckpointError, PretrainedMixin, read_config
 from dalle_pytorch.io.download import DownloadError
 from dalle_pytorch.training.state import TRAINING_STATE_NAME, CheckpointManager, checkpoint_problem
 from dalle_pytorch.training.trainer import (
@@ -236,6 +237,8 @@ def resolve_checkpoint(
     damaged, or holds another kind of model than `expect` (a class name). `training_state`: check
     `training_state.pt` too."""
     path = Path(path)
+    if is_original_checkpoint(path):
+        return path  # read by load_model
     if (path / CONFIG_NAME).is_file():
         problem = checkpoint_problem(path, training_state)
         if problem is not None:
@@ -256,13 +259,25 @@ def resolve_checkpoint(
                 f"{flag}: {path} is neither a model folder (with {CONFIG_NAME}) nor a training "
                 "output folder with step-* checkpoints"
             )
-    if expect is not None:
+    if expect is not None and checkpoint.is_dir():
         model_type = read_config(checkpoint)["model_type"]
         if model_type != expect and MODEL_FLAGS.get(model_type, flag) != flag:
             raise CheckpointError(
                 f"{flag}: {checkpoint} holds a {model_type}, not a {expect} (it belongs in {MODEL_FLAGS[model_type]})"
             )
     return checkpoint
+
+
+def load_model(checkpoint: Path, cls: type, flag: str, map_location: Any = "cpu") -> Any:
+    """`cls.from_pretrained(checkpoint)`, or for a `.pt` file of the original DALLE-pytorch its conversion."""
+    if not is_original_checkpoint(checkpoint):
+        return cls.from_pretrained(checkpoint, map_location=map_location)
+    model = load_original(checkpoint)
+    if not isinstance(model, cls):
+        raise CheckpointError(f"{flag}: {checkpoint} holds a {type(model).__name__}, not a {cls.__name__}")
+    note(flag, f"{checkpoint} is a checkpoint of the original DALLE-pytorch, converted in memory (dalle-convert "
+               "converts it once; its optimizer state is not used)")  # fmt: skip
+    return model.to(map_location)
 
 
 def resume_dir(args: argparse.Namespace) -> Path | None:
@@ -402,7 +417,8 @@ def load_vae(args: argparse.Namespace) -> torch.nn.Module:
     if args.vae_path is not None:
         if args.taming:
             raise ValueError("give either --vae_path or --taming, not both")
-        return load_pretrained(resolve_checkpoint(args.vae_path, "--vae_path"))
+        checkpoint = resolve_checkpoint(args.vae_path, "--vae_path")
+        return load_model(checkpoint, PretrainedMixin, "--vae_path")
     from dalle_pytorch.image_tokenizers.pretrained_vae import OpenAIDiscreteVAE, VQGanVAE
 
     if args.taming:

@@ -29,6 +29,7 @@ from dalle_pytorch.cli.common import (
     add_arg,
     add_tokenizer_args,
     build_tokenizer,
+    load_model,
     read_args_json,
     resolve_checkpoint,
     run_main,
@@ -188,7 +189,7 @@ def run(argv: list[str] | None = None) -> list[Path]:
         raise ValueError(f"--outputs_dir {outputs_dir} holds a {describe_run(outputs_dir)}; give another folder")
     checkpoint = resolve_checkpoint(args.dalle_path, "--dalle_path", expect="DALLE")
     check_guidance(args.cond_scale, checkpoint)
-    dalle = DALLE.from_pretrained(checkpoint, map_location=device)
+    dalle = load_model(checkpoint, DALLE, "--dalle_path", map_location=device)
     spec = tokenizer_spec_for(args, checkpoint)
     tokenizer = build_tokenizer(spec)
     clip = None

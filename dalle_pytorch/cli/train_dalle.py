@@ -31,6 +31,7 @@ from dalle_pytorch.cli.common import (
     build_tokenizer,
     choose_seed,
     fit,
+    load_model,
     load_vae,
     resolve_checkpoint,
     resume_dir,
@@ -254,7 +255,7 @@ def run(argv: list[str] | None = None) -> TrainResult:
         if start is not None:
             if any(getattr(args, flag) for flag in VAE_FLAGS):
                 print(f"{PROG}: note: the VAE comes from the checkpoint; the VAE flags are ignored", file=sys.stderr)
-            dalle = DALLE.from_pretrained(start)
+            dalle = load_model(start, DALLE, "--dalle_path")
         else:
             dalle = build_dalle(args, load_vae(args), tokenizer.vocab_size)
         if tokenizer.vocab_size > dalle.num_text_tokens:
