@@ -48,9 +48,9 @@ def test_original_import_paths_still_work():
     from dalle_pytorch import OpenAIDiscreteVAE, VQGanVAE
     from dalle_pytorch.data.text_image import TextImageDataset
     from dalle_pytorch.loader import TextImageDataset as LoaderDataset
-    from dalle_pytorch.models.vae import OpenAIDiscreteVAE as FromVae
-    from dalle_pytorch.models.vae import VQGanVAE as VqganFromVae
-    from dalle_pytorch.text.tokenizer import tokenizer
+    from dalle_pytorch.tokenizer import tokenizer
+    from dalle_pytorch.vae import OpenAIDiscreteVAE as FromVae
+    from dalle_pytorch.vae import VQGanVAE as VqganFromVae
 
     assert LoaderDataset is TextImageDataset
     assert FromVae is OpenAIDiscreteVAE and VqganFromVae is VQGanVAE

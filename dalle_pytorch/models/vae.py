@@ -190,12 +190,3 @@ class DiscreteVAE(PretrainedMixin, nn.Module):
         recon_loss = self.recon_loss(out, img_norm)
         loss = recon_loss + self.kl_div_loss_weight * kl_to_uniform(logits)
         return (loss, self.denormalize(out)) if return_recons else loss
-
-
-def __getattr__(name: str):
-    # The original project exposed the released tokenizers from this module; import them only when asked.
-    if name in ("OpenAIDiscreteVAE", "VQGanVAE"):
-        from dalle_pytorch.image_tokenizers import pretrained_vae
-
-        return getattr(pretrained_vae, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
