@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from dalle_pytorch._version import __version__
+from dalle_pytorch.cli.original_flags import add_original_training_flags
 from dalle_pytorch.cli.runs import (
     ARGS_NAME,
     MODEL_FLAGS,
@@ -218,6 +219,7 @@ def add_training_args(
     add_arg(
         scale, "--local_rank", type=int, default=None, help="set by old launchers; torchrun uses LOCAL_RANK instead"
     )
+    add_original_training_flags(parser)
 
 
 def seed_everything(seed: int) -> None:
