@@ -43,23 +43,6 @@ def linear_weights(modules: Iterable[nn.Module]) -> int:
     return sum(m.weight.numel() for module in modules for m in module.modules() if isinstance(m, nn.Linear))
 
 
-def _type_mask(dalle: nn.Module, layer_type: str) -> torch.Tensor:
-    """The (n, n) boolean mask a layer type uses, n = text_seq_len + 1 + image_seq_len."""
-    from dalle_pytorch.attention.layer import attention_mask
-
-    transformer = dalle.transformer
-    buffer = getattr(transformer, f"mask_{layer_type}", None)
-    if isinstance(buffer, torch.Tensor):
-        return buffer.cpu()
-    config = dalle.config
-    return attention_mask(
-        layer_type, transformer.text_len, transformer.fmap, kernel_size=config["conv_kernel_size"],
-        dilation=config["conv_dilation"], sparse_block_size=config["sparse_block_size"],
-        sparse_num_local_blocks=config["sparse_num_local_blocks"],
-        sparse_num_random_blocks=config["sparse_num_random_blocks"],
-    )  # fmt: skip
-
-
 class DalleFlops:
     """FLOP counts for one DALLE model; per-layer key counts are computed once from the attention masks."""
 
@@ -72,12 +55,15 @@ class DalleFlops:
         dim = config["dim"]
         self.w_text_logits = dim * dalle.num_text_total
         self.w_image_logits = dim * dalle.num_image_tokens
-        # keys_per_query[t][i]: how many keys query i sees in a layer of type t (the masks are causal)
-        self.layer_types = list(dalle.transformer.layer_types)
+        # keys_per_query[t][i]: how many keys query i sees in a layer of pattern t (the masks are causal);
+        # patterns are keyed by their repr, "full" is the causal mask
+        transformer = dalle.transformer
+        self.layer_types = [repr(pattern) for pattern in transformer.layer_patterns]
         n = self.text_len + self.image_seq_len
         self.keys_per_query = {"full": torch.arange(1, n + 1, dtype=torch.float64)}
-        for layer_type in set(self.layer_types) - {"full"}:
-            self.keys_per_query[layer_type] = _type_mask(dalle, layer_type).sum(dim=1).double()
+        for layer, layer_type in enumerate(self.layer_types):
+            if layer_type not in self.keys_per_query:
+                self.keys_per_query[layer_type] = transformer.layer_mask(layer).sum(dim=1).double().cpu()
 
     def attention_pairs(self, start: int, end: int, layer_types: list[str] | None = None) -> float:
         """Allowed (query, key) pairs over all layers for queries [start, end) of one sequence.

@@ -108,9 +108,9 @@ def time_attention(args: argparse.Namespace) -> None:
     import torch
     import torch.nn.functional as F
 
-    from dalle_pytorch.attention.layer import attention_mask
+    from dalle_pytorch.attention import attention_mask
+    from dalle_pytorch.attention.patterns import pattern_attention
     from dalle_pytorch.kernels.dropout_attention import dropout_attention
-    from dalle_pytorch.kernels.sparse_attention import pattern_attention
 
     text_len, n = args.text_seq_len + 1, args.text_seq_len + args.fmap**2  # DALLE's input: [BOS, text, image[:-1]]
     generator = torch.Generator().manual_seed(0)

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from dalle_pytorch.attention.layer import Attention, causal_mask
+from dalle_pytorch.attention import causal_mask
+from dalle_pytorch.attention.layer import Attention
 from dalle_pytorch.kernels import dropout_attention as module
 from dalle_pytorch.kernels.dropout_attention import dropout_attention, keep_mask
 

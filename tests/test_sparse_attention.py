@@ -3,29 +3,21 @@ import torch
 import torch.nn.functional as F
 from conftest import make_dalle, random_images, random_text
 
-from dalle_pytorch.attention.layer import Attention, attention_mask
+from dalle_pytorch.attention.layer import Attention
+from dalle_pytorch.attention.pattern import fast_plan
+from dalle_pytorch.attention.patterns import AxialCol, AxialRow, BlockSparse, ConvLike, Full, pattern_attention
 from dalle_pytorch.kernels import sparse_attention
-from dalle_pytorch.kernels.sparse_attention import (
-    SparsePattern,
-    Window,
-    axial_plan,
-    block_sparse_plan,
-    conv_like_plan,
-    fast_path_available,
-    pattern_attention,
-)
+from dalle_pytorch.kernels.sparse_attention import fast_path_available
+from dalle_pytorch.kernels.tile_plans import Window, axial_plan, conv_like_plan
 
-CASES = {  # name: (attention type, small options so that tiny grids still have several windows / blocks)
-    "axial_row": ("axial_row", {}),
-    "axial_col": ("axial_col", {}),
-    "conv_3x3": ("conv_like", dict(kernel_size=3)),
-    "conv_5x5_dilated": ("conv_like", dict(kernel_size=5, dilation=2)),
-    "conv_1x1": ("conv_like", dict(kernel_size=1)),
-    "sparse": ("sparse", dict(sparse_block_size=3, sparse_num_local_blocks=2, sparse_num_random_blocks=1)),
-    "sparse_random": (
-        "sparse",
-        dict(sparse_block_size=4, sparse_num_local_blocks=1, sparse_num_random_blocks=3, sparse_seed=5),
-    ),
+CASES = {  # name: a pattern with small options so that tiny grids still have several windows / blocks
+    "axial_row": AxialRow(),
+    "axial_col": AxialCol(),
+    "conv_3x3": ConvLike(kernel_size=3),
+    "conv_5x5_dilated": ConvLike(kernel_size=5, dilation=2),
+    "conv_1x1": ConvLike(kernel_size=1),
+    "sparse": BlockSparse(block_size=3, num_local_blocks=2, num_random_blocks=1),
+    "sparse_random": BlockSparse(block_size=4, num_local_blocks=1, num_random_blocks=3, seed=5),
 }
 
 
@@ -35,15 +27,15 @@ def _lengths(text_len: int, fmap: int) -> list[int]:
     return sorted({1, text_len, text_len + 1, text_len + fmap + 1, full - 1, full} - {0, full + 1})
 
 
-def _reference_and_fast(attn_type, options, q, k, v, text_len, fmap, scale=None):
+def _reference_and_fast(pattern, q, k, v, text_len, fmap, scale=None):
     n = q.shape[2]
-    mask = attention_mask(attn_type, text_len, fmap, **options)[:n, :n]
+    mask = pattern.mask(text_len, fmap)[:n, :n]
     leaves = [x.detach().clone().requires_grad_() for x in (q, k, v)]
     reference = F.scaled_dot_product_attention(*leaves, attn_mask=mask, scale=scale)
     grad = torch.randn_like(reference)
     reference_grads = torch.autograd.grad(reference, leaves, grad)
     leaves = [x.detach().clone().requires_grad_() for x in (q, k, v)]
-    fast = pattern_attention(attn_type, *leaves, text_len, fmap, scale=scale, **options)
+    fast = pattern_attention(pattern, *leaves, text_len, fmap, scale=scale)
     fast_grads = torch.autograd.grad(fast, leaves, grad)
     return (reference, *reference_grads), (fast, *fast_grads)
 
@@ -51,45 +43,40 @@ def _reference_and_fast(attn_type, options, q, k, v, text_len, fmap, scale=None)
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("text_len, fmap", [(1, 1), (2, 3), (5, 4), (7, 5), (3, 2)])
 def test_fast_kernel_equals_sdpa_with_the_dense_mask(case, text_len, fmap):
-    attn_type, options = CASES[case]
     generator = torch.Generator().manual_seed(text_len * 10 + fmap)
     for n in _lengths(text_len, fmap):
         q, k, v = torch.randn(3, 2, 3, n, 8, dtype=torch.float64, generator=generator)  # batch 2, 3 heads
-        expected, got = _reference_and_fast(attn_type, options, q, k, v, text_len, fmap)
+        expected, got = _reference_and_fast(CASES[case], q, k, v, text_len, fmap)
         for name_, e, g in zip(("out", "dq", "dk", "dv"), expected, got):
             torch.testing.assert_close(g, e, msg=lambda m, n=n, x=name_: f"{x} at n={n}: {m}")
 
 
 @pytest.mark.parametrize(
-    "text_len, fmap, options",
+    "text_len, fmap, pattern",
     [
-        (17, 12, dict(sparse_block_size=16, sparse_num_local_blocks=4, sparse_num_random_blocks=2)),  # defaults
-        (5, 10, dict(sparse_block_size=4, sparse_num_local_blocks=1, sparse_num_random_blocks=3, sparse_seed=5)),
+        (17, 12, BlockSparse(block_size=16, num_local_blocks=4, num_random_blocks=2)),  # defaults
+        (5, 10, BlockSparse(block_size=4, num_local_blocks=1, num_random_blocks=3, seed=5)),
     ],
 )
-def test_sparse_random_blocks_band_including_queries_without_random_blocks(text_len, fmap, options):
+def test_sparse_random_blocks_band_including_queries_without_random_blocks(text_len, fmap, pattern):
     full = text_len + fmap * fmap
-    plan = block_sparse_plan(
-        text_len, fmap, full - 1, options["sparse_block_size"], options["sparse_num_local_blocks"],
-        options["sparse_num_random_blocks"], options.get("sparse_seed", 0),
-    )  # fmt: skip
+    plan = pattern.tile_plan(text_len, fmap, full - 1)
     gathered = [band for band in plan.bands if not isinstance(band, Window)]
     assert gathered and not gathered[0].mask.any(-1).all()  # a gathered band, with rows that see none of it
     generator = torch.Generator().manual_seed(fmap)
     for n in (full - 1, full, full - fmap - 3):
         q, k, v = torch.randn(3, 2, 2, n, 8, dtype=torch.float64, generator=generator)
-        expected, got = _reference_and_fast("sparse", options, q, k, v, text_len, fmap)
+        expected, got = _reference_and_fast(pattern, q, k, v, text_len, fmap)
         for e, g in zip(expected, got):
             torch.testing.assert_close(g, e)
 
 
-@pytest.mark.parametrize("attn_type", ["axial_row", "axial_col", "conv_like", "sparse"])
-def test_float32_with_a_custom_scale_and_the_dalle_text_length(attn_type):
+@pytest.mark.parametrize("pattern", [AxialRow(), AxialCol(), ConvLike(), BlockSparse(block_size=4)])
+def test_float32_with_a_custom_scale_and_the_dalle_text_length(pattern):
     # 17 text positions (16 tokens + BOS) on a 6 x 6 grid; DALLE's input stops one token short
     text_len, fmap = 17, 6
     q, k, v = torch.randn(3, 2, 4, text_len + fmap * fmap - 1, 16, generator=torch.Generator().manual_seed(0))
-    options = dict(sparse_block_size=4) if attn_type == "sparse" else {}
-    expected, got = _reference_and_fast(attn_type, options, q, k, v, text_len, fmap, scale=0.3)
+    expected, got = _reference_and_fast(pattern, q, k, v, text_len, fmap, scale=0.3)
     for e, g in zip(expected, got):
         torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-4)
 
@@ -97,7 +84,7 @@ def test_float32_with_a_custom_scale_and_the_dalle_text_length(attn_type):
 def test_inputs_are_not_modified():
     q, k, v = torch.randn(3, 1, 2, 12, 8)
     copies = [x.clone() for x in (q, k, v)]
-    pattern_attention("conv_like", q, k, v, 3, 3, kernel_size=3)
+    pattern_attention(ConvLike(kernel_size=3), q, k, v, 3, 3)
     for x, y in zip((q, k, v), copies):
         assert torch.equal(x, y)
 
@@ -107,7 +94,7 @@ PLANS = [
     axial_plan(5, 4, 20, "col"),
     conv_like_plan(5, 4, 20, 3, 1),
     conv_like_plan(5, 4, 20, 5, 2),
-    block_sparse_plan(5, 4, 20, 3, 2, 1, 0),
+    BlockSparse(3, 2, 1, 0).tile_plan(5, 4, 20),
 ]
 
 
@@ -130,7 +117,7 @@ def test_plans_tile_every_later_position_once_and_window_pieces_never_overlap(pl
 
 
 def test_sparse_bands_are_few_keys_per_query():
-    plan = block_sparse_plan(257, 32, 257 + 1023, 16, 4, 2, 0)
+    plan = BlockSparse(16, 4, 2, 0).tile_plan(257, 32, 257 + 1023)
     assert plan.prefix_len == 17 * 16  # the blocks holding text
     window, gathered = plan.bands
     assert window.length == (3 + window.tiling.tile_len // 16) * 16  # 3 local blocks before the tile + its own
@@ -143,10 +130,12 @@ def test_bad_input():
         pattern_attention("axial_row", q, q[:, :1], q, 1, 3)
     with pytest.raises(ValueError, match="more than text_len"):
         pattern_attention("axial_row", q, q, q, 1, 2)
-    with pytest.raises(ValueError, match="attn_type"):
-        pattern_attention("full", q, q, q, 1, 3)
+    with pytest.raises(ValueError, match="no fast path"):
+        pattern_attention(Full(), q, q, q, 1, 3)
+    with pytest.raises(ValueError, match="attn_types"):
+        pattern_attention("diagonal", q, q, q, 1, 3)
     with pytest.raises(ValueError, match="kernel_size"):
-        pattern_attention("conv_like", q, q, q, 1, 3, kernel_size=2)
+        pattern_attention(ConvLike(kernel_size=2), q, q, q, 1, 3)
     with pytest.raises(ValueError, match="axis"):
         axial_plan(1, 3, 10, "diagonal")
     with pytest.raises(ValueError, match="dropout_p"):
@@ -178,20 +167,20 @@ def test_dropout_equals_the_dense_reference_with_the_kernels_own_masks(case, tex
     # probability matrix P * keep / (1 - p), which reveals keep; a second call from the same random state with
     # random v must then equal dense attention with that keep, outputs and gradients.
     dropout_kernel = _Counter(monkeypatch, sparse_attention, "dropout_forward")
-    attn_type, options = CASES[case]
+    pattern = CASES[case]
     dropout_p = 0.4
     for n in sorted({text_len + fmap + 1, text_len + fmap * fmap - 1}):
         generator = torch.Generator().manual_seed(n)
         q, k, v = torch.randn(3, 2, 3, n, n, dtype=torch.float64, generator=generator)
-        allowed = attention_mask(attn_type, text_len, fmap, **options)[:n, :n]
+        allowed = pattern.mask(text_len, fmap)[:n, :n]
         dense_leaves = [x.clone().requires_grad_() for x in (q, k, v)]
         scores = (dense_leaves[0] @ dense_leaves[1].transpose(-1, -2)) * n**-0.5
         dense_probs = scores.masked_fill(~allowed, float("-inf")).softmax(-1)
         probs = dense_probs.detach()
 
         torch.manual_seed(7)
-        dropped = pattern_attention(attn_type, q, k, torch.eye(n).double().expand_as(q), text_len, fmap,
-                                    dropout_p=dropout_p, **options)  # fmt: skip
+        dropped = pattern_attention(pattern, q, k, torch.eye(n).double().expand_as(q), text_len, fmap,
+                                    dropout_p=dropout_p)  # fmt: skip
         keep = dropped != 0
         assert not keep[..., ~allowed].any()  # nothing outside the pattern
         torch.testing.assert_close(dropped[keep], (probs / (1 - dropout_p))[keep])  # kept entries scaled
@@ -199,7 +188,7 @@ def test_dropout_equals_the_dense_reference_with_the_kernels_own_masks(case, tex
 
         leaves = [x.clone().requires_grad_() for x in (q, k, v)]
         torch.manual_seed(7)
-        fast = pattern_attention(attn_type, *leaves, text_len, fmap, dropout_p=dropout_p, **options)
+        fast = pattern_attention(pattern, *leaves, text_len, fmap, dropout_p=dropout_p)
         grad = torch.randn_like(fast)
         fast_grads = torch.autograd.grad(fast, leaves, grad)
         dense = (dense_probs * keep / (1 - dropout_p)) @ dense_leaves[2]
@@ -231,10 +220,11 @@ def test_attention_module_pattern_equals_mask(stable, monkeypatch):
     counter = _Counter(monkeypatch)
     attn = Attention(16, heads=2, dim_head=8, stable=stable)
     text_len, fmap = 3, 4
-    pattern = SparsePattern("conv_like", text_len, fmap, (("kernel_size", 3),))
-    mask = attention_mask("conv_like", text_len, fmap, kernel_size=3)[:-1, :-1]
-    x = torch.randn(2, text_len + fmap * fmap - 1, 16, requires_grad=True)
-    fast = attn(x, mask, pattern=pattern)
+    n = text_len + fmap * fmap - 1
+    plan = fast_plan(ConvLike(kernel_size=3), text_len, fmap, n)
+    mask = ConvLike(kernel_size=3).mask(text_len, fmap)[:-1, :-1]
+    x = torch.randn(2, n, 16, requires_grad=True)
+    fast = attn(x, mask, plan=plan)
     (grad_fast,) = torch.autograd.grad(fast.square().sum(), x)
     assert counter.calls == 1
     dense = attn(x, mask)
@@ -246,14 +236,14 @@ def test_attention_module_pattern_equals_mask(stable, monkeypatch):
 def test_attention_dropout_takes_the_fast_path_in_training_only(monkeypatch):
     counter = _Counter(monkeypatch)
     attn = Attention(16, heads=2, dim_head=8, dropout=0.5).train()
-    pattern = SparsePattern("axial_row", 2, 3, ())
+    plan = fast_plan(AxialRow(), 2, 3, 11)
     x = torch.randn(1, 11, 16)
-    mask = attention_mask("axial_row", 2, 3)
+    mask = AxialRow().mask(2, 3)
     torch.manual_seed(3)
-    dropped = attn(x, mask, pattern=pattern)
+    dropped = attn(x, mask, plan=plan)
     assert counter.calls == 1
     attn.eval()
-    torch.testing.assert_close(attn(x, mask, pattern=pattern), attn(x, mask))
+    torch.testing.assert_close(attn(x, mask, plan=plan), attn(x, mask))
     assert counter.calls == 2
     assert not torch.allclose(dropped, attn(x, mask))  # training dropped some probabilities
 
@@ -282,7 +272,7 @@ def test_dalle_loss_and_gradients_equal_with_and_without_the_fast_path(name, mon
         return loss.detach(), {k: p.grad.clone() for k, p in dalle.named_parameters() if p.grad is not None}
 
     fast_loss, fast_grads = loss_and_grads(True)
-    sparse_layers = sum(t != "full" for t in dalle.transformer.layer_types)
+    sparse_layers = sum(not isinstance(p, Full) for p in dalle.transformer.layer_patterns)
     assert counter.calls >= sparse_layers  # the fast kernels ran (reversible runs them again in backward)
     calls = counter.calls
     dense_loss, dense_grads = loss_and_grads(False)

@@ -1,19 +1,13 @@
-"""Attention: one kernel (`F.scaled_dot_product_attention`) and pure builders of the masks DALLE uses.
+"""The attention layer: one dense kernel (`F.scaled_dot_product_attention`), the fast kernels of a pattern's
+tile plan, and rotary position embeddings.
 
-The sequence DALLE attends over is ``[BOS, text tokens, image tokens]``: ``text_len`` = 1 + text_seq_len
-positions of text followed by an ``fmap x fmap`` grid of image tokens in raster order. Every mask here is a
-boolean ``(n, n)`` matrix, ``mask[i, j] = True`` when query ``i`` may attend to key ``j``. Text queries always
-see all earlier text (causally); the attention type decides which earlier image tokens an image query sees.
+Which keys a query sees comes from an attention pattern (:mod:`dalle_pytorch.attention.patterns`) as a
+boolean mask, or, for a full-sequence pass, as the pattern's checked tile plan.
 
 Shape letters: b batch, h heads, n / i / j sequence (query / key) positions, d head dim.
-
-Sparse patterns follow the Sparse Transformer (Child et al. 2019, https://arxiv.org/abs/1904.10509) and the
-DALL-E paper (Ramesh et al. 2021, https://arxiv.org/abs/2102.12092, appendix B.1).
 """
 
 from __future__ import annotations
-
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -21,142 +15,12 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from dalle_pytorch.kernels.dropout_attention import dropout_attention, saves_memory
-
-if TYPE_CHECKING:
-    from dalle_pytorch.kernels.sparse_attention import SparsePattern
-
-ATTENTION_TYPES = ("full", "axial_row", "axial_col", "conv_like", "sparse")
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Masks: small pure functions of (text length, grid size, options)
-# ---------------------------------------------------------------------------------------------------------
-
-
-def causal_mask(n: int, device: torch.device | None = None) -> Tensor:
-    """(n, n) bool, True on and below the diagonal."""
-    return torch.ones(n, n, dtype=torch.bool, device=device).tril()
-
-
-def _grid_coordinates(text_len: int, fmap: int) -> tuple[Tensor, Tensor, Tensor]:
-    """For every position of [text | image grid]: (is_image, row, col); rows/cols are -1 for text."""
-    n = text_len + fmap * fmap
-    pos = torch.arange(n)
-    is_image = pos >= text_len
-    grid_index = (pos - text_len).clamp(min=0)
-    row = torch.where(is_image, grid_index // fmap, -1)
-    col = torch.where(is_image, grid_index % fmap, -1)
-    return is_image, row, col
-
-
-def attention_mask(
-    attn_type: str,
-    text_len: int,
-    fmap: int,
-    *,
-    kernel_size: int = 5,
-    dilation: int = 1,
-    sparse_block_size: int = 16,
-    sparse_num_local_blocks: int = 4,
-    sparse_num_random_blocks: int = 2,
-    sparse_seed: int = 0,
-) -> Tensor:
-    """The (n, n) boolean mask of one attention type, n = text_len + fmap ** 2.
-
-    - ``full``: causal over everything.
-    - ``axial_row``: all text + earlier-or-same image tokens of the same row.
-    - ``axial_col``: all text + earlier-or-same image tokens of the same column.
-    - ``conv_like``: all text + the causal half of a ``kernel_size`` x ``kernel_size`` window (spacing
-      ``dilation``) centred on the token: window rows above it, and the window tokens left of it in its row.
-    - ``sparse``: block-sparse over the whole sequence: blocks of ``sparse_block_size`` positions see the
-      ``sparse_num_local_blocks`` blocks ending at their own, every block holding text, and
-      ``sparse_num_random_blocks`` earlier blocks drawn from ``sparse_seed``; all restricted to causal.
-    """
-    if attn_type not in ATTENTION_TYPES:
-        raise ValueError(f"attn_type must be one of {ATTENTION_TYPES}, got {attn_type!r}")
-    n = text_len + fmap * fmap
-    causal = causal_mask(n)
-    if attn_type == "full":
-        return causal
-    if attn_type == "sparse":
-        return causal & _block_sparse_mask(
-            n, text_len, sparse_block_size, sparse_num_local_blocks, sparse_num_random_blocks, sparse_seed
-        )
-
-    is_image, row, col = _grid_coordinates(text_len, fmap)
-    # (i, j) grids of query / key coordinates
-    qi, kj = is_image[:, None], is_image[None, :]
-    dr = row[:, None] - row[None, :]  # query row - key row
-    dc = col[:, None] - col[None, :]
-    if attn_type == "axial_row":
-        image_part = dr == 0
-    elif attn_type == "axial_col":
-        image_part = dc == 0
-    else:  # conv_like
-        if kernel_size < 1 or kernel_size % 2 == 0:
-            raise ValueError(f"kernel_size must be a positive odd number, got {kernel_size}")
-        if dilation < 1:
-            raise ValueError(f"dilation must be >= 1, got {dilation}")
-        reach = (kernel_size // 2) * dilation
-        image_part = (dr.abs() <= reach) & (dc.abs() <= reach) & (dr % dilation == 0) & (dc % dilation == 0)
-    # text queries: causal text; image queries: all text + the pattern among image keys
-    allowed = ~kj | (qi & kj & image_part)
-    return causal & allowed
-
-
-def _block_sparse_mask(n: int, text_len: int, block_size: int, num_local: int, num_random: int, seed: int) -> Tensor:
-    layout = block_sparse_layout(n, text_len, block_size, num_local, num_random, seed)
-    block_of = torch.arange(n) // block_size
-    return layout[block_of[:, None], block_of[None, :]]
-
-
-def block_sparse_layout(n: int, text_len: int, block_size: int, num_local: int, num_random: int, seed: int) -> Tensor:
-    """(num_blocks, num_blocks) bool: which key block each query block of ``block_size`` positions may see.
-
-    Local blocks (the ``num_local`` ending at the query block), every block holding text, and ``num_random``
-    earlier blocks drawn from ``seed``. The draws for block q depend only on the blocks before it, so the
-    layout of a shorter sequence is the top-left corner of the layout of a longer one. Not yet causal inside
-    a block: :func:`attention_mask` intersects it with the causal mask.
-    """
-    if block_size < 1 or num_local < 1 or num_random < 0:
-        raise ValueError(
-            "sparse attention needs sparse_block_size >= 1, sparse_num_local_blocks >= 1 and "
-            f"sparse_num_random_blocks >= 0, got {block_size}, {num_local}, {num_random}"
-        )
-    num_blocks = -(-n // block_size)
-    qb, kb = torch.meshgrid(torch.arange(num_blocks), torch.arange(num_blocks), indexing="ij")
-    layout = (qb - kb >= 0) & (qb - kb < num_local)
-    layout |= (kb * block_size < text_len) & (kb <= qb)  # blocks that hold text are global
-    generator = torch.Generator().manual_seed(seed)
-    for q in range(num_blocks):
-        if q == 0 or num_random == 0:
-            continue
-        picks = torch.randperm(q, generator=generator)[:num_random]
-        layout[q, picks] = True
-    return layout
-
+from dalle_pytorch.kernels.sparse_attention import fast_path_available, planned_attention
+from dalle_pytorch.kernels.tile_plans import TilePlan
 
 # ---------------------------------------------------------------------------------------------------------
 # Rotary embeddings (Su et al. 2021, https://arxiv.org/abs/2104.09864)
 # ---------------------------------------------------------------------------------------------------------
-
-
-def rotate_half(x: Tensor) -> Tensor:
-    x = rearrange(x, "... (d two) -> ... d two", two=2)
-    x1, x2 = x.unbind(-1)
-    return rearrange(torch.stack((-x2, x1), dim=-1), "... d two -> ... (d two)")
-
-
-def apply_rotary(angles: Tensor, x: Tensor) -> Tensor:
-    """Rotate the first ``angles.shape[-1]`` features of x (b, h, n, d) by angles (n, r); the rest pass.
-
-    The reference definition; models use the precomputed tables of :func:`rotary_tables` with :func:`rotate`.
-    """
-    rot_dim = angles.shape[-1]
-    x_rot, x_pass = x[..., :rot_dim], x[..., rot_dim:]
-    angles = angles.to(x.dtype)
-    x_rot = x_rot * angles.cos() + rotate_half(x_rot) * angles.sin()
-    return torch.cat((x_rot, x_pass), dim=-1)
 
 
 def rotary_tables(angles: Tensor, dim_head: int) -> tuple[Tensor, Tensor]:
@@ -215,7 +79,7 @@ class Attention(nn.Module):
         rotary: tuple[Tensor, Tensor] | None = None,
         cache=None,
         cache_key=None,
-        pattern: SparsePattern | None = None,
+        plan: TilePlan | None = None,
     ) -> Tensor:
         """x: (b, n, dim). mask: bool, broadcastable to (b, h, n, keys), True = may attend.
 
@@ -223,9 +87,9 @@ class Attention(nn.Module):
         ``causal`` asks for a plain causal mask (a faster kernel path) and may not be combined with ``mask``.
         With ``cache`` (a :class:`~dalle_pytorch.models.transformer.DecodingCache`), keys and values of x are
         appended to those of earlier positions and the queries of x attend to all of them.
-        ``pattern`` (a :class:`~dalle_pytorch.kernels.sparse_attention.SparsePattern`, only for positions [0, n)
-        without a cache) computes the same attention as ``mask`` with a kernel that skips what the mask
-        hides; where that kernel cannot run (see ``SparsePattern.supports``), ``mask`` is used.
+        ``plan`` (a :class:`~dalle_pytorch.kernels.tile_plans.TilePlan` checked to cover exactly ``mask``, only
+        for positions [0, n) without a cache) computes the same attention with a kernel that skips what the
+        mask hides; where that kernel cannot run (see ``fast_path_available``), ``mask`` is used.
         """
         qkv = rearrange(self.to_qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.heads)
         if rotary is not None:
@@ -246,8 +110,8 @@ class Attention(nn.Module):
             q = q / alpha
             scale = alpha / self.dim_head**0.5
         dropout_p = self.dropout if self.training else 0.0
-        if pattern is not None and cache is None and pattern.supports(q.device, dropout_p):
-            out = pattern(q, k, v, scale=scale, dropout_p=dropout_p)
+        if plan is not None and cache is None and fast_path_available(q.device, dropout_p):
+            out = planned_attention(q, k, v, plan, scale=scale, dropout_p=dropout_p)
             return self.to_out(rearrange(out, "b h n d -> b n (h d)"))
         if dropout_p > 0 and q.device.type == "cpu" and saves_memory(q, k):
             # the CPU kernel with dropout would keep large (n x n) probabilities per layer for the backward pass

@@ -324,6 +324,9 @@ def _to_json(value: Any, where: str, path: list, tuple_paths: list) -> Any:
                 raise TypeError(f"{where} has key {key!r}; config.json needs string keys")
             result[key] = _to_json(item, f"{where}[{key!r}]", [*path, key], tuple_paths)
         return result
+    to_config = getattr(value, "to_config", None)
+    if callable(to_config):  # an object that knows its JSON form (an attention pattern); may raise TypeError
+        return _to_json(to_config(), where, path, tuple_paths)
     raise TypeError(
         f"{where} is a {type(value).__name__}, which config.json cannot hold; the config may contain only "
         "None, bool, int, float, str, lists, tuples and dicts with string keys"

@@ -1,9 +1,9 @@
-"""Fast training kernels for DALLE's sparse attention patterns: axial rows / columns, conv-like, block-sparse.
+"""Fast training kernels for sparse attention patterns (axial rows / columns, conv-like, block-sparse, ...).
 
-Each function here returns exactly what ``F.scaled_dot_product_attention`` returns with the dense mask of
-:func:`dalle_pytorch.attention.layer.attention_mask` (outputs and gradients), for the positions ``[0, n)`` of a
-full-sequence pass (training; no cache), while only computing the scores the pattern allows. All patterns
-share one structure, a :class:`~dalle_pytorch.kernels.tile_plans.TilePlan` (from its own module):
+:func:`planned_attention` returns exactly what ``F.scaled_dot_product_attention`` returns with the dense mask
+a :class:`~dalle_pytorch.kernels.tile_plans.TilePlan` covers (outputs and gradients), for the positions
+``[0, n)`` of a full-sequence pass (training; no cache), while only computing the scores the plan allows. The
+patterns of :mod:`dalle_pytorch.attention.patterns` build the plans; every plan has one structure:
 
 - a *prefix* of keys that every later query sees: the text for the grid patterns, the blocks holding text
   for ``sparse``. All queries attend to it causally in one call of PyTorch's fused CPU attention kernel.
@@ -47,17 +47,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from dalle_pytorch.kernels.dropout_attention import dropout_backward, dropout_forward, random_seed
-from dalle_pytorch.kernels.tile_plans import (  # noqa: F401 (Gathered, TilePlan and the plan builders are public here too)
-    Gathered,
-    TilePlan,
-    Tiling,
-    Window,
-    axial_plan,
-    block_sparse_plan,
-    conv_like_plan,
-)
-
-SPARSE_TYPES = ("axial_row", "axial_col", "conv_like", "sparse")
+from dalle_pytorch.kernels.tile_plans import TilePlan, Tiling, Window
 
 
 def fast_path_available(device: torch.device, dropout_p: float = 0.0) -> bool:
@@ -283,68 +273,3 @@ def planned_attention(
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     dropout = _Dropout(dropout_p, random_seed()) if dropout_p else _Dropout()
     return _PlannedAttention.apply(q, k, v, plan.to(q.device), scale, dropout)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Public kernels, one per attention type
-# ---------------------------------------------------------------------------------------------------------
-
-
-def _check(q: Tensor, k: Tensor, v: Tensor, text_len: int, fmap: int) -> int:
-    if q.ndim != 4 or k.shape != q.shape or v.shape != q.shape:
-        raise ValueError(
-            f"q, k and v must have the same shape (batch, heads, n, dim_head), got {tuple(q.shape)}, "
-            f"{tuple(k.shape)}, {tuple(v.shape)}"
-        )
-    if text_len < 1 or fmap < 1:
-        raise ValueError(f"text_len and fmap must be >= 1, got {text_len} and {fmap}")
-    n = q.shape[2]
-    if n > text_len + fmap * fmap:
-        raise ValueError(f"the sequence has {n} positions, more than text_len + fmap ** 2 = {text_len + fmap * fmap}")
-    return n
-
-
-def pattern_attention(
-    attn_type: str, q: Tensor, k: Tensor, v: Tensor, text_len: int, fmap: int, *, scale: float | None = None,
-    dropout_p: float = 0.0, kernel_size: int = 5, dilation: int = 1, sparse_block_size: int = 16,
-    sparse_num_local_blocks: int = 4, sparse_num_random_blocks: int = 2, sparse_seed: int = 0,
-) -> Tensor:  # fmt: skip
-    """The fast kernel of a sparse ``attn_type``; q, k, v and the output are (b, h, n, d) for the positions
-    [0, n), n <= text_len + fmap ** 2 (DALLE trains on all but the last image token). Options are named as
-    in ``attention_mask``, and the result equals
-    ``F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask(...)[:n, :n], scale=scale)``; with
-    ``dropout_p`` > 0, the same with attention dropout (masks from torch's global generator).
-    """
-    n = _check(q, k, v, text_len, fmap)
-    if attn_type in ("axial_row", "axial_col"):
-        plan = axial_plan(text_len, fmap, n, attn_type[len("axial_") :])
-    elif attn_type == "conv_like":
-        plan = conv_like_plan(text_len, fmap, n, kernel_size, dilation)
-    elif attn_type == "sparse":
-        plan = block_sparse_plan(
-            text_len, fmap, n, sparse_block_size, sparse_num_local_blocks, sparse_num_random_blocks, sparse_seed
-        )
-    else:
-        raise ValueError(f"attn_type must be one of {SPARSE_TYPES} for a fast kernel, got {attn_type!r}")
-    return planned_attention(q, k, v, plan, scale=scale, dropout_p=dropout_p)
-
-
-@dataclass(frozen=True)
-class SparsePattern:
-    """A sparse attention type on a grid, with its ``attention_mask`` options; call it on q, k, v (b, h, n, d)."""
-
-    attn_type: str
-    text_len: int
-    fmap: int
-    options: tuple = ()  # (name, value) pairs of attention_mask options
-
-    def supports(self, device: torch.device, dropout_p: float = 0.0) -> bool:
-        """Whether the fast kernel runs for tensors on ``device`` with this attention dropout."""
-        return fast_path_available(device, dropout_p)
-
-    def __call__(
-        self, q: Tensor, k: Tensor, v: Tensor, *, scale: float | None = None, dropout_p: float = 0.0
-    ) -> Tensor:
-        return pattern_attention(
-            self.attn_type, q, k, v, self.text_len, self.fmap, scale=scale, dropout_p=dropout_p, **dict(self.options)
-        )

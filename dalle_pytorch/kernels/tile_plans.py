@@ -1,10 +1,12 @@
-"""Tile plans of DALLE's sparse attention patterns: which keys each query sees, as a prefix and bands.
+"""Tile plans: which keys each query sees, as a prefix and bands, for the kernels of sparse attention.
 
 A :class:`TilePlan` describes a pattern for the fast kernels of :mod:`dalle_pytorch.kernels.sparse_attention`: a
 *prefix* of keys every later query sees (causally among themselves), then *bands*: each band cuts the later
 queries into tiles (image rows, image columns, runs of blocks) and gives every tile the same number of keys,
 either a window read in place (:class:`Window`) or gathered blocks (:class:`Gathered`), with a small mask.
-Plans are pure functions of the configuration, cached, and tested to tile every position exactly once.
+Plans are pure functions of a pattern's data, cached, and tested to tile every position exactly once;
+:func:`plan_covers` checks a plan against the boolean mask it is meant to compute. This module knows no
+attention pattern class: the patterns of :mod:`dalle_pytorch.attention.patterns` call the builders here.
 
 Shape letters: t tiles, c queries per tile, s gathered blocks per tile.
 """
@@ -13,13 +15,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from einops import rearrange
 from torch import Tensor
-
-from dalle_pytorch.attention.layer import block_sparse_layout
 
 _SPARSE_TILE_LEN = 32  # query positions per tile of the sparse pattern's window band, in whole blocks
 
@@ -97,7 +98,7 @@ def _rows(text_len: int, fmap: int, n: int) -> int:
 
 @functools.lru_cache(maxsize=64)
 def axial_plan(text_len: int, fmap: int, n: int, axis: str) -> TilePlan:
-    """``axial_row`` (axis="row": a tile per image row) or ``axial_col`` (a tile per column); the band is the
+    """Axial rows (axis="row": a tile per image row) or columns (a tile per column); the band is the
     tile itself, causally. Band keys after a query in its row (column) are masked, so positions past n never
     count."""
     if axis not in ("row", "col"):
@@ -113,7 +114,7 @@ def axial_plan(text_len: int, fmap: int, n: int, axis: str) -> TilePlan:
 
 @functools.lru_cache(maxsize=64)
 def conv_like_plan(text_len: int, fmap: int, n: int, kernel_size: int = 5, dilation: int = 1) -> TilePlan:
-    """``conv_like``: a tile per image row; its band is the run of rows from the window's top row to its own
+    """The conv-like window: a tile per image row; its band is the run of rows from the window's top row to its own
     (``kernel_size // 2 * dilation + 1`` rows, read in place). The mask keeps the window's rows and columns,
     and in the own row only the tokens up to the query."""
     if kernel_size < 1 or kernel_size % 2 == 0:
@@ -136,21 +137,21 @@ def conv_like_plan(text_len: int, fmap: int, n: int, kernel_size: int = 5, dilat
 
 @functools.lru_cache(maxsize=64)
 def block_sparse_plan(
-    text_len: int, fmap: int, n: int, block_size: int = 16, num_local_blocks: int = 4, num_random_blocks: int = 2,
-    seed: int = 0,
-) -> TilePlan:  # fmt: skip
-    """``sparse``: the blocks holding text are the prefix. Two bands: runs of blocks (about
-    ``_SPARSE_TILE_LEN`` positions) see a window from the first block local to their first block up to their
-    last block, read in place; single blocks see their random blocks before that, gathered. Masks follow the
-    block layout, causal inside a block."""
+    text_len: int, n: int, block_size: int, num_local_blocks: int, layout: Callable[[int, int], Tensor]
+) -> TilePlan:
+    """Block-sparse attention over blocks of ``block_size`` positions: ``layout(num_positions, text_len)`` is
+    the pattern's (blocks, blocks) bool layout (causal between blocks) for a sequence of that length, whose
+    first ``num_local_blocks`` diagonals are all set. The blocks holding text are the prefix. Two bands:
+    runs of blocks (about ``_SPARSE_TILE_LEN`` positions) see a window from the first block local to their
+    first block up to their last block, read in place; single blocks see their other (random) blocks before
+    that, gathered. Masks follow the layout, causal inside a block."""
     text_blocks = -(-text_len // block_size)
     prefix_len = text_blocks * block_size
     group = max(1, _SPARSE_TILE_LEN // block_size)  # blocks per tile of the window band
     num_tiles = max(0, -(-(n - prefix_len) // (block_size * group)))
     num_blocks = num_tiles * group
-    layout = block_sparse_layout(
-        prefix_len + num_blocks * block_size, text_len, block_size, num_local_blocks, num_random_blocks, seed
-    )[text_blocks:, text_blocks:]  # (blocks, blocks) after the text blocks
+    # (blocks, blocks) after the text blocks
+    layout = layout(prefix_len + num_blocks * block_size, text_len)[text_blocks:, text_blocks:]
     causal = torch.ones(block_size, block_size, dtype=torch.bool).tril()
 
     def band_mask(query_block: Tensor, key_block: Tensor) -> Tensor:  # (t, g), (t, s) -> (t, g * l, s * l)
@@ -177,3 +178,33 @@ def block_sparse_plan(
         tiling = Tiling(num_blocks, block_size, block_size, 1)
         bands += (Gathered(tiling, block_size, picks, band_mask(torch.arange(num_blocks)[:, None], picks)),)
     return TilePlan(prefix_len, num_blocks * block_size, first * block_size, bands)
+
+
+def plan_covers(plan: TilePlan, mask: Tensor) -> bool:
+    """Whether ``plan`` computes attention under ``mask`` (n, n) bool for the positions [0, n): every pair
+    the mask allows is seen by exactly one part of the plan (the prefix or one band), and no other pair,
+    nor any padding key."""
+    n = mask.shape[0]
+    count = torch.zeros(n, n, dtype=torch.int32)
+    p = plan.prefix_len
+    query, key = torch.arange(n)[:, None], torch.arange(min(p, n))[None, :]
+    count[:, : min(p, n)] += key <= query  # the prefix part: causal, top-left aligned
+    for band in plan.bands:
+        tiling = band.tiling
+        t, i = torch.arange(tiling.num_tiles)[:, None, None], torch.arange(tiling.tile_len)[None, :, None]
+        queries = p + t * tiling.tile_step + i * tiling.query_step  # (t, c, 1)
+        if isinstance(band, Window):
+            j = torch.arange(band.length)[None, None, :]
+            keys = p + band.start + t * tiling.tile_step + j * band.key_step  # (t, 1, length)
+            seen = (j <= i) if band.mask is None else band.mask  # a causal band sees its own tile up to the query
+        else:
+            block_keys = band.block_index[:, :, None] * band.block + torch.arange(band.block)  # (t, s, l)
+            keys = torch.where(band.block_index[:, :, None] >= 0, p + block_keys, -1).flatten(1)[:, None, :]
+            seen = band.mask
+        queries, keys = torch.broadcast_tensors(queries, keys, seen)[:2]
+        seen = seen.expand_as(queries) & (queries < n)  # padding queries never reach the output
+        queries, keys = queries[seen], keys[seen]
+        if ((keys < 0) | (keys >= n)).any():  # a padding or missing key would take a share of the softmax
+            return False
+        count.index_put_((queries, keys), torch.ones_like(keys, dtype=torch.int32), accumulate=True)
+    return torch.equal(count, mask.to(torch.int32))

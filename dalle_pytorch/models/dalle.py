@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dalle_pytorch.attention.pattern import AttentionPattern, normalize_attn_types
 from dalle_pytorch.io.checkpoint import PretrainedMixin
 from dalle_pytorch.models.sampling import Generators, filter_logits, guide, sample
 from dalle_pytorch.models.transformer import DecodingCache, Transformer
@@ -54,7 +55,7 @@ class DALLE(PretrainedMixin, nn.Module):
         attn_dropout: float = 0.0,
         ff_dropout: float = 0.0,
         sparse_attn: bool = False,
-        attn_types: Sequence[str] | str | None = None,
+        attn_types: Sequence[str | AttentionPattern] | str | AttentionPattern | None = None,
         loss_img_weight: float = 7,
         stable: bool = False,
         sandwich_norm: bool = False,
@@ -79,7 +80,7 @@ class DALLE(PretrainedMixin, nn.Module):
             raise ValueError(f"num_text_tokens and text_seq_len must be >= 1, got {num_text_tokens}, {text_seq_len}")
         if attn_types is None:
             attn_types = ("sparse",) if sparse_attn else ("full",)
-        attn_types = (attn_types,) if isinstance(attn_types, str) else tuple(attn_types)
+        attn_types = normalize_attn_types(attn_types)  # names stay names; config.json dicts become patterns
         self.config = dict(
             dim=dim, num_text_tokens=num_text_tokens, text_seq_len=text_seq_len, depth=depth, heads=heads,
             dim_head=dim_head, reversible=reversible, attn_dropout=attn_dropout, ff_dropout=ff_dropout,
@@ -115,8 +116,8 @@ class DALLE(PretrainedMixin, nn.Module):
             attn_dropout=attn_dropout, ff_dropout=ff_dropout, ff_mult=ff_mult, attn_types=attn_types,
             reversible=reversible, stable=stable, sandwich_norm=sandwich_norm, shift_tokens=shift_tokens,
             rotary_emb=rotary_emb, shared_attn_ids=shared_attn_ids, shared_ff_ids=shared_ff_ids,
-            mask_options=dict(
-                kernel_size=conv_kernel_size, dilation=conv_dilation, sparse_block_size=sparse_block_size,
+            pattern_options=dict(
+                conv_kernel_size=conv_kernel_size, conv_dilation=conv_dilation, sparse_block_size=sparse_block_size,
                 sparse_num_local_blocks=sparse_num_local_blocks, sparse_num_random_blocks=sparse_num_random_blocks,
             ),
         )  # fmt: skip

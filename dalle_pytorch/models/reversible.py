@@ -14,6 +14,8 @@ through it, so memory does not grow with depth: each layer is its own autograd f
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
@@ -36,12 +38,12 @@ class _RandomState:
         return context
 
 
-def _run(fn, x, ctx, key, state: _RandomState | None):
+def _run(fn, x, inputs, key, state: _RandomState | None):
     if state is None:
-        return fn(x, ctx, key)
+        return fn(x, inputs, key)
     context = state.replay()
     try:
-        return fn(x, ctx, key)
+        return fn(x, inputs, key)
     finally:
         context.__exit__(None, None, None)
 
@@ -66,17 +68,17 @@ class _ReversibleLayer(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(autograd_ctx, x: Tensor, stack: ReversibleSequence, ctx: dict, index: int, handoff: _Handoff,
+    def forward(autograd_ctx, x: Tensor, stack: ReversibleSequence, inputs: Any, index: int, handoff: _Handoff,
                 *params: Tensor) -> Tensor:  # fmt: skip
         f, g = stack.layers[index]
         x1, x2 = x.chunk(2, dim=-1)
         with torch.no_grad():
             f_state = _RandomState(x.device)
-            y1 = x1 + f(x2, ctx, (index, 0))
+            y1 = x1 + f(x2, inputs, (index, 0))
             g_state = _RandomState(x.device)
-            y2 = x2 + g(y1, ctx, (index, 1))
+            y2 = x2 + g(y1, inputs, (index, 1))
         out = torch.cat((y1, y2), dim=-1)
-        autograd_ctx.stack, autograd_ctx.ctx, autograd_ctx.index = stack, ctx, index
+        autograd_ctx.stack, autograd_ctx.inputs, autograd_ctx.index = stack, inputs, index
         autograd_ctx.handoff, autograd_ctx.states = handoff, (f_state, g_state)
         autograd_ctx.num_params = len(params)
         is_last = index == len(stack.layers) - 1
@@ -85,7 +87,7 @@ class _ReversibleLayer(torch.autograd.Function):
 
     @staticmethod
     def backward(autograd_ctx, grad_out: Tensor):
-        stack, ctx, i, handoff = autograd_ctx.stack, autograd_ctx.ctx, autograd_ctx.index, autograd_ctx.handoff
+        stack, inputs, i, handoff = autograd_ctx.stack, autograd_ctx.inputs, autograd_ctx.index, autograd_ctx.handoff
         saved = autograd_ctx.saved_tensors
         out = saved[0] if saved else handoff.outputs[i]
         if out is None:
@@ -98,7 +100,7 @@ class _ReversibleLayer(torch.autograd.Function):
         dy1, dy2 = grad_out.chunk(2, dim=-1)
         with torch.enable_grad():
             y1 = y1.detach().requires_grad_()
-            gy1 = _run(g, y1, ctx, (i, 1), g_state)
+            gy1 = _run(g, y1, inputs, (i, 1), g_state)
             g_grads = torch.autograd.grad(gy1, (y1, *params), dy2, allow_unused=True)
         with torch.no_grad():
             x2 = y2 - gy1
@@ -106,7 +108,7 @@ class _ReversibleLayer(torch.autograd.Function):
         del gy1
         with torch.enable_grad():
             x2 = x2.detach().requires_grad_()
-            fx2 = _run(f, x2, ctx, (i, 0), f_state)
+            fx2 = _run(f, x2, inputs, (i, 0), f_state)
             f_grads = torch.autograd.grad(fx2, (x2, *params), dx1, allow_unused=True)
         with torch.no_grad():
             x1 = y1 - fx2
@@ -124,7 +126,10 @@ def _add(a: Tensor | None, b: Tensor | None) -> Tensor | None:
 
 
 class ReversibleSequence:
-    """Runs ``layers`` (each a pair of sublayers ``(f, g)`` called as ``f(x, ctx, key)``) reversibly.
+    """Runs ``layers`` (each a pair of sublayers ``(f, g)`` called as ``f(x, inputs, key)``) reversibly.
+
+    ``inputs`` is passed to every sublayer unchanged (the transformer's ``LayerInputs``); ``key`` is
+    ``(layer index, 0 for f / 1 for g)``.
 
     The model dimension is duplicated into two streams on the way in and averaged on the way out. This is
     an executor, not a module: the parameters belong to the owner of ``layers``.
@@ -140,17 +145,17 @@ class ReversibleSequence:
         """The trainable parameters of layer ``index`` (those shared with other layers included)."""
         return [p for p in self.layers[index].parameters() if p.requires_grad]
 
-    def __call__(self, x: Tensor, ctx: dict, use_checkpointing: bool = True) -> Tensor:
+    def __call__(self, x: Tensor, inputs: Any, use_checkpointing: bool = True) -> Tensor:
         x = torch.cat((x, x), dim=-1)
         if use_checkpointing:
             handoff = _Handoff(len(self.layers))
             for i in range(len(self.layers)):
-                x = _ReversibleLayer.apply(x, self, ctx, i, handoff, *self.layer_parameters(i))
+                x = _ReversibleLayer.apply(x, self, inputs, i, handoff, *self.layer_parameters(i))
         else:
             x1, x2 = x.chunk(2, dim=-1)
             for i, (f, g) in enumerate(self.layers):
-                x1 = x1 + f(x2, ctx, (i, 0))
-                x2 = x2 + g(x1, ctx, (i, 1))
+                x1 = x1 + f(x2, inputs, (i, 0))
+                x2 = x2 + g(x1, inputs, (i, 1))
             x = torch.cat((x1, x2), dim=-1)
         y1, y2 = x.chunk(2, dim=-1)
         return (y1 + y2) / 2

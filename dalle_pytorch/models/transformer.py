@@ -6,23 +6,35 @@ positions in raster order). Each layer is an attention sublayer and a feed-forwa
 https://arxiv.org/abs/1707.04585; Reformer, https://arxiv.org/abs/2001.04451) so activations are recomputed
 in the backward pass instead of stored.
 
-Attention masks are dense per type and serve cached decoding; a pass over positions [0, n) without a cache
-(training) runs the sparse types through the kernels of :mod:`dalle_pytorch.kernels.sparse_attention`, which compute
-the same attention while skipping the masked blocks (``fast_path=False`` keeps the dense masks throughout).
+Each layer's attention pattern (:mod:`dalle_pytorch.attention.patterns`) gives a dense mask, which serves
+cached decoding and is the reference everywhere. A pattern whose mask is the causal mask runs the causal
+kernel; a pass over positions [0, n) without a cache (training) runs a pattern with a fast path through the
+kernels of :mod:`dalle_pytorch.kernels.sparse_attention`, once its tile plan is checked to cover exactly its
+mask (``fast_path=False`` keeps the dense masks throughout). Layers receive a :class:`LayerInputs`.
 
 Shape letters: b batch, n positions, d model dim.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dalle_pytorch.attention.layer import ATTENTION_TYPES, Attention, attention_mask, rotary_tables
-from dalle_pytorch.kernels.sparse_attention import SparsePattern
+from dalle_pytorch.attention.layer import Attention, rotary_tables
+from dalle_pytorch.attention.pattern import (
+    AttentionPattern,
+    build_pattern,
+    causal_mask,
+    checked_mask,
+    fast_plan,
+    normalize_attn_types,
+)
+from dalle_pytorch.kernels.tile_plans import TilePlan
 from dalle_pytorch.models.reversible import ReversibleSequence
 
 
@@ -65,26 +77,12 @@ class FeedForward(nn.Module):
         return self.proj_out(self.dropout(x * F.gelu(gate)))
 
 
-def token_shift_sources(text_len: int, fmap: int) -> Tensor:
-    """(n, 2) long: where each position takes its two shifted channel groups from (-1 = zeros).
+def token_shift_source(position: int, text_len: int, fmap: int) -> tuple[int, int]:
+    """Where position ``position`` takes its two shifted channel groups from (-1 = zeros), as Python ints.
 
     Text takes group one from the previous token and keeps group two; an image token takes group one from
-    its left neighbour and group two from the token above, so a layer sees the 2-D neighbourhood.
-    """
-    n = text_len + fmap * fmap
-    pos = torch.arange(n)
-    grid = pos - text_len
-    is_image = grid >= 0
-    has_left = is_image & (grid % fmap > 0)
-    has_above = is_image & (grid >= fmap)
-    first = torch.where(is_image, torch.where(has_left, pos - 1, -1), pos - 1)
-    second = torch.where(is_image, torch.where(has_above, pos - fmap, -1), pos)
-    return torch.stack((first, second), dim=-1)
-
-
-def token_shift_source(position: int, text_len: int, fmap: int) -> tuple[int, int]:
-    """Row ``position`` of :func:`token_shift_sources` as Python ints: the one-token decoding step needs
-    no index tensors (and no device synchronisation to read them)."""
+    its left neighbour and group two from the token above, so a layer sees the 2-D neighbourhood. The
+    one-token decoding step needs no index tensors (and no device synchronisation to read them)."""
     grid = position - text_len
     if grid < 0:
         return position - 1, position
@@ -92,7 +90,8 @@ def token_shift_source(position: int, text_len: int, fmap: int) -> tuple[int, in
 
 
 def shift_one_token(history: Tensor, first: int, second: int) -> Tensor:
-    """:func:`shift_tokens` for the last position of history (b, end, d) alone, sources given as ints: (b, 1, d)."""
+    """Token shift of the last position of history (b, end, d) alone, sources from :func:`token_shift_source`:
+    (b, 1, d)."""
     group = history.shape[-1] // 4
     own = history[:, -1:]
 
@@ -104,36 +103,24 @@ def shift_one_token(history: Tensor, first: int, second: int) -> Tensor:
     return torch.cat((part(first, slice(0, group)), part(second, slice(group, 2 * group)), own[..., 2 * group :]), -1)
 
 
-def shift_tokens(history: Tensor, sources: Tensor) -> Tensor:
-    """Token shift of the last ``len(sources)`` positions of history (b, end, d): returns (b, n_new, d)."""
-    dim = history.shape[-1]
-    group = dim // 4
-    n_new = sources.shape[0]
-    own = history[:, history.shape[1] - n_new :]
-    gathered = []
-    for g in range(2):
-        src = sources[:, g]
-        values = history[:, src.clamp(min=0), g * group : (g + 1) * group]
-        gathered.append(values * (src >= 0)[None, :, None].to(values.dtype))
-    return torch.cat((*gathered, own[..., 2 * group :]), dim=-1)
-
-
-def token_shift_tables(sources: Tensor) -> Tensor:
-    """Sources (n, 2) from :func:`token_shift_sources` -> (3, n, 1) float 0/1: whether each position takes
-    group one from the previous position, group two from the position above, and keeps its own group two.
+def token_shift_tables(text_len: int, fmap: int) -> Tensor:
+    """(3, n, 1) float 0/1: whether each position takes group one from the previous position, group two from
+    the position above, and keeps its own group two (see :func:`token_shift_source`).
 
     These are the only three cases, so over a whole sequence the shift is two constant offsets and masks
     (:func:`shift_sequence`): cheap slices whose gradient is a slice too, where a gather's is a scatter-add.
     """
-    pos = torch.arange(sources.shape[0])
-    first, second = sources.unbind(-1)
-    tables = torch.stack((first >= 0, (second >= 0) & (second != pos), second == pos))
-    return tables[..., None].float()
+    pos = torch.arange(text_len + fmap * fmap)
+    grid = pos - text_len
+    is_image = grid >= 0
+    from_left = torch.where(is_image, grid % fmap > 0, pos > 0)
+    from_above = is_image & (grid >= fmap)
+    return torch.stack((from_left, from_above, ~is_image))[..., None].float()
 
 
 def shift_sequence(x: Tensor, fmap: int, tables: Tensor) -> Tensor:
-    """:func:`shift_tokens` of all positions [0, n) of x (b, n, d), with ``tables[:, :n]`` of
-    :func:`token_shift_tables`: returns (b, n, d)."""
+    """Token shift of all positions [0, n) of x (b, n, d), with ``tables[:, :n]`` of :func:`token_shift_tables`:
+    returns (b, n, d)."""
     n, group = x.shape[1], x.shape[-1] // 4
     from_left, from_above, keep_own = tables.to(x.dtype)
     previous = F.pad(x[:, : n - 1, :group], (0, 0, 1, 0))  # position p holds x[p - 1]
@@ -163,6 +150,28 @@ def rotary_angles(text_len: int, fmap: int, dim_head: int, theta: float = 10000.
     return torch.cat(parts, dim=-1)
 
 
+@dataclass(frozen=True)
+class AttentionInputs:
+    """What one layer's attention needs for the queries [start, end) over the keys [0, end)."""
+
+    mask: Tensor | None  # (end - start, end) bool; None with ``causal`` or when every key is visible
+    causal: bool  # the plain causal mask (queries from position 0), run by the causal kernel
+    plan: TilePlan | None  # the pattern's checked fast path (a pass from position 0 without cache)
+
+
+@dataclass(frozen=True)
+class LayerInputs:
+    """Everything a layer reads besides its input, for the positions [start, end) of one pass."""
+
+    start: int
+    fmap: int
+    cache: DecodingCache | None
+    rotary: tuple[Tensor, Tensor] | None  # (cos, sin) tables (end - start, dim_head)
+    shift_tables: Tensor  # (3, end, 1), token_shift_tables of the positions [0, end)
+    shift_step: tuple[int, int] | None  # token_shift_source of the one new position of cached decoding
+    attention: tuple[AttentionInputs, ...]  # one per layer
+
+
 class Sublayer(nn.Module):
     """norm -> (token shift) -> attention or feed-forward -> (sandwich norm)."""
 
@@ -173,22 +182,21 @@ class Sublayer(nn.Module):
         self.norm_out = nn.LayerNorm(dim) if sandwich_norm else nn.Identity()
         self.shift = shift
 
-    def forward(self, x: Tensor, ctx: dict, key) -> Tensor:
+    def forward(self, x: Tensor, inputs: LayerInputs, key: tuple[int, int]) -> Tensor:
+        """x (b, n, d) -> (b, n, d); ``key`` = (layer index, 0 for attention / 1 for feed-forward)."""
         x = self.norm(x)
         if self.shift:
-            cache = ctx["cache"]
-            history = cache.append((key, "shift"), x) if cache is not None else x
-            if ctx["shift_step"] is not None:  # one new position of cached decoding
-                x = shift_one_token(history, *ctx["shift_step"])
-            elif ctx["shift_tables"] is not None:  # positions [0, n): training, or the prompt of decoding
-                x = shift_sequence(history, ctx["fmap"], ctx["shift_tables"])
-            else:
-                x = shift_tokens(history, ctx["shift_sources"])
+            history = inputs.cache.append((key, "shift"), x) if inputs.cache is not None else x
+            if inputs.shift_step is not None:  # one new position of cached decoding
+                x = shift_one_token(history, *inputs.shift_step)
+            else:  # from position 0 (training, the prompt of decoding), or several cached positions
+                x = shift_sequence(history, inputs.fmap, inputs.shift_tables)[:, inputs.start :]
         if isinstance(self.fn, Attention):
-            mask, causal, pattern = ctx["masks"][ctx["layer_types"][key[0]]]
+            attention = inputs.attention[key[0]]
             x = self.fn(
-                x, mask, causal=causal, rotary=ctx["rotary"], cache=ctx["cache"], cache_key=key, pattern=pattern
-            )
+                x, attention.mask, causal=attention.causal, rotary=inputs.rotary, cache=inputs.cache, cache_key=key,
+                plan=attention.plan,
+            )  # fmt: skip
         else:
             x = self.fn(x)
         return self.norm_out(x)
@@ -204,7 +212,12 @@ def _expand(ids: Sequence | None, depth: int, name: str) -> list:
 
 
 class Transformer(nn.Module):
-    """A stack of ``depth`` layers over the [text | image] sequence; see the module docstring."""
+    """A stack of ``depth`` layers over the [text | image] sequence; see the module docstring.
+
+    ``attn_types``: attention patterns cycled over the layers, as names (built with ``pattern_options``,
+    DALLE's keywords such as ``conv_kernel_size``), :class:`~dalle_pytorch.attention.pattern.AttentionPattern`
+    instances or ``{"pattern": name, ...}`` dicts.
+    """
 
     def __init__(
         self,
@@ -218,7 +231,7 @@ class Transformer(nn.Module):
         attn_dropout: float = 0.0,
         ff_dropout: float = 0.0,
         ff_mult: int = 4,
-        attn_types: Sequence[str] = ("full",),
+        attn_types: Sequence[str | AttentionPattern] | str | AttentionPattern = ("full",),
         reversible: bool = False,
         stable: bool = False,
         sandwich_norm: bool = False,
@@ -226,20 +239,17 @@ class Transformer(nn.Module):
         rotary_emb: bool = True,
         shared_attn_ids: Sequence | None = None,
         shared_ff_ids: Sequence | None = None,
-        mask_options: dict | None = None,
+        pattern_options: Mapping[str, Any] | None = None,
         fast_path: bool = True,
     ):
         super().__init__()
         if depth < 1:
             raise ValueError(f"depth must be >= 1, got {depth}")
-        attn_types = (attn_types,) if isinstance(attn_types, str) else tuple(attn_types)
-        for t in attn_types:
-            if t not in ATTENTION_TYPES:
-                raise ValueError(f"attn_types entries must be among {ATTENTION_TYPES}, got {t!r}")
+        patterns = [build_pattern(spec, pattern_options) for spec in normalize_attn_types(attn_types)]
         self.text_len, self.fmap = text_len, fmap
         self.seq_len = text_len + fmap * fmap
         self.reversible = reversible
-        self.layer_types = [attn_types[i % len(attn_types)] for i in range(depth)]
+        self.layer_patterns: list[AttentionPattern] = [patterns[i % len(patterns)] for i in range(depth)]
 
         attn_ids, ff_ids = (
             _expand(shared_attn_ids, depth, "shared_attn_ids"),
@@ -249,14 +259,14 @@ class Transformer(nn.Module):
         shared_ff: dict = {}
         layers = []
         for i in range(depth):
-            attn_id, attn_type = attn_ids[i], self.layer_types[i]
-            if attn_id in shared_attn and shared_attn[attn_id][1] != attn_type:
+            attn_id, pattern = attn_ids[i], self.layer_patterns[i]
+            if attn_id in shared_attn and shared_attn[attn_id][1] != pattern:
                 raise ValueError(
-                    f"shared_attn_ids gives layer {i} the id {attn_id!r} of a layer with attention type "
-                    f"{shared_attn[attn_id][1]!r}, but layer {i} has type {attn_type!r}"
+                    f"shared_attn_ids gives layer {i} the id {attn_id!r} of a layer with attention pattern "
+                    f"{shared_attn[attn_id][1]!r}, but layer {i} has {pattern!r}"
                 )
             if attn_id not in shared_attn:
-                shared_attn[attn_id] = (Attention(dim, heads, dim_head, attn_dropout, stable), attn_type)
+                shared_attn[attn_id] = (Attention(dim, heads, dim_head, attn_dropout, stable), pattern)
             if ff_ids[i] not in shared_ff:
                 shared_ff[ff_ids[i]] = FeedForward(dim, ff_mult, ff_dropout)
             layers.append(
@@ -270,18 +280,24 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(layers)
         self.reversible_stack = ReversibleSequence(self.layers) if reversible else None
 
-        # derived from the configuration: rebuilt at construction, never saved in checkpoints
-        mask_options = mask_options or {}
-        for t in sorted(set(self.layer_types)):
-            if t != "full":
-                self.register_buffer(f"mask_{t}", attention_mask(t, text_len, fmap, **mask_options), persistent=False)
-        # a full-sequence pass (training) runs the sparse types through kernels that skip masked blocks;
+        # derived from the configuration: rebuilt at construction, never saved in checkpoints. Equal patterns
+        # (same class and fields) share one mask; a pattern without a tile plan whose mask is the causal mask
+        # (``Full``) runs the causal kernel
+        self.patterns: list[AttentionPattern] = []
+        for pattern in self.layer_patterns:
+            if pattern not in self.patterns:
+                self.patterns.append(pattern)
+        self._pattern_of_layer = [self.patterns.index(pattern) for pattern in self.layer_patterns]
+        masks = torch.stack([checked_mask(pattern, text_len, fmap) for pattern in self.patterns])
+        self.register_buffer("pattern_masks", masks, persistent=False)  # (patterns, n, n)
+        self._is_causal = [
+            torch.equal(mask, causal_mask(self.seq_len)) and pattern.tile_plan(text_len, fmap, self.seq_len) is None
+            for pattern, mask in zip(self.patterns, masks)
+        ]
+        # a full-sequence pass (training) runs patterns with a checked tile plan through the fast kernels;
         # ``fast_path = False`` keeps the dense masks everywhere (the reference the tests compare with)
         self.fast_path = fast_path
-        options = tuple(sorted(mask_options.items()))
-        self.patterns = {t: SparsePattern(t, text_len, fmap, options) for t in set(self.layer_types) if t != "full"}
-        self.register_buffer("shift_sources", token_shift_sources(text_len, fmap), persistent=False)
-        self.register_buffer("shift_tables", token_shift_tables(self.shift_sources), persistent=False)
+        self.register_buffer("shift_tables", token_shift_tables(text_len, fmap), persistent=False)
         self.shift = shift_tokens
         self.rotary = rotary_emb
         if rotary_emb:
@@ -289,23 +305,24 @@ class Transformer(nn.Module):
             self.register_buffer("rotary_cos", cos, persistent=False)
             self.register_buffer("rotary_sin", sin, persistent=False)
 
-    def _masks(self, start: int, end: int, cached: bool) -> dict:
-        """Per attention type: (mask or None, causal flag, fast pattern or None) for queries [start, end)
-        over keys [0, end)."""
-        masks = {}
-        for t in set(self.layer_types):
-            if t == "full":
+    def layer_mask(self, layer: int) -> Tensor:
+        """The (n, n) bool mask of a layer's attention pattern, n = text_len + fmap ** 2."""
+        return self.pattern_masks[self._pattern_of_layer[layer]]
+
+    def _attention_inputs(self, start: int, end: int, cached: bool) -> tuple[AttentionInputs, ...]:
+        """Per layer: the mask, causal flag and fast path for queries [start, end) over keys [0, end)."""
+        per_pattern = []
+        for index, pattern in enumerate(self.patterns):
+            mask = self.pattern_masks[index, start:end, :end]
+            if self._is_causal[index]:
                 if start == 0:
-                    masks[t] = (None, True, None)
-                elif end - start == 1:
-                    masks[t] = (None, False, None)  # one new query sees every earlier key
-                else:
-                    causal = torch.ones(end, end, dtype=torch.bool, device=self.shift_sources.device).tril()
-                    masks[t] = (causal[start:], False, None)
-            else:
-                pattern = self.patterns[t] if self.fast_path and not cached else None
-                masks[t] = (getattr(self, f"mask_{t}")[start:end, :end], False, pattern)
-        return masks
+                    per_pattern.append(AttentionInputs(None, True, None))
+                else:  # one new query sees every earlier key
+                    per_pattern.append(AttentionInputs(None if end - start == 1 else mask, False, None))
+                continue
+            plan = fast_plan(pattern, self.text_len, self.fmap, end) if self.fast_path and not cached else None
+            per_pattern.append(AttentionInputs(mask, False, plan))
+        return tuple(per_pattern[index] for index in self._pattern_of_layer)
 
     def forward(self, x: Tensor, cache: DecodingCache | None = None) -> Tensor:
         """x: (b, n, d) for positions [cache.offset, cache.offset + n) (from 0 without a cache)."""
@@ -313,24 +330,23 @@ class Transformer(nn.Module):
         end = start + x.shape[1]
         if end > self.seq_len:
             raise ValueError(f"sequence of {end} positions is longer than the {self.seq_len} this model has")
-        ctx = {
-            "cache": cache,
-            "masks": self._masks(start, end, cached=cache is not None),
-            "layer_types": self.layer_types,
-            "rotary": (self.rotary_cos[start:end], self.rotary_sin[start:end]) if self.rotary else None,
-            "shift_sources": self.shift_sources[start:end],
-            "shift_tables": self.shift_tables[:, :end] if start == 0 else None,
-            "fmap": self.fmap,
-            "shift_step": (
+        inputs = LayerInputs(
+            start=start,
+            fmap=self.fmap,
+            cache=cache,
+            rotary=(self.rotary_cos[start:end], self.rotary_sin[start:end]) if self.rotary else None,
+            shift_tables=self.shift_tables[:, :end],
+            shift_step=(
                 token_shift_source(start, self.text_len, self.fmap) if cache is not None and end - start == 1 else None
             ),
-        }
+            attention=self._attention_inputs(start, end, cached=cache is not None),
+        )
         if self.reversible:
-            x = self.reversible_stack(x, ctx, use_checkpointing=torch.is_grad_enabled() and cache is None)
+            x = self.reversible_stack(x, inputs, use_checkpointing=torch.is_grad_enabled() and cache is None)
         else:
             for i, (attn, ff) in enumerate(self.layers):
-                x = x + attn(x, ctx, (i, 0))
-                x = x + ff(x, ctx, (i, 1))
+                x = x + attn(x, inputs, (i, 0))
+                x = x + ff(x, inputs, (i, 1))
         if cache is not None:
             cache.offset = end
         return x
