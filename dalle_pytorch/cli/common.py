@@ -404,6 +404,15 @@ def build_tokenizer(spec: dict[str, Any]) -> Any:
 # ------------------------------------------------------------------------------------------ VAE
 
 
+# the constructor argument of each released file -> the flag that gives it
+VAE_FILE_FLAGS = {
+    "encoder_path": "--openai_encoder_path",
+    "decoder_path": "--openai_decoder_path",
+    "vqgan_model_path": "--vqgan_model_path",
+    "vqgan_config_path": "--vqgan_config_path",
+}
+
+
 def add_vae_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("image tokenizer (default: OpenAI's discrete VAE)")
     add_arg(group, "--vae_path", default=None, help="a trained VAE: a model folder or a dalle-train-vae output folder")
@@ -423,9 +432,15 @@ def load_vae(args: argparse.Namespace) -> torch.nn.Module:
         return load_model(checkpoint, PretrainedMixin, "--vae_path")
     from dalle_pytorch.image_tokenizers.pretrained_vae import OpenAIDiscreteVAE, VQGanVAE
 
-    if args.taming:
-        return VQGanVAE(args.vqgan_model_path, args.vqgan_config_path)
-    return OpenAIDiscreteVAE(args.openai_encoder_path, args.openai_decoder_path)
+    try:
+        if args.taming:
+            return VQGanVAE(args.vqgan_model_path, args.vqgan_config_path)
+        return OpenAIDiscreteVAE(args.openai_encoder_path, args.openai_decoder_path)
+    except DownloadError as error:  # name the flags, not the Python arguments
+        message = str(error)
+        for argument, flag in VAE_FILE_FLAGS.items():
+            message = message.replace(f"{argument}=<path to the file>", f"{flag} PATH")
+        raise DownloadError(message) from None
 
 
 # ------------------------------------------------------------------------------------------ exits
