@@ -20,7 +20,7 @@ from dalle_pytorch.convert.original import convert_original, load_original
 from dalle_pytorch.io.checkpoint import CheckpointError
 
 FIXTURES = Path(__file__).parent / "fixtures" / "original"
-EQUAL = ["full", "axial", "reversible"]
+EQUAL = ["full", "axial", "reversible", "stable"]
 
 
 def original_logits(name: str) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
@@ -58,11 +58,30 @@ def test_a_dalle_pt_converts_to_equal_logits(name, tmp_path):
 
 @pytest.mark.parametrize(
     "name, options",
-    [("shift_rotary", "shift_tokens, rotary_emb"), ("conv_like", "conv_like")],
+    [
+        ("shift_rotary", "shift_tokens, rotary_emb"),
+        ("conv_like", "conv_like"),
+        ("shared_emb", "share_input_output_emb"),
+    ],
 )
 def test_options_that_compute_a_different_function_are_refused_with_the_reason(name, options):
     with pytest.raises(CheckpointError, match=rf"cannot be converted to an equal model \({options}\)"):
         load_original(FIXTURES / f"{name}.dalle.pt")
+
+
+def test_shared_input_output_embeddings_convert_when_the_output_bias_is_zero(tmp_path):
+    saved = torch.load(FIXTURES / "shared_emb.dalle.pt", weights_only=True)
+    bias = saved["weights"]["to_logits.1.bias"].clone()
+    saved["weights"]["to_logits.1.bias"].zero_()
+    torch.save(saved, tmp_path / "dalle.pt")
+    dalle = load_original(tmp_path / "dalle.pt")
+    assert dalle.config["share_input_output_emb"]
+    expected, reference = original_logits("shared_emb")
+    allowed = reference > torch.finfo(reference.dtype).min / 2
+    with torch.no_grad():
+        logits = dalle(expected["text"].clone(), expected["codes"])
+    unbiased = (reference - bias)[allowed]  # the original's logits without the bias that was zeroed
+    torch.testing.assert_close(logits[allowed], unbiased, rtol=1e-5, atol=1e-5)
 
 
 def test_reading_runs_no_code_from_the_file(tmp_path, monkeypatch):

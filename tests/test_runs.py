@@ -172,6 +172,15 @@ def test_damaged_checkpoints_give_one_clear_line(env, tmp_path, capsys):
             tool.main([*args, "--dalle_path", str(env.vae)])
         err = capsys.readouterr().err.strip()
         assert "\n" not in err and "holds a DiscreteVAE, not a DALLE (it belongs in --vae_path)" in err
+    # and the other way round: a DALLE run as --vae_path, or resumed by dalle-train-vae
+    a_dalle = a / "step-00000002"
+    with pytest.raises(SystemExit):
+        train_dalle.main(dalle_args(env, tmp_path / "z", "--max_steps", "1", "--vae_path", str(a)))  # the later wins
+    assert "holds a DALLE, not a DiscreteVAE (it belongs in --dalle_path)" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        train_vae.main(vae_args(env.data, tmp_path / "w", "--resume", str(a_dalle)))
+    err = capsys.readouterr().err
+    assert "--resume: " in err and "holds a DALLE, not a DiscreteVAE (it belongs in --dalle_path)" in err
 
 
 @pytest.mark.parametrize("damage", ["model.safetensors", TRAINING_STATE_NAME, "vae/model.safetensors"])

@@ -282,8 +282,8 @@ def load_model(checkpoint: Path, cls: type, flag: str, map_location: Any = "cpu"
     return model.to(map_location)
 
 
-def resume_dir(args: argparse.Namespace) -> Path | None:
-    """The checkpoint `--resume` names (None for a fresh start)."""
+def resume_dir(args: argparse.Namespace, expect: str | None = None) -> Path | None:
+    """The checkpoint `--resume` names (None for a fresh start); `expect`: the model class it must hold."""
     if args.resume is None:
         return None
     if args.resume == "latest":
@@ -291,8 +291,8 @@ def resume_dir(args: argparse.Namespace) -> Path | None:
         if not CheckpointManager(folder).checkpoints():
             print(f"--resume: no checkpoint in {folder} yet; starting from scratch", file=sys.stderr)
             return None
-        return resolve_checkpoint(folder, "--resume", training_state=True)
-    directory = resolve_checkpoint(args.resume, "--resume", training_state=True)
+        return resolve_checkpoint(folder, "--resume", expect=expect, training_state=True)
+    directory = resolve_checkpoint(args.resume, "--resume", expect=expect, training_state=True)
     if not (directory / TRAINING_STATE_NAME).is_file():
         raise FileNotFoundError(f"--resume: {directory} holds no {TRAINING_STATE_NAME} to resume from")
     return directory
@@ -428,7 +428,7 @@ def load_vae(args: argparse.Namespace) -> torch.nn.Module:
     if args.vae_path is not None:
         if args.taming:
             raise ValueError("give either --vae_path or --taming, not both")
-        checkpoint = resolve_checkpoint(args.vae_path, "--vae_path")
+        checkpoint = resolve_checkpoint(args.vae_path, "--vae_path", expect="DiscreteVAE")
         return load_model(checkpoint, PretrainedMixin, "--vae_path")
     from dalle_pytorch.image_tokenizers.pretrained_vae import OpenAIDiscreteVAE, VQGanVAE
 

@@ -110,7 +110,7 @@ def run(argv: list[str] | None = None) -> TrainResult:
         start = (
             resolve_checkpoint(args.clip_path, "--clip_path", expect="CLIP", training_state=True)
             if args.clip_path
-            else resume_dir(args)
+            else resume_dir(args, expect="CLIP")
         )
         resuming = start is not None and (start / TRAINING_STATE_NAME).is_file()
         settle_output_dir(args, PROG, start if resuming else None)

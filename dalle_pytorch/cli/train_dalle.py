@@ -244,7 +244,7 @@ def run(argv: list[str] | None = None) -> TrainResult:
         start = (
             resolve_checkpoint(args.dalle_path, "--dalle_path", expect="DALLE", training_state=True)
             if args.dalle_path
-            else resume_dir(args)
+            else resume_dir(args, expect="DALLE")
         )
         resuming = start is not None and (start / TRAINING_STATE_NAME).is_file()
         settle_output_dir(args, PROG, start if resuming else None)

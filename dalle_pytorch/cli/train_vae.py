@@ -151,7 +151,7 @@ def run(argv: list[str] | None = None) -> TrainResult:
     args = build_parser().parse_args(argv)
     ctx = init_distributed(args.device)
     try:
-        checkpoint = resume_dir(args)
+        checkpoint = resume_dir(args, expect="DiscreteVAE")
         settle_output_dir(args, PROG, checkpoint)
         seed = choose_seed(args, checkpoint)
         seed_everything(seed)

@@ -55,6 +55,7 @@ REFUSED = {
     "conv_like": "the original's conv_like window is the kernel_size x kernel_size square above and to the left "
     "of each image token, this library's the causal half of a window centred on it",
     "sparse": "'sparse' is DeepSpeed's block-sparse pattern, which this library does not reproduce",
+    "share_input_output_emb": "the original's shared output projection has a bias, this library's has none",
     "shared_ids": "the original keeps a norm and a layer scale per layer around a shared block, this library "
     "shares the whole sublayer",
 }
@@ -226,6 +227,9 @@ def _dalle(saved: Mapping, source: Path, vae: nn.Module | None) -> DALLE:
     refused += (
         ["shared_ids"] if any(hparams.get(name) is not None for name in ("shared_attn_ids", "shared_ff_ids")) else []
     )
+    bias = saved["weights"].get("to_logits.1.bias")
+    if hparams.get("share_input_output_emb") and bias is not None and bias.any():
+        refused.append("share_input_output_emb")
     if refused:
         reasons = "; ".join(f"{option}: {REFUSED[option]}" for option in refused)
         raise CheckpointError(
@@ -289,9 +293,10 @@ def _dalle_tensors(weights: Mapping[str, torch.Tensor], dalle: DALLE, source: Pa
         weight = renamed[last + ".weight"]
         renamed[last + ".weight"] = weight * (scale if sandwich else scale[:, None])
         renamed[last + ".bias"] = renamed[last + ".bias"] * scale
-    if dalle.config["share_input_output_emb"]:
-        renamed["text_emb.weight"] = renamed["to_text_logits.weight"]
-        renamed["image_emb.weight"] = renamed["to_image_logits.weight"]
+    if dalle.config["share_input_output_emb"]:  # the output projection is the embeddings (its bias is zero)
+        renamed["text_emb.weight"] = renamed.pop("to_text_logits.weight")
+        renamed["image_emb.weight"] = renamed.pop("to_image_logits.weight")
+        del renamed["to_text_logits.bias"], renamed["to_image_logits.bias"]
     return renamed
 
 
