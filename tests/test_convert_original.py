@@ -47,6 +47,19 @@ def test_a_vae_pt_converts_to_equal_codes_and_images(tmp_path):
         torch.testing.assert_close(vae.decode(expected["codes"]), expected["decoded"] * 0.5 + 0.5)
 
 
+def test_a_vae_without_residual_blocks_converts_when_codebook_and_hidden_dims_match(tmp_path):
+    expected = load_file(str(FIXTURES / "vae_plain.expected.safetensors"))
+    vae = load_original(FIXTURES / "vae_plain.pt")
+    with torch.no_grad():
+        assert torch.equal(vae.get_codebook_indices(expected["images"]), expected["codebook_indices"])
+        torch.testing.assert_close(vae.decode(expected["codes"]), expected["decoded"] * 0.5 + 0.5)
+    saved = torch.load(FIXTURES / "vae_plain.pt", weights_only=True)
+    saved["hparams"]["hidden_dim"] = 8
+    torch.save(saved, tmp_path / "vae.pt")
+    with pytest.raises(CheckpointError, match=r"codebook_dim \(4\) differs from hidden_dim \(8\)"):
+        load_original(tmp_path / "vae.pt")
+
+
 @pytest.mark.parametrize("name", EQUAL)
 def test_a_dalle_pt_converts_to_equal_logits(name, tmp_path):
     folder = convert_original(FIXTURES / f"{name}.dalle.pt", tmp_path / name)

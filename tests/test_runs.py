@@ -214,3 +214,23 @@ def test_max_steps_wins_over_the_default_epochs_and_the_tools_say_what_ended_the
     result = train_vae.run(vae_args(env.data, tmp_path / "both", "--max_steps", "45", "--epochs", "1"))
     assert result.step == 2 and result.stopped_by == "epochs"
     assert "stopped at step 2: --epochs 1 done" in capsys.readouterr().out
+
+
+def test_generate_refuses_guidance_without_null_cond_prob_and_says_where_it_wrote(env, tmp_path, capsys):
+    plain, guided = tmp_path / "plain", tmp_path / "guided"
+    train_dalle.main(dalle_args(env, plain, "--max_steps", "1"))
+    train_dalle.main(dalle_args(env, guided, "--max_steps", "1", "--null_cond_prob", "0.5"))
+    prompt = ["--text", "a red square|a blue circle", "--num_images", "2", "--device", "cpu", "--cond_scale", "3"]
+    with pytest.raises(SystemExit) as exit_info:
+        generate.main(["--dalle_path", str(plain), *prompt, "--outputs_dir", str(tmp_path / "a")])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and "\n" not in err
+    assert "--cond_scale 3.0 needs a DALLE trained with --null_cond_prob > 0" in err
+    assert not (tmp_path / "a").exists()
+
+    outputs = tmp_path / "b"
+    folders = generate.run(["--dalle_path", str(guided), *prompt, "--outputs_dir", str(outputs)])
+    out = capsys.readouterr().out
+    for folder, prompt_text in zip(folders, ("a red square", "a blue circle"), strict=True):
+        assert f"2 images of {prompt_text!r}, grid.png and metadata.json -> {folder}" in out
+        assert json.loads((folder / "metadata.json").read_text())["settings"]["cond_scale"] == 3
