@@ -12,37 +12,24 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from test_cli import EXACT, assert_same_weights, dalle_args, last_record_per_step, vae_args, write_dataset
+from test_cli import (
+    EXACT,
+    assert_same_weights,
+    dalle_args,
+    data_tokenizer_and_vae,
+    last_record_per_step,
+    one_thread,  # noqa: F401 (autouse: one thread on the shared test machine)
+    vae_args,
+)
 
 from dalle_pytorch.cli import generate, train_clip, train_dalle, train_vae
-from dalle_pytorch.text.tokenizer_training import train_tokenizer
 from dalle_pytorch.training.state import TRAINING_STATE_NAME, checkpoint_problem
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory) -> SimpleNamespace:
-    """Data, a tokenizer, a VAE run (2 steps), and two DALLE runs A and B side by side (2 steps each)."""
-    root = tmp_path_factory.mktemp("runs")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        data = write_dataset(root / "data")
-        tokenizer = root / "tokenizer.json"
-        train_tokenizer(data, 300, tokenizer, min_frequency=1)
-        vae = root / "vae"
-        train_vae.main(vae_args(data, vae, "--max_steps", "2"))
-        namespace = SimpleNamespace(root=root, data=data, tokenizer=tokenizer, vae=vae)
-    finally:
-        torch.set_num_threads(threads)
-    return namespace
+    """Data, a tokenizer and a VAE run (2 steps)."""
+    return data_tokenizer_and_vae(tmp_path_factory.mktemp("runs"))
 
 
 def hashes(folder: Path) -> dict[str, str]:

@@ -129,23 +129,7 @@ def download(
     if size is not None and (not isinstance(size, int) or size < 0):
         raise ValueError(f"size must be a non-negative int or None, got {size!r}")
     destination = Path(destination)
-    if is_offline():
-        raise DownloadError(
-            f"{OFFLINE_ENV} is set, so {url} is not downloaded. " + _manual_instructions(url, destination)
-        )
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    partial = destination.with_name(destination.name + ".part")
-    _fetch_into(url, partial, destination, size, progress, timeout)
-
-    actual_size = partial.stat().st_size
-    if size is not None and actual_size < size:
-        raise DownloadError(
-            f"download of {url} stopped at {actual_size} of {size} bytes; "
-            f"the partial file {partial} is kept: call again to resume"
-        )
-    if size is not None and actual_size != size:
-        partial.unlink()
-        raise DownloadError(f"{url} gave {actual_size} bytes, expected {size}; the partial file was deleted")
+    partial = _fetch_complete(url, destination, size, progress, timeout)
     actual_sha256 = _file_sha256(partial)
     if actual_sha256 != sha256.lower():
         partial.unlink()
@@ -155,6 +139,28 @@ def download(
         )
     os.replace(partial, destination)
     return destination
+
+
+def _fetch_complete(url: str, destination: Path, size: int | None, progress: bool, timeout: float) -> Path:
+    """`<destination>.part` holding all of `url` (resumed when a partial file is there), of `size` bytes when
+    given; raises DownloadError when offline, interrupted (the partial file is kept) or of the wrong size."""
+    if is_offline():
+        raise DownloadError(
+            f"{OFFLINE_ENV} is set, so {url} is not downloaded. " + _manual_instructions(url, destination)
+        )
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    partial = destination.with_name(destination.name + ".part")
+    _fetch_into(url, partial, destination, size, progress, timeout)
+    actual_size = partial.stat().st_size
+    if size is not None and actual_size < size:
+        raise DownloadError(
+            f"download of {url} stopped at {actual_size} of {size} bytes; "
+            f"the partial file {partial} is kept: call again to resume"
+        )
+    if size is not None and actual_size != size:
+        partial.unlink()
+        raise DownloadError(f"{url} gave {actual_size} bytes, expected {size}; the partial file was deleted")
+    return partial
 
 
 def _fetch_into(url: str, partial: Path, destination: Path, size: int | None, progress: bool, timeout: float) -> None:
@@ -282,17 +288,7 @@ def download_unpinned(
     `download`, checked for `size` and by `verify(path)` (which raises when the file is not what is expected;
     the download is then deleted). Records the SHA-256 in `<destination>.sha256`; returns (path, sha256)."""
     destination = Path(destination)
-    if is_offline():
-        raise DownloadError(
-            f"{OFFLINE_ENV} is set, so {url} is not downloaded. " + _manual_instructions(url, destination)
-        )
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    partial = destination.with_name(destination.name + ".part")
-    _fetch_into(url, partial, destination, size, progress, timeout)
-    actual_size = partial.stat().st_size
-    if size is not None and actual_size != size:
-        partial.unlink()
-        raise DownloadError(f"{url} gave {actual_size} bytes, expected {size}; the partial file was deleted")
+    partial = _fetch_complete(url, destination, size, progress, timeout)
     if verify is not None:
         try:
             verify(partial)
