@@ -185,3 +185,15 @@ def write_vocab(tmp_path: Path) -> Path:
 def test_a_vae_pt_is_taken_where_a_vae_path_is(tmp_path):
     vae = load_vae(argparse.Namespace(vae_path=str(FIXTURES / "vae.pt"), taming=False))
     assert isinstance(vae, DiscreteVAE) and vae.num_tokens == 16
+
+
+def test_a_dalle_trained_on_a_released_vae_needs_that_vae(tmp_path, capsys):
+    saved = torch.load(FIXTURES / "full.dalle.pt", weights_only=True)
+    saved["vae_params"], saved["vae_class_name"] = None, "OpenAIDiscreteVAE"
+    torch.save(saved, tmp_path / "dalle.pt")
+    with pytest.raises(CheckpointError, match="trained with OpenAIDiscreteVAE.*pass that VAE"):
+        load_original(tmp_path / "dalle.pt")
+    # the fixtures' DALLE was trained on the VAE of vae.pt: given that VAE, the logits are the original's
+    assert_same_logits(load_original(tmp_path / "dalle.pt", vae=load_original(FIXTURES / "vae.pt")), "full")
+    convert.main([str(tmp_path / "dalle.pt"), str(tmp_path / "out"), "--vae_path", str(FIXTURES / "vae.pt")])
+    assert_same_logits(DALLE.from_pretrained(tmp_path / "out"), "full")
