@@ -20,6 +20,8 @@ TARGETS = (
       for t in ("axial_row", "axial_col", "conv_like", "sparse")),
     ("Reversible depth 16: <= 1.3x the peak training memory of reversible depth 4",
      "memory_reversible_depth16", "train_memory_vs_depth4", "<=", 1.3),
+    ("Decoder sampling, same model: DDIM with 50 steps >= 15x faster than 1000-step DDPM",
+     "decoder_sampling", "ddim_speedup", ">=", 15.0),
 )  # fmt: skip
 
 
@@ -113,6 +115,10 @@ def headline(result: dict) -> str:
                     ("mfu_cpu", "CPU time")) if key in result]  # fmt: skip
         parts.append(f"{_fmt(result[per_s])} {result['item_name']}/s, MFU {100 * result['mfu']:.1f}%"
                      f" ({', '.join(variants)})")  # fmt: skip
+    if "ddim_speedup" in result:
+        parts.append(f"DDPM {result['ddpm_steps']} steps {_fmt(result['ddpm_s_per_image'])} s/image, DDIM"
+                     f" {result['ddim_steps']} steps {_fmt(result['ddim_s_per_image'])} s/image:"
+                     f" x{_fmt(result['ddim_speedup'])}")  # fmt: skip
     if "speedup_vs_full" in result:
         best, cpu = _fmt(result.get("speedup_vs_full_best")), _fmt(result.get("speedup_vs_full_cpu"))
         parts.append(f"x{_fmt(result['speedup_vs_full'])} vs full (best repeats x{best}, CPU time x{cpu},"

@@ -57,3 +57,13 @@ def dalle():
 @pytest.fixture
 def clip():
     return make_clip()
+
+
+@pytest.fixture(scope="module")
+def one_thread_per_module():
+    """torch on one thread for a test module: the test machine's 2 cores are shared, and OpenMP spin-waiting
+    with 2 threads makes tiny models many times slower. Module-scoped, so module fixtures run under it too."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

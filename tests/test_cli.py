@@ -447,7 +447,7 @@ def test_tensorboard_logging_or_a_clear_hint_to_install_it(env, tmp_path, capsys
         with pytest.raises(SystemExit) as stop:
             train_vae.main(argv)
         assert stop.value.code == 2
-        assert "pip install 'dalle-pytorch[tensorboard]'" in capsys.readouterr().err
+        assert "pip install tensorboard" in capsys.readouterr().err
     else:
         train_vae.main(argv)
         assert list((out / "tensorboard").glob("events.out.tfevents.*"))

@@ -13,7 +13,8 @@ from einops import rearrange
 from PIL import Image
 
 from dalle_pytorch import CLIP, DALLE, DiscreteVAE
-from dalle_pytorch.cli.demo import build_parser, format_report, main
+from dalle_pytorch.cli import demo as demo_cli
+from dalle_pytorch.cli.demo import build_parser, default_threads, format_report, main
 from dalle_pytorch.data.shapes import (
     COLOURS,
     DEFAULT_SHAPES,
@@ -208,6 +209,54 @@ def test_clip_reranking_keeps_the_best_scored_candidate(tokenizer):
     torch.testing.assert_close(best, chosen)
     with pytest.raises(ValueError, match="clip"):
         generate_for_prompts(dalle, tokenizer, prompts, config, clip=None, progress=False)
+
+
+@pytest.mark.parametrize(
+    ("torch_default", "cpu_count", "load", "expected"),
+    [
+        (2, 2, 0.1, 2),  # idle: torch's default
+        (2, 2, 1.0, 1),  # another program holds one of the two cores
+        (2, 2, 9.0, 1),  # heavily shared: never below one thread
+        (8, 8, 3.2, 5),  # the idle cores, rounded
+        (4, 16, 0.0, 4),  # never more than torch's default
+        (2, None, 5.0, 2),  # unknown CPU count or load average: torch's default
+        (2, 2, None, 2),
+    ],
+)
+def test_default_threads_uses_at_most_the_idle_cores(torch_default, cpu_count, load, expected):
+    assert default_threads(torch_default, cpu_count, load) == expected
+
+
+def test_default_threads_rejects_a_bad_torch_default():
+    with pytest.raises(ValueError, match="torch_default"):
+        default_threads(0, 2, 0.0)
+
+
+class _Stop(Exception):
+    pass
+
+
+@pytest.mark.parametrize(("load", "argv", "expected"), [(9.0, [], 1), (0.0, [], 2), (9.0, ["--threads", "2"], 2)])
+def test_demo_runs_with_the_chosen_threads_and_restores_them(monkeypatch, capsys, load, argv, expected):
+    seen = []
+
+    def fake_run_demo(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        raise _Stop
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        monkeypatch.setattr(demo_cli, "run_demo", fake_run_demo)
+        monkeypatch.setattr(demo_cli.os, "getloadavg", lambda: (load, load, load))
+        monkeypatch.setattr(demo_cli.os, "cpu_count", lambda: 2)
+        with pytest.raises(_Stop):
+            main(["--fast", "--quiet", *argv])
+        assert seen == [expected]
+        assert torch.get_num_threads() == 2
+        assert ("using 1 of 2 torch threads" in capsys.readouterr().out) == (expected == 1)
+    finally:
+        torch.set_num_threads(previous)
 
 
 def _run_demo(tmp_path, extra, samples=FAST_CONFIG.samples_per_prompt):

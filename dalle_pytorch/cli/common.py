@@ -33,7 +33,12 @@ from dalle_pytorch.convert.original import is_original_checkpoint, load_original
 from dalle_pytorch.io.atomic import atomic_write_file
 from dalle_pytorch.io.checkpoint import CONFIG_NAME, CheckpointError, PretrainedMixin, read_config
 from dalle_pytorch.io.download import DownloadError
-from dalle_pytorch.training.state import TRAINING_STATE_NAME, CheckpointManager, checkpoint_problem
+from dalle_pytorch.training.state import (
+    TRAINING_STATE_NAME,
+    CheckpointManager,
+    checkpoint_problem,
+    read_training_state,
+)
 from dalle_pytorch.training.trainer import (
     LR_SCHEDULES,
     PRECISIONS,
@@ -174,6 +179,13 @@ def add_training_args(
     add_arg(group, "--keep_n_checkpoints", type=int, default=None, help="keep only the newest N checkpoints")
     add_arg(
         group,
+        "--ema_decay",
+        type=float,
+        default=None,
+        help="keep a moving average of the weights with this decay (e.g. 0.999), saved as ema/ in each checkpoint",
+    )
+    add_arg(
+        group,
         "--resume",
         nargs="?",
         const="latest",
@@ -303,7 +315,7 @@ def choose_seed(args: argparse.Namespace, checkpoint: Path | None) -> int:
     if args.seed is not None:
         return args.seed
     if checkpoint is not None and (checkpoint / TRAINING_STATE_NAME).is_file():
-        state = torch.load(checkpoint / TRAINING_STATE_NAME, map_location="cpu", weights_only=True)
+        state = read_training_state(checkpoint)
         seed = (state.get("extra") or {}).get("seed")
         if isinstance(seed, int):
             return seed
@@ -399,6 +411,15 @@ def build_tokenizer(spec: dict[str, Any]) -> Any:
     if spec["kind"] not in kinds:
         raise ValueError(f"unknown tokenizer kind {spec['kind']!r}")
     return kinds[spec["kind"]](spec["path"])
+
+
+def check_tokenizer_fits(tokenizer: Any, model: Any, name: str) -> None:
+    """A clear error when the tokenizer makes ids the model's text embedding does not have."""
+    if tokenizer.vocab_size > model.num_text_tokens:
+        raise ValueError(
+            f"the tokenizer has {tokenizer.vocab_size} tokens, the {name} only {model.num_text_tokens}: "
+            "pass the tokenizer it was trained with (--bpe_path)"
+        )
 
 
 # ------------------------------------------------------------------------------------------ VAE

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
+import os
 import sys
 from collections.abc import Sequence
 
@@ -34,6 +36,29 @@ def _step_override(text: str) -> tuple[str, int]:
     if key not in STEP_KEYS or not value.isdigit():
         raise argparse.ArgumentTypeError(f"expected KEY=N with KEY in {sorted(STEP_KEYS)} and N >= 0, got {text!r}")
     return STEP_KEYS[key], int(value)
+
+
+def default_threads(torch_default: int, cpu_count: int | None, load_average: float | None) -> int:
+    """Torch threads for a run without --threads: torch's default, but no more than the cores idle right now.
+
+    A parallel op waits for all of its threads, so a thread whose core another program holds stalls the
+    others: on a 2-core machine shared with other jobs, 2 threads made the demo several times slower than 1.
+    Idle cores are estimated as ``cpu_count - load_average`` (the 1-minute load), rounded; at least 1. Without
+    a load average (e.g. on Windows) torch's default is kept.
+    """
+    if torch_default < 1:
+        raise ValueError(f"torch_default must be >= 1, got {torch_default}")
+    if cpu_count is None or load_average is None:
+        return torch_default
+    idle_cores = math.floor(cpu_count - load_average + 0.5)
+    return max(1, min(torch_default, idle_cores))
+
+
+def _load_average() -> float | None:
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):  # not available on this platform
+        return None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,7 +85,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--temperature", type=float, help="sampling temperature")
     parser.add_argument(*_flag("--filter_thres"), dest="filter_thres", type=float,
                         help="top-k: fraction of the image vocabulary dropped at each step")  # fmt: skip
-    parser.add_argument("--threads", type=int, help="torch CPU threads for this run (default: torch's choice)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        help="torch CPU threads for this run (default: torch's choice, at most the cores idle at the start; "
+        "--threads 1 makes a run bitwise reproducible)",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
 
@@ -83,11 +113,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"dalle-demo: error: {error}", file=sys.stderr)
         return 2
     previous_threads = torch.get_num_threads()
-    if args.threads is not None:
-        if args.threads < 1:
-            print("dalle-demo: error: --threads must be >= 1", file=sys.stderr)
-            return 2
-        torch.set_num_threads(args.threads)
+    if args.threads is not None and args.threads < 1:
+        print("dalle-demo: error: --threads must be >= 1", file=sys.stderr)
+        return 2
+    threads = args.threads
+    if threads is None:
+        load_average = _load_average()
+        threads = default_threads(previous_threads, os.cpu_count(), load_average)
+        if threads < previous_threads:
+            print(f"dalle-demo: using {threads} of {previous_threads} torch threads: the load average is "
+                  f"{load_average:.1f} on {os.cpu_count()} CPUs (choose with --threads)")  # fmt: skip
+    torch.set_num_threads(threads)
     try:
         report = run_demo(config, args.out_dir, args.device, progress=not args.quiet)
     finally:

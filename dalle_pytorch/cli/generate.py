@@ -1,7 +1,10 @@
-"""`dalle-generate`: images from text with a trained DALLE.
+"""`dalle-generate`: images from text with a trained DALLE, or by optimising a VAE's codes against a CLIP.
 
     dalle-generate --dalle_path ./dalle --text 'fireflies in a field under a full moon'
     dalle-generate --dalle_path ./dalle --text 'a red cube|a blue ball' --num_images 16 --clip_path ./clip --keep_top 4
+    dalle-generate --method clip-guided --vae_path ./vae --clip_path ./clip --text 'a red cube' --steps 300
+
+`--method clip-guided` needs no DALLE: see `dalle_pytorch.generation.clip_guided`.
 
 Prompts are separated by '|' (or one per line in --text_file). Image n of a prompt is drawn with its own
 random generator seeded with --seed + n, so the images do not depend on --batch_size. With --clip_path a
@@ -29,6 +32,7 @@ from dalle_pytorch.cli.common import (
     add_arg,
     add_tokenizer_args,
     build_tokenizer,
+    check_tokenizer_fits,
     load_model,
     read_args_json,
     resolve_checkpoint,
@@ -38,12 +42,15 @@ from dalle_pytorch.cli.common import (
 )
 from dalle_pytorch.cli.runs import describe_run, run_contents
 from dalle_pytorch.data.images import image_grid, load_image, save_image
+from dalle_pytorch.generation.clip_guided import clip_guided_generate
+from dalle_pytorch.io.checkpoint import load_pretrained
 from dalle_pytorch.models.clip import CLIP
 from dalle_pytorch.models.dalle import DALLE
 from dalle_pytorch.training.distributed import resolve_device
 from dalle_pytorch.training.trainer import PRECISIONS
 
 PROG = "dalle-generate"
+METHODS = ("dalle", "clip-guided")
 MAX_NAME_BYTES = 100
 _NOT_NAME_CHARACTER = re.compile(r"[^\w-]+")  # \w: letters and digits of any script, and '_'
 _IMAGE_FILE = re.compile(r"\d+\.png")
@@ -103,9 +110,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description="Generate images from text with a trained DALLE.")
     add_arg(
         parser,
+        "--method",
+        choices=METHODS,
+        default="dalle",
+        help="dalle: sample a DALLE; clip-guided: optimise --vae_path's codes against --clip_path (default: dalle)",
+    )
+    add_arg(
+        parser,
         "--dalle_path",
-        required=True,
-        help="a DALLE model folder or a dalle-train output folder (newest checkpoint)",
+        default=None,
+        help="a DALLE model folder or a dalle-train output folder (newest checkpoint); needed by --method dalle",
     )
     add_arg(parser, "--text", default=None, help="prompt(s), separated by '|'")
     add_arg(parser, "--text_file", default=None, help="a UTF-8 file with one prompt per line")
@@ -132,7 +146,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="classifier-free guidance scale; needs a model trained with --null_cond_prob (default: 1, off)",
     )
     add_arg(parser, "--seed", type=int, default=0, help="image n of each prompt uses seed + n (default: 0)")
-    add_arg(parser, "--clip_path", default=None, help="a CLIP model folder or dalle-train-clip output folder: rerank")
+    add_arg(
+        parser,
+        "--clip_path",
+        default=None,
+        help="a CLIP model folder or dalle-train-clip output folder: ranks the images; guides --method clip-guided",
+    )
     add_arg(parser, "--keep_top", type=int, default=None, help="with --clip_path: keep only the best N images")
     add_arg(parser, "--img", default=None, help="an image file whose top rows prime the generation")
     add_arg(
@@ -152,6 +171,11 @@ def build_parser() -> argparse.ArgumentParser:
         default="fp32",
         help="fp32, bf16 or fp16 autocast (default: fp32)",
     )
+    guided = parser.add_argument_group("--method clip-guided")
+    add_arg(guided, "--vae_path", default=None, help="a trained VAE: a model folder or a dalle-train-vae output folder")
+    add_arg(guided, "--steps", type=int, default=200, help="optimisation steps (default: 200)")
+    add_arg(guided, "--lr", type=float, default=0.1, help="Adam learning rate of the code logits (default: 0.1)")
+    add_arg(guided, "--num_augments", type=int, default=8, help="augmented views CLIP scores per step (default: 8)")
     add_tokenizer_args(parser)
     return parser
 
@@ -164,6 +188,12 @@ def _check_args(args: argparse.Namespace) -> None:
         raise ValueError("--keep_top needs --clip_path and must be >= 1")
     if args.num_init_img_tokens is not None and args.img is None:
         raise ValueError("--num_init_img_tokens needs --img")
+    needed = ["dalle_path"] if args.method == "dalle" else ["vae_path", "clip_path"]
+    for name in needed:
+        if getattr(args, name) is None:
+            raise ValueError(f"--method {args.method} needs --{name}")
+    if args.method == "clip-guided" and (args.img is not None or args.gentxt):
+        raise ValueError("--img and --gentxt are for --method dalle")
 
 
 @torch.no_grad()
@@ -187,6 +217,8 @@ def run(argv: list[str] | None = None) -> list[Path]:
     outputs_dir = Path(args.outputs_dir)
     if run_contents(outputs_dir):
         raise ValueError(f"--outputs_dir {outputs_dir} holds a {describe_run(outputs_dir)}; give another folder")
+    if args.method == "clip-guided":
+        return run_clip_guided(args, prompts, device)
     checkpoint = resolve_checkpoint(args.dalle_path, "--dalle_path", expect="DALLE")
     check_guidance(args.cond_scale, checkpoint)
     dalle = load_model(checkpoint, DALLE, "--dalle_path", map_location=device)
@@ -196,11 +228,8 @@ def run(argv: list[str] | None = None) -> list[Path]:
     if args.clip_path is not None:
         clip = CLIP.from_pretrained(resolve_checkpoint(args.clip_path, "--clip_path"), map_location=device)
     for model, name in ((dalle, "DALLE"), (clip, "CLIP")):
-        if model is not None and tokenizer.vocab_size > model.num_text_tokens:
-            raise ValueError(
-                f"the tokenizer has {tokenizer.vocab_size} tokens, the {name} only {model.num_text_tokens}: "
-                "pass the tokenizer it was trained with (--bpe_path)"
-            )
+        if model is not None:
+            check_tokenizer_fits(tokenizer, model, name)
     prime = load_image(args.img, dalle.image_size, dalle.channels).to(device) if args.img else None
     outputs_dir.mkdir(parents=True, exist_ok=True)
     write_args_json(outputs_dir, PROG, args, dalle_checkpoint=str(checkpoint), tokenizer=spec)
@@ -275,6 +304,43 @@ def check_guidance(cond_scale: float, checkpoint: Path) -> None:
         )
 
 
+def run_clip_guided(args: argparse.Namespace, prompts: list[str], device: torch.device) -> list[Path]:
+    """--method clip-guided: image n of a prompt is optimised with its own generator seeded with
+    --seed + n, so the images do not depend on --batch_size either."""
+    vae_checkpoint = resolve_checkpoint(args.vae_path, "--vae_path")
+    vae = load_pretrained(vae_checkpoint, map_location=device)
+    clip_checkpoint = resolve_checkpoint(args.clip_path, "--clip_path")
+    clip = CLIP.from_pretrained(clip_checkpoint, map_location=device)
+    spec = tokenizer_spec_for(args, clip_checkpoint)
+    tokenizer = build_tokenizer(spec)
+    check_tokenizer_fits(tokenizer, clip, "CLIP")
+    outputs_dir = Path(args.outputs_dir)
+    outputs_dir.mkdir(parents=True, exist_ok=True)
+    write_args_json(outputs_dir, PROG, args, vae_checkpoint=str(vae_checkpoint), clip_checkpoint=str(clip_checkpoint),
+                    tokenizer=spec)  # fmt: skip
+    settings = {key: getattr(args, key) for key in ("method", "steps", "lr", "num_augments", "num_images", "keep_top")}
+    taken: set[str] = set()
+    folders = []
+    for prompt in prompts:
+        text = tokenizer.tokenize([prompt], clip.text_seq_len, truncate_text=True).to(device)
+        batches = []
+        for start in range(0, args.num_images, args.batch_size):
+            count = min(args.batch_size, args.num_images - start)
+            generators = [torch.Generator(device=device).manual_seed(args.seed + start + i) for i in range(count)]
+            result = clip_guided_generate(
+                vae, clip, text.expand(count, -1), steps=args.steps, lr=args.lr, num_augments=args.num_augments,
+                generator=generators,
+            )  # fmt: skip
+            batches.append(result.images.float().clamp(0, 1).cpu())
+        images = torch.cat(batches)
+        scores = clip_scores(clip, text, images, args.batch_size)
+        order = scores.argsort(descending=True).tolist()[: args.keep_top or len(images)]
+        folder = prompt_folder(outputs_dir, prompt, taken)
+        folders.append(_write_prompt(folder, prompt, prompt, images, order, scores, args, vae_checkpoint, settings))
+        print(f"{PROG}: {len(order)} images of {prompt!r}, grid.png and metadata.json -> {folder}")
+    return folders
+
+
 def _write_prompt(
     folder: Path,
     prompt: str,
@@ -305,7 +371,9 @@ def _write_prompt(
     metadata = {
         "prompt": prompt,
         "generated_text": drawn if drawn != prompt else None,
-        "dalle_path": str(checkpoint),
+        "method": args.method,
+        "dalle_path": str(checkpoint) if args.method == "dalle" else None,
+        "vae_path": str(checkpoint) if args.method == "clip-guided" else None,
         "seed": args.seed,
         "settings": settings,
         "clip_path": args.clip_path,

@@ -147,6 +147,7 @@ def run(argv: list[str] | None = None) -> TrainResult:
             data: Any = StreamingBatches(loader, ctx=ctx)
         else:
             dataset = TextImageDataset(args.image_text_folder, **options)
+            dataset.check()  # fails now, not mid-run, when no sample is usable
             data = IndexedBatches(dataset, batch_size=args.batch_size, seed=seed, ctx=ctx, num_workers=args.num_workers)
 
         def loss_fn(model: nn.Module, batch: Any, step: int) -> torch.Tensor:

@@ -227,6 +227,7 @@ def build_data(args: argparse.Namespace, dalle: DALLE, tokenizer: Any, seed: int
         )
         return StreamingBatches(loader, ctx=ctx)
     dataset: Dataset = TextImageDataset(args.image_text_folder, **options)
+    dataset.check()  # fails now, not mid-run, when no sample is usable (e.g. captions needing truncation)
     if args.precompute_image_tokens:
         dataset = precompute_image_tokens(
             dataset, dalle, seed=seed, batch_size=args.batch_size, ctx=ctx, num_workers=args.num_workers

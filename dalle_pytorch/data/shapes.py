@@ -296,7 +296,8 @@ class ShapesDataset(Dataset):
             or ``'all'``.
         image_size: side of the square images in pixels (>= 8).
         seed: non-negative int; different seeds give different samples.
-        shapes, colours: subsets of ALL_SHAPES and COLOURS to draw from (at least two of each).
+        shapes: subset of ALL_SHAPES to draw from (at least two).
+        colours: subset of COLOURS to draw from (at least two).
         position_jitter: largest shift of the shape's centre as a fraction of the image side (the shape
             always stays inside the image).
         rotation_jitter: largest rotation in degrees (circles are not rotated).

@@ -5,7 +5,8 @@ A sample is an image file (png, jpg, jpeg, bmp, webp; any case of the extension)
 same path minus extension next to it, holding one caption per line. Images become float tensors in [0, 1]
 after a square random resized crop (as in Inception training, https://arxiv.org/abs/1409.4842, section 6,
 restricted to aspect ratio 1). Real folders hold broken files, so every failure to read one sample is
-skipped, warned about once and counted instead of ending a training run.
+skipped, warned about once and counted instead of ending a training run: unreadable, truncated, oversized
+or non-regular files (see `dalle_pytorch.data.limits`), binary captions and captions too long to tokenize.
 
 Pillow modes: https://pillow.readthedocs.io/en/stable/handbook/concepts.html#modes
 """
@@ -25,6 +26,8 @@ from einops import rearrange
 from PIL import Image
 from torch.utils.data import Dataset
 
+from dalle_pytorch.data import limits
+from dalle_pytorch.data.limits import open_regular_file, read_capped
 from dalle_pytorch.text.captions import CAPTION_EXTENSION, BadSampleError, captions_from_bytes
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
@@ -84,13 +87,19 @@ def pick_caption(captions: list[str]) -> str:
 def tokenize_caption(tokenizer: Tokenizer, caption: str, text_len: int, truncate: bool, where: str) -> torch.Tensor:
     """LongTensor (text_len,) of token ids, zero-padded on the right.
 
-    A caption too long for `text_len` is not a broken file but a setting (`truncate_captions`), so the
-    tokenizer's ValueError propagates, naming the file it came from.
+    A caption the tokenizer refuses (longer than `text_len` without `truncate`) is a bad sample:
+    BadSampleError('caption too long'), naming the file, so datasets skip and count it like a broken file.
     """
     try:
         return tokenizer.tokenize(caption, text_len, truncate_text=truncate)[0]
     except ValueError as error:
-        raise ValueError(f"caption of {where}: {error}") from error
+        hint = "" if truncate else "; pass truncate_captions=True (--truncate_captions) to cut long captions"
+        raise BadSampleError("caption too long", f"caption of {where}: {error}{hint}") from error
+
+
+class NoUsableSampleError(RuntimeError, ValueError):
+    """Every sample of a dataset was skipped (the message gives the reasons and an example file). A
+    RuntimeError as before, and a ValueError like the other bad-input errors the command-line tools report."""
 
 
 def default_tokenizer() -> Tokenizer:
@@ -115,8 +124,27 @@ def check_tokenizer(tokenizer: Any) -> Tokenizer:
 
 
 def open_image(source: str | os.PathLike | Any) -> Image.Image:
-    """Open and fully decode an image (a path or a binary file object), so truncation fails here."""
-    with Image.open(source) as image:
+    """Open and fully decode an image (a path or a binary file object), so truncation fails here.
+
+    A path must be a regular file of at most `limits.MAX_IMAGE_BYTES`; an image of more than
+    `limits.MAX_IMAGE_PIXELS` pixels is refused from its header, before decoding. Both raise BadSampleError.
+    """
+    if isinstance(source, str | os.PathLike):
+        with open_regular_file(source) as file:
+            if os.fstat(file.fileno()).st_size > limits.MAX_IMAGE_BYTES:
+                raise BadSampleError("image too large", f"{source} is larger than {limits.MAX_IMAGE_BYTES} bytes")
+            return _decode_image(file, str(source))
+    return _decode_image(source, "image")
+
+
+def _decode_image(file: Any, where: str) -> Image.Image:
+    with Image.open(file) as image:
+        if image.width * image.height > limits.MAX_IMAGE_PIXELS:
+            raise BadSampleError(
+                "image too large",
+                f"{where} is {image.width}x{image.height} pixels, more than "
+                f"dalle_pytorch.data.limits.MAX_IMAGE_PIXELS = {limits.MAX_IMAGE_PIXELS}",
+            )
         image.load()
         return image.copy()  # closing the file releases the decoded pixels of `image` itself
 
@@ -302,13 +330,23 @@ class TextImageDataset(Dataset):
             sample = self._load(position)
             if sample is not None:
                 return sample
-        raise RuntimeError(f"no readable sample in {self.folder}: all {count} samples failed ({dict(self.skipped)})")
+        raise self._no_usable_sample()
+
+    def _no_usable_sample(self) -> NoUsableSampleError:
+        example = next(iter(self.skip_log.files.items()), None)
+        detail = f"; e.g. {example[0]} ({example[1]})" if example else ""
+        if self.skipped["caption too long"]:
+            detail += "; pass truncate_captions=True (--truncate_captions) to cut long captions"
+        return NoUsableSampleError(
+            f"no readable sample in {self.folder}: all {self.skip_log.total()} samples read failed "
+            f"({dict(self.skipped)}){detail}"
+        )
 
     def _load(self, position: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         image_path, caption_path = self.pairs[position]
         # every file is read before any random draw, so a bad sample never shifts torch's RNG stream
         try:
-            captions = captions_from_bytes(caption_path.read_bytes())
+            captions = captions_from_bytes(read_capped(caption_path, limits.MAX_CAPTION_BYTES, "caption"))
         except SAMPLE_ERRORS as error:
             return self._skip(position, caption_path, reason_for(error, "caption"), error)
         try:
@@ -317,7 +355,10 @@ class TextImageDataset(Dataset):
             return self._skip(position, image_path, reason_for(error, "image"), error)
         caption = pick_caption(captions)
         image = preprocess_image(pixels, self.image_size, self.resize_ratio, self.transparent)
-        tokens = tokenize_caption(self.tokenizer, caption, self.text_len, self.truncate_captions, str(caption_path))
+        try:
+            tokens = tokenize_caption(self.tokenizer, caption, self.text_len, self.truncate_captions, str(caption_path))
+        except BadSampleError as error:
+            return self._skip(position, caption_path, error.reason, error)
         return tokens, image
 
     def _skip(self, position: int, path: Path, reason: str, error: BaseException) -> None:
@@ -325,6 +366,20 @@ class TextImageDataset(Dataset):
         self._bad.add(position)
         self.skip_log.record(str(path), reason, str(error))
         return None
+
+    def check(self, max_samples: int = 256) -> Counter[str]:
+        """Read the first `max_samples` samples (bad ones are counted and remembered, torch's RNG state is
+        left as it was) before training starts; returns `skipped`.
+
+        Raises NoUsableSampleError when none of them is usable, so a folder whose captions all need
+        `truncate_captions`, or that holds only broken files, fails before the first step, not mid-run.
+        """
+        positions = [position for position in range(min(len(self.pairs), max_samples)) if position not in self._bad]
+        with torch.random.fork_rng(devices=[]):
+            usable = sum(self._load(position) is not None for position in positions)
+        if not usable:
+            raise self._no_usable_sample()
+        return self.skipped
 
     def verify(self) -> Counter[str]:
         """Read every sample once (in this process, before forking DataLoader workers) so that bad ones

@@ -2,7 +2,7 @@
 
 A shard is a tar file whose members are grouped into samples by name without extension: `0001.jpg` and
 `0001.txt` form one sample with keys 'jpg' and 'txt' (format: https://github.com/webdataset/webdataset).
-Reading uses the `webdataset` package (optional extra: `pip install dalle-pytorch[webdataset]`); images and
+Reading uses the `webdataset` package (optional: `pip install webdataset`); images and
 captions go through the same preprocessing as the folder dataset (`dalle_pytorch.data.text_image`).
 
 Shards may be local paths, `http(s)://` URLs or `pipe:COMMAND` URLs, all written by the user. Local shards
@@ -11,11 +11,14 @@ are opened as plain files here, so a file name never reaches a shell or a URL ha
 
 from __future__ import annotations
 
+import gzip
 import io
 import os
 import random
 import re
+import tarfile
 import warnings
+import zlib
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -25,6 +28,7 @@ from urllib.request import url2pathname
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from dalle_pytorch.data import limits
 from dalle_pytorch.data.text_image import (
     SAMPLE_ERRORS,
     BadSampleError,
@@ -51,9 +55,7 @@ def require_webdataset() -> Any:
     try:
         import webdataset
     except ImportError as error:
-        raise ImportError(
-            "reading .tar shards needs the webdataset package: pip install 'dalle-pytorch[webdataset]'"
-        ) from error
+        raise ImportError("reading .tar shards needs the webdataset package: pip install webdataset") from error
     return webdataset
 
 
@@ -108,6 +110,33 @@ def open_shard(shard: Shard) -> Any:
     if isinstance(shard, Path):
         return open(shard, "rb")  # noqa: SIM115 -- the generator that yields it closes it
     return require_webdataset().gopen(shard)
+
+
+class _Prepended:
+    """A read-only stream: `head` (bytes already read from `stream`), then the rest of `stream`."""
+
+    def __init__(self, head: bytes, stream: Any) -> None:
+        self._head, self._stream = head, stream
+
+    def read(self, size: int = -1) -> bytes:
+        if not self._head:
+            return self._stream.read(size)
+        if size is None or size < 0:
+            data, self._head = self._head + self._stream.read(), b""
+            return data
+        data, self._head = self._head[:size], self._head[size:]
+        return data + (self._stream.read(size - len(data)) if size > len(data) else b"")
+
+
+def _bounded_decompression(stream: Any) -> tuple[Any, str]:
+    """(stream, tarfile mode) for a shard stream. A gzip shard is decompressed by `gzip.GzipFile`, which
+    inflates only as much as each read asks for; tarfile's own streaming decompressor inflates whole input
+    blocks, which for a highly compressed member means megabytes per 10 KB read."""
+    head = stream.read(2)
+    joined = _Prepended(head, stream)
+    if head == b"\x1f\x8b":
+        return gzip.GzipFile(fileobj=joined, mode="rb"), "r|"
+    return joined, "r|*"
 
 
 def _key_list(name: str, keys: str) -> list[str]:
@@ -220,11 +249,10 @@ class TextImageWebDataset(IterableDataset):
 
     def __iter__(self):
         wds = require_webdataset()
-        from webdataset.tariterators import group_by_keys, tar_file_expander
+        from webdataset.tariterators import group_by_keys
 
         streams = self._open_shards(self.shards_for_this_reader())
-        files = tar_file_expander(streams, handler=self._shard_error)
-        samples = group_by_keys(files, handler=self._shard_error)
+        samples = group_by_keys(self._members(streams), handler=self._shard_error)
         if self.shuffle_buffer > 1:
             rng = random.Random(int(torch.randint(2**62, ())))
             initial = min(self.shuffle_buffer, 100)
@@ -233,11 +261,39 @@ class TextImageWebDataset(IterableDataset):
             where = f"{sample.get('__url__')}:{sample.get('__key__')}"
             try:
                 caption, image = self._read(sample)
+                tokens = tokenize_caption(self.tokenizer, caption, self.text_len, self.truncate_captions, where)
             except SAMPLE_ERRORS as error:
                 self.skip_log.record(where, reason_for(error, "image"), str(error))
                 continue
-            tokens = tokenize_caption(self.tokenizer, caption, self.text_len, self.truncate_captions, where)
             yield tokens, image
+
+    def _members(self, streams: Any) -> Any:
+        """The used members of each shard as {'fname', 'data', '__url__'}, then {} at the end of the shard.
+
+        Like webdataset's tar expander, but a member's size is checked from its tar header before it is read
+        (`limits.MAX_CAPTION_BYTES` for caption keys, `limits.MAX_IMAGE_BYTES` for the rest), members of
+        other keys are never read, and an oversized member is one skipped, counted sample.
+        """
+        for source in streams:
+            url = source["url"]
+            try:
+                stream, mode = _bounded_decompression(source["stream"])
+                with tarfile.open(fileobj=stream, mode=mode) as archive:
+                    for member in archive:
+                        extension = member.name.rpartition("/")[2].partition(".")[2].lower()
+                        if not member.isreg() or extension not in self.image_keys + self.caption_keys:
+                            continue
+                        limit = limits.MAX_CAPTION_BYTES if extension in self.caption_keys else limits.MAX_IMAGE_BYTES
+                        if member.size > limit:
+                            detail = f"{member.size} bytes, more than {limit} (see dalle_pytorch.data.limits)"
+                            self.skip_log.record(f"{url}:{member.name}", "member too large", detail)
+                            continue
+                        data = archive.extractfile(member).read()
+                        archive.members = []  # a streamed tar would otherwise keep every header
+                        yield {"fname": member.name, "data": data, "__url__": url}
+            except (tarfile.TarError, OSError, EOFError, zlib.error) as error:
+                self._shard_error(error)
+            yield {}  # end of shard: members of two shards never form one sample
 
     def _open_shards(self, shards: list[Shard]):
         for shard in shards:

@@ -23,7 +23,13 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from dalle_pytorch.io.safe_pickle import CheckpointFormatError, PickledObject, load_torch_file, pickled_module_tensors
+from dalle_pytorch.io.safe_pickle import (
+    CheckpointFormatError,
+    PickledObject,
+    describe,
+    load_torch_file,
+    pickled_module_tensors,
+)
 
 __all__ = [
     "GROUP_COUNT",
@@ -151,7 +157,7 @@ def _read_pickled_module(path: str | os.PathLike, module: str, name: str) -> tup
 def _int_attribute(state: dict, key: str, path: Any, minimum: int = 1) -> int:
     value = state.get(key)
     if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise CheckpointFormatError(f"{path}: attribute {key!r} should be an int >= {minimum}, found {value!r}")
+        raise CheckpointFormatError(f"{path}: attribute {key!r} should be an int >= {minimum}, found {describe(value)}")
     return value
 
 
@@ -159,7 +165,7 @@ def _native_key(released_key: str) -> str:
     """`...conv_1.w` -> `...conv_1.weight`, `...conv_1.b` -> `...conv_1.bias` (the released names)."""
     stem, _, leaf = released_key.rpartition(".")
     if leaf not in ("w", "b"):
-        raise CheckpointFormatError(f"unexpected parameter {released_key!r} in the released file")
+        raise CheckpointFormatError(f"unexpected parameter {describe(released_key)} in the released file")
     return f"{stem}.{'weight' if leaf == 'w' else 'bias'}"
 
 

@@ -30,9 +30,10 @@ from dalle_pytorch.image_tokenizers.openai_dvae import (
     unmap_pixels,
 )
 from dalle_pytorch.image_tokenizers.vqgan import VQGAN, read_vqgan_checkpoint, read_vqgan_yaml, validate_vqgan_config
+from dalle_pytorch.io.budget import ModelSizeError, build_within_budget
 from dalle_pytorch.io.checkpoint import PretrainedMixin
 from dalle_pytorch.io.download import DownloadError, ReleasedFile, fetch_released_file
-from dalle_pytorch.io.safe_pickle import CheckpointFormatError, load_tensors_strict
+from dalle_pytorch.io.safe_pickle import CheckpointFormatError, describe, load_tensors_strict
 
 __all__ = ["OpenAIDiscreteVAE", "VQGanVAE", "RELEASED_FILES"]
 
@@ -99,8 +100,21 @@ def _resolve_paths(requests: list[tuple[Any, ReleasedFile, str]], cache_dir: Any
 
 def _positive_int(value: Any, name: str) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
+        raise ValueError(f"{name} must be a positive int, got {describe(value)}")
     return value
+
+
+def _elements(tensors: Mapping[str, torch.Tensor]) -> int:
+    return sum(tensor.numel() for tensor in tensors.values())
+
+
+def _build_checked(build: Any, stored_elements: int, source: str) -> None:
+    """Build the modules a config read from a file describes, refusing one far larger than its weights
+    before allocating it (see `dalle_pytorch.io.budget`)."""
+    try:
+        build_within_budget(build, stored_elements, source)
+    except ModelSizeError as error:
+        raise CheckpointFormatError(str(error)) from None
 
 
 class _ImageTokenizer(PretrainedMixin, nn.Module):
@@ -134,6 +148,16 @@ class _ImageTokenizer(PretrainedMixin, nn.Module):
         if img_seq.numel() and (img_seq.min() < 0 or img_seq.max() >= self.num_tokens):
             raise ValueError(f"img_seq ids must be in [0, {self.num_tokens})")
         return rearrange(img_seq.long(), "b (h w) -> b h w", h=self.fmap_size)
+
+    def _check_probs(self, probs: Any) -> torch.Tensor:
+        """Relaxed codes (b, fmap_size ** 2, num_tokens) float, checked."""
+        if not isinstance(probs, torch.Tensor) or not probs.is_floating_point() or probs.dim() != 3:
+            raise TypeError("probs must be a (b, n, num_tokens) float tensor of weights over the codebook")
+        if tuple(probs.shape[1:]) != (self.fmap_size**2, self.num_tokens):
+            raise ValueError(
+                f"probs must have shape (b, {self.fmap_size**2}, {self.num_tokens}), got {tuple(probs.shape)}"
+            )
+        return probs
 
     def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         raise NotImplementedError(
@@ -181,14 +205,14 @@ class OpenAIDiscreteVAE(_ImageTokenizer):
                 f"encoder ({encoder_config['vocab_size']} codes) and decoder ({decoder_config['vocab_size']} "
                 "codes) do not belong together"
             )
-        self._build(
-            {
-                "image_size": 256,  # the resolution the released model was trained at
-                "vocab_size": encoder_config["vocab_size"],
-                "encoder": {key: encoder_config[key] for key in ("n_hid", "n_blk_per_group")},
-                "decoder": {key: decoder_config[key] for key in ("n_init", "n_hid", "n_blk_per_group")},
-            }
-        )
+        config = {
+            "image_size": 256,  # the resolution the released model was trained at
+            "vocab_size": encoder_config["vocab_size"],
+            "encoder": {key: encoder_config[key] for key in ("n_hid", "n_blk_per_group")},
+            "decoder": {key: decoder_config[key] for key in ("n_init", "n_hid", "n_blk_per_group")},
+        }
+        stored = _elements(encoder_tensors) + _elements(decoder_tensors)
+        _build_checked(lambda: self._build(config), stored, f"the sizes in {encoder_path} and {decoder_path}")
         load_tensors_strict(self.encoder, encoder_tensors, f"encoder file {encoder_path}")
         load_tensors_strict(self.decoder, decoder_tensors, f"decoder file {decoder_path}")
 
@@ -240,6 +264,14 @@ class OpenAIDiscreteVAE(_ImageTokenizer):
         stats = self.decoder(self._check_codes(img_seq))
         return unmap_pixels(torch.sigmoid(stats[:, : self.channels]))
 
+    def decode_relaxed(self, probs: torch.Tensor) -> torch.Tensor:
+        """Relaxed codes (b, 1024, num_tokens) -> images (b, 3, 256, 256) in [0, 1], differentiable in
+        `probs`; one-hot rows give `decode`'s images. The first layer is linear in the one-hot codes, so
+        weights over the codebook mix its rows."""
+        embedded = self._check_probs(probs) @ self.decoder.token_embedding.weight + self.decoder.token_bias
+        stats = self.decoder.blocks(rearrange(embedded, "b (h w) c -> b c h w", h=self.fmap_size))
+        return unmap_pixels(torch.sigmoid(stats[:, : self.channels]))
+
 
 class VQGanVAE(_ImageTokenizer):
     """A taming-transformers VQGAN (vector-quantized or Gumbel) as an image tokenizer.
@@ -265,8 +297,10 @@ class VQGanVAE(_ImageTokenizer):
             ],
             cache_dir,
         )
-        self._build(read_vqgan_yaml(config_path))
-        load_tensors_strict(self.model, read_vqgan_checkpoint(model_path), f"VQGAN checkpoint {model_path}")
+        config = read_vqgan_yaml(config_path)
+        tensors = read_vqgan_checkpoint(model_path)
+        _build_checked(lambda: self._build(config), _elements(tensors), f"{config_path} (for {model_path})")
+        load_tensors_strict(self.model, tensors, f"VQGAN checkpoint {model_path}")
 
     @classmethod
     def _from_config(cls, config: Mapping[str, Any]) -> VQGanVAE:
@@ -292,3 +326,11 @@ class VQGanVAE(_ImageTokenizer):
     def decode(self, img_seq: torch.Tensor) -> torch.Tensor:
         """Token ids (b, fmap_size ** 2) -> images (b, 3, R, R) in [0, 1]."""
         return (self.model.decode(self._check_codes(img_seq)) + 1) / 2
+
+    def decode_relaxed(self, probs: torch.Tensor) -> torch.Tensor:
+        """Relaxed codes (b, fmap_size ** 2, num_tokens) -> images (b, 3, R, R) in [0, 1], differentiable
+        in `probs`: the code vectors are mixed with these weights; one-hot rows give `decode`'s images."""
+        probs = self._check_probs(probs)
+        codebook = self.model.quantize.lookup(torch.arange(self.num_tokens, device=probs.device))  # (k, d)
+        z = rearrange(probs @ codebook, "b (h w) d -> b d h w", h=self.fmap_size)
+        return (self.model.decoder(self.model.post_quant_conv(z)).clamp(-1, 1) + 1) / 2

@@ -25,7 +25,7 @@ import yaml
 from einops import rearrange
 from torch import nn
 
-from dalle_pytorch.io.safe_pickle import CheckpointFormatError, load_torch_file
+from dalle_pytorch.io.safe_pickle import CheckpointFormatError, describe, load_torch_file
 
 __all__ = ["VQGAN", "read_vqgan_checkpoint", "read_vqgan_yaml", "validate_vqgan_config"]
 
@@ -299,14 +299,14 @@ def validate_vqgan_config(config: Mapping[str, Any]) -> dict[str, Any]:
 
     def positive_int(value: Any, name: str) -> int:
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
+            raise ValueError(f"{name} must be a positive int, got {describe(value)}")
         return value
 
     clean = {key: positive_int(dd.get(key), f"ddconfig['{key}']") for key in _REQUIRED_DD_INTS}
     for key in ("ch_mult", "attn_resolutions"):
         values = dd.get(key)
         if not isinstance(values, list | tuple) or (key == "ch_mult" and not values):
-            raise ValueError(f"ddconfig['{key}'] must be a list of ints, got {values!r}")
+            raise ValueError(f"ddconfig['{key}'] must be a list of ints, got {describe(values)}")
         clean[key] = [positive_int(v, f"ddconfig['{key}'] entries") for v in values]
     clean["resamp_with_conv"] = bool(dd.get("resamp_with_conv", True))
     if dd.get("double_z", False):
@@ -319,7 +319,7 @@ def validate_vqgan_config(config: Mapping[str, Any]) -> dict[str, Any]:
         raise ValueError("ddconfig resolution must be divisible by 2 ** (len(ch_mult) - 1)")
     quantizer = config.get("quantizer", "vector")
     if quantizer not in ("vector", "gumbel"):
-        raise ValueError(f"config['quantizer'] must be 'vector' or 'gumbel', got {quantizer!r}")
+        raise ValueError(f"config['quantizer'] must be 'vector' or 'gumbel', got {describe(quantizer)}")
     embed_dim = positive_int(config.get("embed_dim"), "config['embed_dim']")
     if quantizer == "gumbel" and embed_dim != clean["z_channels"]:
         # The Gumbel projection reads z_channels features from quant_conv's embed_dim outputs.
@@ -332,6 +332,20 @@ def validate_vqgan_config(config: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
+MAX_YAML_BYTES = 2**20  # a taming model.yaml is about 1 KB
+
+
+class _PlainYamlLoader(yaml.SafeLoader):
+    """`yaml.SafeLoader` that refuses aliases (`*name`): a few hundred bytes of nested aliases expand to
+    gigabytes (the "billion laughs"), and no VQGAN config needs them."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(None, None, "aliases (*name) are not allowed", event.start_mark)
+        return super().compose_node(parent, index)
+
+
 def read_vqgan_yaml(path: str | os.PathLike) -> dict[str, Any]:
     """Read a taming `model.yaml` safely (no tags, no imports) into a validated VQGAN config.
 
@@ -339,10 +353,17 @@ def read_vqgan_yaml(path: str | os.PathLike) -> dict[str, Any]:
     `GumbelVQ` from `VQModel`) are used; no `target:` is ever imported.
     """
     try:
-        with open(path, encoding="utf-8") as file:
-            document = yaml.safe_load(file)
+        with open(path, "rb") as file:
+            text = file.read(MAX_YAML_BYTES + 1)
+        if len(text) > MAX_YAML_BYTES:
+            raise ValueError(f"{path} is larger than {MAX_YAML_BYTES} bytes: not a VQGAN model.yaml")
+        document = yaml.load(text, Loader=_PlainYamlLoader)  # noqa: S506 -- a SafeLoader without aliases
     except yaml.YAMLError as error:
-        raise ValueError(f"{path} is not a plain YAML config (tags and Python objects are refused): {error}") from error
+        raise ValueError(
+            f"{path} is not a plain YAML config (tags, Python objects and aliases are refused): {str(error)[:300]}"
+        ) from None
+    except RecursionError:
+        raise ValueError(f"{path} is nested too deeply to be a VQGAN model.yaml") from None
     model = document.get("model") if isinstance(document, Mapping) else None
     params = model.get("params") if isinstance(model, Mapping) else None
     if not isinstance(params, Mapping):
@@ -350,7 +371,7 @@ def read_vqgan_yaml(path: str | os.PathLike) -> dict[str, Any]:
     target_class = str(model.get("target", "")).rpartition(".")[2]
     if target_class not in ("VQModel", "VQNoDiscModel", "GumbelVQ"):
         raise ValueError(
-            f"{path}: model.target {model.get('target')!r} is not a supported VQGAN "
+            f"{path}: model.target {describe(model.get('target'))} is not a supported VQGAN "
             "(taming.models.vqgan.VQModel or GumbelVQ)"
         )
     if params.get("remap") is not None:

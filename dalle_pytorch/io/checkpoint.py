@@ -18,6 +18,7 @@ the previous checkpoint readable. One process writes a given path at a time.
 from __future__ import annotations
 
 import importlib
+import inspect
 import json
 import math
 import os
@@ -26,13 +27,17 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from dalle_pytorch._version import __version__
 from dalle_pytorch.io.atomic import atomic_write_dir, interrupted_backups
+from dalle_pytorch.io.budget import ModelSizeError, build_within_budget
+from dalle_pytorch.io.safe_pickle import describe
 
 CONFIG_NAME = "config.json"
+MAX_CONFIG_BYTES = 2**22  # a config.json is a few KB; the cap keeps a hostile one from filling memory
 WEIGHTS_NAME = "model.safetensors"
 FORMAT_VERSION = 1
 
@@ -97,9 +102,15 @@ def read_config(directory: PathLike) -> dict[str, Any]:
     """Parses and checks `directory/config.json`; `result["config"]` holds the constructor arguments."""
     path = Path(directory) / CONFIG_NAME
     try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
+        with open(path, "rb") as file:
+            raw = file.read(MAX_CONFIG_BYTES + 1)
+        if len(raw) > MAX_CONFIG_BYTES:
+            raise CheckpointError(f"{path} is larger than {MAX_CONFIG_BYTES} bytes: not a model config")
+        meta = json.loads(raw.decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise CheckpointError(f"{path} is not valid JSON: {error}") from None
+    except RecursionError:
+        raise CheckpointError(f"{path} is nested too deeply to be a model config") from None
     if not isinstance(meta, dict):
         raise CheckpointError(f"{path} should hold a JSON object, got {type(meta).__name__}")
     missing = [key for key in ("model_type", "format_version", "config") if key not in meta]
@@ -187,9 +198,56 @@ def _load_model_dir(directory: Path, expected: type[ModelT]) -> ModelT:
         if not (directory / name / CONFIG_NAME).is_file():
             raise CheckpointError(f"{directory} lacks its sub-model folder '{name}/'")
         children[name] = _load_model_dir(directory / name, PretrainedMixin)
-    model = cls._from_config(meta["config"], **children)
-    _load_weights(model, directory / WEIGHTS_NAME, cls.pretrained_children)
+    config_path = directory / CONFIG_NAME
+    if getattr(cls._from_config, "__func__", None) is PretrainedMixin._from_config.__func__:
+        _check_config_types(cls, meta["config"], config_path)
+    weights_path = directory / WEIGHTS_NAME
+    stored = sum(math.prod(shape) for shape in _stored_shapes(weights_path).values())
+    try:
+        model = build_within_budget(lambda: cls._from_config(meta["config"], **children), stored, str(config_path))
+    except ModelSizeError as error:
+        raise CheckpointError(str(error)) from None
+    except (TypeError, ValueError, OverflowError, RecursionError, RuntimeError) as error:
+        raise CheckpointError(f"{config_path}: cannot build a {cls.__name__} from this config: {error}") from None
+    _load_weights(model, weights_path, cls.pretrained_children)
     return model
+
+
+def _check_config_types(cls: type, config: dict[str, Any], path: Path) -> None:
+    """Each constructor argument with a plain default (or annotation) must have that type in the config."""
+    try:
+        parameters = inspect.signature(cls.__init__).parameters
+    except (TypeError, ValueError):
+        return
+    kinds = {"bool": bool, "int": int, "float": float, "str": str}
+    for name, value in config.items():
+        parameter = parameters.get(name)
+        if parameter is None:
+            continue
+        default = parameter.default
+        if default is not inspect.Parameter.empty and default is not None:
+            expected = type(default) if type(default) in (bool, int, float, str) else None
+        else:
+            expected = kinds.get(str(parameter.annotation))
+        if expected is None or value is None and default is None:
+            continue
+        accepted = (int, float) if expected is float else (expected,)
+        if type(value) not in accepted:
+            raise CheckpointError(
+                f"{path}: config[{name!r}] should be a {expected.__name__}, found {type(value).__name__} "
+                f"{describe(value)}"
+            )
+
+
+def _stored_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor shapes from the safetensors header, read without loading any tensor."""
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing")
+    try:
+        with safe_open(str(path), framework="pt") as file:
+            return {key: tuple(file.get_slice(key).get_shape()) for key in file.keys()}  # noqa: SIM118
+    except SafetensorError as error:
+        raise CheckpointError(f"{path} is not a readable safetensors file: {error}") from None
 
 
 def _model_class(model_type: str) -> type:
@@ -270,7 +328,10 @@ def _load_weights(model: nn.Module, path: Path, children: tuple[str, ...]) -> No
     """Loads `path` into `model`, failing with every missing/unexpected key and shape mismatch listed."""
     if not path.is_file():
         raise CheckpointError(f"{path} is missing")
-    stored = load_file(str(path), device="cpu")
+    try:
+        stored = load_file(str(path), device="cpu")
+    except SafetensorError as error:
+        raise CheckpointError(f"{path} is not a readable safetensors file: {error}") from None
     expected = model.state_dict()
     provided = set(stored) | {key for key in expected if _is_child_key(key, children)}
     names_by_identity: dict[tuple, list[str]] = {}
@@ -289,13 +350,21 @@ def _load_weights(model: nn.Module, path: Path, children: tuple[str, ...]) -> No
         for key in stored
         if key in expected and stored[key].shape != expected[key].shape
     ]
+    parameters = {name for name, _ in model.named_parameters(remove_duplicate=False)}
+    for key, tensor in stored.items():
+        if key not in expected or key in unexpected:
+            continue
+        if expected[key].is_floating_point() and not tensor.is_floating_point():
+            mismatched.append(f"{key}: file has dtype {tensor.dtype}, model expects floating point")
+        elif key in parameters and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            mismatched.append(f"{key}: holds NaN or infinite values")
     if missing or unexpected or mismatched:
         problems = [
             f"{label} ({len(items)}): {', '.join(items)}"
             for label, items in (
                 ("missing keys", missing),
                 ("unexpected keys", unexpected),
-                ("shape mismatches", mismatched),
+                ("shape, dtype or value problems", mismatched),
             )
             if items
         ]

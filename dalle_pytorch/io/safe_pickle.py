@@ -10,6 +10,12 @@ both kinds with a restricted unpickler:
 - every other class or function named in the file becomes an inert `PickledObject` record holding the
   arguments and state the pickle gives it. Nothing is imported and no code named in the file is called.
 
+Nothing a file does outlives its own load: the `BUILD` opcode (set an object's state) applies only to the
+records and `OrderedDict`s this load created, never to the objects standing for allowed names. Memory and
+time are bounded by the file: storages must have exactly the size their tensors declare, compressed zip
+entries may expand at most `MAX_COMPRESSION_RATIO` times, every storage of a legacy file must be filled from
+it, and error messages show at most a short summary of values taken from the file.
+
 Both container formats are read: the zip format (PyTorch >= 1.6; `archive/data.pkl` + `archive/data/<key>`,
 storages memory-mapped so unused tensors, e.g. optimizer states, are never read) and the legacy format
 (magic number, protocol, system info, pickle, storage keys, then raw storages).
@@ -24,8 +30,10 @@ import io
 import mmap
 import os
 import pickle
+import reprlib
 import struct
 import zipfile
+import zlib
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -34,7 +42,9 @@ import torch
 from torch import nn
 
 __all__ = [
+    "MAX_COMPRESSION_RATIO",
     "CheckpointFormatError",
+    "describe",
     "PickledObject",
     "load_torch_file",
     "pickled_module_tensors",
@@ -61,6 +71,25 @@ _STORAGE_DTYPES = {
     "UntypedStorage": torch.uint8,
 }
 _DTYPES_BY_NAME = {str(dtype).removeprefix("torch."): dtype for dtype in _STORAGE_DTYPES.values()}
+
+# Compressed zip entries may expand at most this many times (torch.save stores entries uncompressed; a
+# deflated entry of zeros can reach ~1000x, the size of a zip bomb). Raise it to read re-zipped files.
+MAX_COMPRESSION_RATIO = 50
+_SUMMARY = reprlib.Repr()
+_SUMMARY.maxlevel, _SUMMARY.maxstring, _SUMMARY.maxother = 3, 60, 60
+_SUMMARY.maxlist = _SUMMARY.maxtuple = _SUMMARY.maxdict = _SUMMARY.maxset = _SUMMARY.maxfrozenset = 4
+
+
+def describe(value: Any, limit: int = 200) -> str:
+    """A short summary of a value read from a file, for error messages.
+
+    Never a full `repr()`: a few hundred bytes of pickle can describe a structure whose repr is gigabytes.
+    """
+    try:
+        text = _SUMMARY.repr(value)
+    except Exception:  # a record's repr cannot fail, but nothing here may turn one error into another
+        text = f"<{type(value).__name__}>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 class CheckpointFormatError(ValueError):
@@ -116,23 +145,34 @@ class _Storage:
 
 
 class _StorageType:
-    """Marker for a `torch.<X>Storage` class named in the file: only says which dtype the bytes hold."""
+    """Marker for a `torch.<X>Storage` class named in the file: only says which dtype the bytes hold.
+
+    Shared by every load, so it is immutable (and `BUILD` never reaches it anyway).
+    """
+
+    __slots__ = ("dtype",)
 
     def __init__(self, dtype: torch.dtype) -> None:
-        self.dtype = dtype
+        object.__setattr__(self, "dtype", dtype)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise CheckpointFormatError("a storage type cannot be modified")
+
+    def __delattr__(self, name: str) -> None:
+        raise CheckpointFormatError("a storage type cannot be modified")
 
 
 def _as_shape(value: Any, what: str) -> tuple[int, ...]:
     if not isinstance(value, tuple | list) or not all(isinstance(v, int) for v in value):
-        raise CheckpointFormatError(f"tensor {what} must be a tuple of ints, got {value!r}")
+        raise CheckpointFormatError(f"tensor {what} must be a tuple of ints, got {describe(value)}")
     return tuple(value)
 
 
 def _rebuild_tensor(storage: Any, storage_offset: Any, size: Any, stride: Any, *_ignored: Any) -> torch.Tensor:
     if not isinstance(storage, _Storage):
-        raise CheckpointFormatError(f"tensor data must come from a storage record, got {storage!r}")
+        raise CheckpointFormatError(f"tensor data must come from a storage record, got {describe(storage)}")
     if not isinstance(storage_offset, int) or storage_offset < 0:
-        raise CheckpointFormatError(f"tensor storage offset must be an int >= 0, got {storage_offset!r}")
+        raise CheckpointFormatError(f"tensor storage offset must be an int >= 0, got {describe(storage_offset)}")
     size, stride = _as_shape(size, "size"), _as_shape(stride, "stride")
     if len(size) != len(stride) or any(s < 0 for s in size + stride):
         raise CheckpointFormatError(f"invalid tensor size {size} / stride {stride}")
@@ -165,7 +205,7 @@ def _rebuild_parameter(data: Any, *_ignored: Any) -> Any:
 def _rebuild_from_type(func: Any, new_type: Any, args: Any, state: Any) -> Any:
     if func in _TENSOR_REBUILDERS and isinstance(args, tuple):
         return func(*args)
-    raise CheckpointFormatError(f"unsupported tensor rebuild function {func!r}")
+    raise CheckpointFormatError(f"unsupported tensor rebuild function {describe(func)}")
 
 
 def _latin1_encode(text: Any, encoding: Any = "latin1") -> bytes:
@@ -198,10 +238,14 @@ _ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
 _PYTHON2_MODULE_NAMES = {"__builtin__": "builtins", "copy_reg": "copyreg"}
 
 
-class _RestrictedUnpickler(pickle.Unpickler):
-    """Unpickler whose `find_class` never imports: allowed names map to data, all else to records."""
+class _RestrictedUnpickler(pickle._Unpickler):
+    """Unpickler whose `find_class` never imports: allowed names map to data, all else to records.
 
-    def __init__(self, file: io.BufferedIOBase, load_storage: Callable[[tuple], _Storage]) -> None:
+    The pure-Python unpickler, because its opcode table can be changed: `BUILD` is restricted (see
+    `_load_build`), which the C unpickler does not allow.
+    """
+
+    def __init__(self, file: Any, load_storage: Callable[[tuple], _Storage]) -> None:
         super().__init__(file)
         self._load_storage = load_storage
         self._record_classes: dict[tuple[str, str], type] = {}
@@ -227,7 +271,48 @@ class _RestrictedUnpickler(pickle.Unpickler):
             # Legacy files store (class, source file, source text) beside each module class; the class
             # (already an inert record class) is all torch.load uses, and we never look at the source.
             return pid[1]
-        raise CheckpointFormatError(f"unsupported persistent id {repr(pid)[:200]}")
+        raise CheckpointFormatError(f"unsupported persistent id {describe(pid)}")
+
+    def _load_build(self) -> None:
+        # BUILD sets the state of the object below it on the stack. Only objects this load created may get
+        # one: an inert record, or an OrderedDict (torch state dicts carry a `_metadata` attribute). On
+        # anything else (the objects standing for allowed names are shared by every load) it is refused.
+        state = self.stack.pop()
+        target = self.stack[-1]
+        if isinstance(target, PickledObject):
+            target.state = state
+        elif type(target) is collections.OrderedDict and isinstance(state, dict):
+            for key, value in state.items():
+                if type(key) is not str or key.startswith("__"):
+                    raise CheckpointFormatError(f"invalid attribute name {describe(key)} for an OrderedDict")
+                setattr(target, key, value)
+        else:
+            raise CheckpointFormatError(f"the file tries to set the state of a {type(target).__name__}; refused")
+
+    dispatch = dict(pickle._Unpickler.dispatch)
+    dispatch[pickle.BUILD[0]] = _load_build
+
+
+class _BoundedReader:
+    """A file object that never reads past `end`, so a length in the pickle can only claim what is there."""
+
+    def __init__(self, file: Any, end: int) -> None:
+        self._file, self._end = file, end
+
+    def _left(self) -> int:
+        return max(0, self._end - self._file.tell())
+
+    def read(self, size: int = -1) -> bytes:
+        left = self._left()
+        return self._file.read(left if size is None or size < 0 or size > left else size)
+
+    def readline(self, size: int = -1) -> bytes:
+        left = self._left()
+        return self._file.readline(left if size is None or size < 0 or size > left else size)
+
+    def readinto(self, buffer: Any) -> int:
+        view = memoryview(buffer)
+        return self._file.readinto(view[: self._left()])
 
 
 def _storage_dtype(storage_type: Any) -> torch.dtype:
@@ -235,11 +320,20 @@ def _storage_dtype(storage_type: Any) -> torch.dtype:
         return storage_type.dtype
     if isinstance(storage_type, torch.dtype):
         return storage_type
-    raise CheckpointFormatError(f"unknown storage type {storage_type!r}")
+    raise CheckpointFormatError(f"unknown storage type {describe(storage_type)}")
 
 
 def _element_size(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
+
+
+def _storage_bytes(pid: tuple, path: Path) -> tuple[torch.dtype, int]:
+    """dtype and byte size of the storage a persistent id declares (checked to be a sane int)."""
+    _, storage_type, _key, _location, numel = pid[:5]
+    dtype = _storage_dtype(storage_type)
+    if type(numel) is not int or numel < 0:
+        raise CheckpointFormatError(f"{path}: invalid storage size {describe(numel)}")
+    return dtype, numel * _element_size(dtype)
 
 
 def _load_zip(path: Path) -> Any:
@@ -252,45 +346,70 @@ def _load_zip(path: Path) -> Any:
         if len(pickles) != 1:
             raise CheckpointFormatError(f"{path} holds no single '<archive>/data.pkl': not a torch.save file")
         prefix = pickles[0].removesuffix("data.pkl")
-        if prefix + "byteorder" in archive.namelist() and archive.read(prefix + "byteorder") != b"little":
+        byteorder = archive.NameToInfo.get(prefix + "byteorder")
+        if byteorder is not None and _read_zip_member(archive, byteorder, path) != b"little":
             raise CheckpointFormatError(f"{path} was written on a big-endian machine; not supported")
         file_size = os.fstat(raw.fileno()).st_size
         mapped = mmap.mmap(raw.fileno(), 0, access=mmap.ACCESS_COPY) if file_size else None
         storages: dict[str, _Storage] = {}
 
         def load_storage(pid: tuple) -> _Storage:
-            _, storage_type, key, _location, numel = pid[:5]
+            key = pid[2]
+            if not isinstance(key, str):
+                raise CheckpointFormatError(f"{path}: storage key should be a string, got {describe(key)}")
             if key not in storages:
-                dtype = _storage_dtype(storage_type)
-                flat = _read_zip_storage(archive, mapped, f"{prefix}data/{key}", dtype, numel)
+                dtype, nbytes = _storage_bytes(pid, path)
+                flat = _read_zip_storage(archive, mapped, f"{prefix}data/{key}", dtype, nbytes, path)
                 storages[key] = _Storage(flat)
             return storages[key]
 
-        return _unpickle(io.BytesIO(archive.read(pickles[0])), load_storage, path)
+        data = _read_zip_member(archive, archive.getinfo(pickles[0]), path)
+        return _unpickle(io.BytesIO(data), load_storage, path)
+
+
+def _read_zip_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, path: Path) -> bytes:
+    """An entry's bytes, refusing before decompressing when it would expand more than allowed."""
+    if info.compress_type != zipfile.ZIP_STORED and info.file_size > MAX_COMPRESSION_RATIO * max(info.compress_size, 1):
+        raise CheckpointFormatError(
+            f"{path}: entry {info.filename} expands from {info.compress_size} to {info.file_size} bytes, more "
+            f"than {MAX_COMPRESSION_RATIO}x (a zip bomb?); see dalle_pytorch.io.safe_pickle.MAX_COMPRESSION_RATIO"
+        )
+    try:
+        return archive.read(info)
+    except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as error:
+        raise CheckpointFormatError(f"{path}: entry {info.filename} is unreadable: {error}") from error
 
 
 def _read_zip_storage(
-    archive: zipfile.ZipFile, mapped: mmap.mmap | None, name: str, dtype: torch.dtype, numel: Any
+    archive: zipfile.ZipFile, mapped: mmap.mmap | None, name: str, dtype: torch.dtype, nbytes: int, path: Path
 ) -> torch.Tensor:
     try:
         info = archive.getinfo(name)
     except KeyError as error:
-        raise CheckpointFormatError(f"storage {name} is missing from the archive") from error
-    nbytes = info.file_size
-    if not isinstance(numel, int) or nbytes % _element_size(dtype) or nbytes // _element_size(dtype) < numel:
-        raise CheckpointFormatError(f"storage {name} holds {nbytes} bytes, too few for {numel} x {dtype}")
+        raise CheckpointFormatError(f"{path}: storage {name} is missing from the archive") from error
+    # The size the pickle declares and the size the archive declares must agree before anything is read.
+    if info.file_size != nbytes:
+        raise CheckpointFormatError(
+            f"{path}: storage {name} holds {info.file_size} bytes, but its tensors declare {nbytes} bytes"
+        )
     if info.compress_type == zipfile.ZIP_STORED and mapped is not None:
         # Local header: 30 fixed bytes, then the file name and an extra field whose lengths it records.
         header = mapped[info.header_offset : info.header_offset + 30]
-        name_length, extra_length = struct.unpack("<HH", header[26:30])
-        start = info.header_offset + 30 + name_length + extra_length
-        if start + nbytes <= len(mapped) and start % _element_size(dtype) == 0:
-            return torch.frombuffer(mapped, dtype=dtype, count=nbytes // _element_size(dtype), offset=start)
-    return torch.frombuffer(bytearray(archive.read(name)), dtype=dtype)
+        if len(header) == 30:
+            name_length, extra_length = struct.unpack("<HH", header[26:30])
+            start = info.header_offset + 30 + name_length + extra_length
+            if start + nbytes <= len(mapped) and start % _element_size(dtype) == 0:
+                return torch.frombuffer(mapped, dtype=dtype, count=nbytes // _element_size(dtype), offset=start)
+    data = _read_zip_member(archive, info, path)
+    if len(data) != nbytes:
+        raise CheckpointFormatError(f"{path}: storage {name} is truncated")
+    return torch.frombuffer(bytearray(data), dtype=dtype) if nbytes else torch.empty(0, dtype=dtype)
 
 
 def _load_legacy(path: Path) -> Any:
-    with open(path, "rb") as file:
+    with open(path, "rb") as raw:
+        file_size = os.fstat(raw.fileno()).st_size
+        file = _BoundedReader(raw, file_size)
 
         def no_storage(pid: tuple) -> _Storage:
             raise CheckpointFormatError("unexpected storage in the file header")
@@ -305,40 +424,61 @@ def _load_legacy(path: Path) -> Any:
             raise CheckpointFormatError(f"{path} was written on a big-endian machine; not supported")
 
         storages: dict[str, _Storage] = {}
-        file_size = os.fstat(file.fileno()).st_size
+        declared = 0
 
         def load_storage(pid: tuple) -> _Storage:
-            _, storage_type, key, _location, numel = pid[:5]
-            dtype = _storage_dtype(storage_type)
-            # The bytes follow in the same file: a larger claim is a truncated or forged file.
-            if not isinstance(numel, int) or numel < 0 or numel * _element_size(dtype) > file_size:
-                raise CheckpointFormatError(f"{path}: invalid storage size {numel!r} (truncated file?)")
-            if key not in storages:  # filled in below: the raw bytes follow the pickle
-                storages[key] = _Storage(torch.empty(numel, dtype=dtype))
+            nonlocal declared
+            key = pid[2]
+            if not isinstance(key, str):
+                raise CheckpointFormatError(f"{path}: storage key should be a string, got {describe(key)}")
+            if key not in storages:  # filled below: the raw bytes follow the pickle
+                dtype, nbytes = _storage_bytes(pid, path)
+                # All storages follow in this file: claims beyond its size are a truncated or forged file.
+                declared += nbytes
+                if declared > file_size:
+                    raise CheckpointFormatError(f"{path}: storages declare more bytes than the file holds")
+                storages[key] = _Storage(torch.empty(nbytes // _element_size(dtype), dtype=dtype))
             view_metadata = pid[5] if len(pid) > 5 else None
             if view_metadata is not None:  # (view_key, offset, size) of a storage slice, torch < 1.x
+                if not (isinstance(view_metadata, tuple) and len(view_metadata) == 3):
+                    raise CheckpointFormatError(f"{path}: invalid storage view {describe(view_metadata)}")
                 _view_key, offset, size = view_metadata
-                return _Storage(storages[key].flat[offset : offset + size])
+                flat = storages[key].flat
+                if type(offset) is not int or type(size) is not int or not 0 <= offset <= offset + size <= len(flat):
+                    raise CheckpointFormatError(f"{path}: storage view {describe(view_metadata)} is out of range")
+                return _Storage(flat[offset : offset + size])
             return storages[key]
 
         result = _unpickle(file, load_storage, path)
         keys = _unpickle(file, no_storage, path)
         if not isinstance(keys, list):
             raise CheckpointFormatError(f"{path} has no storage key list: not a PyTorch checkpoint")
+        filled: set[str] = set()
         for key in keys:
-            storage = storages.get(key)
+            storage = storages.get(key) if isinstance(key, str) else None
             if storage is None:
-                raise CheckpointFormatError(f"{path} lists storage {key!r} that no tensor uses")
+                raise CheckpointFormatError(f"{path} lists storage {describe(key)} that no tensor uses")
+            if key in filled:
+                raise CheckpointFormatError(f"{path} lists storage {describe(key)} twice")
             header = file.read(8)
             expected_bytes = storage.flat.numel() * storage.flat.element_size()
             data = file.read(expected_bytes) if len(header) == 8 else b""
             if len(data) != expected_bytes or struct.unpack("<q", header)[0] != storage.flat.numel():
-                raise CheckpointFormatError(f"{path} is truncated (storage {key!r} incomplete)")
-            storage.flat.copy_(torch.frombuffer(bytearray(data), dtype=storage.flat.dtype))
+                raise CheckpointFormatError(f"{path} is truncated (storage {describe(key)} incomplete)")
+            if expected_bytes:
+                storage.flat.copy_(torch.frombuffer(bytearray(data), dtype=storage.flat.dtype))
+            filled.add(key)
+        # A storage the pickle uses but the key list never fills would hand out uninitialised memory.
+        unfilled = sorted(set(storages) - filled)
+        if unfilled:
+            raise CheckpointFormatError(
+                f"{path}: storage {describe(unfilled[0])} is used by a tensor but its data is not in the file"
+                f"{f' ({len(unfilled)} storages missing)' if len(unfilled) > 1 else ''}"
+            )
         return result
 
 
-def _unpickle(file: io.BufferedIOBase, load_storage: Callable[[tuple], _Storage], path: Path) -> Any:
+def _unpickle(file: Any, load_storage: Callable[[tuple], _Storage], path: Path) -> Any:
     try:
         return _RestrictedUnpickler(file, load_storage).load()
     except CheckpointFormatError:
@@ -352,9 +492,13 @@ def _unpickle(file: io.BufferedIOBase, load_storage: Callable[[tuple], _Storage]
         IndexError,
         KeyError,
         struct.error,
-        RuntimeError,
+        RuntimeError,  # also RecursionError: deeply nested containers
+        MemoryError,
+        OverflowError,
     ) as error:
-        raise CheckpointFormatError(f"{path} is truncated or not a PyTorch checkpoint: {error}") from error
+        detail = str(error)
+        detail = detail if len(detail) <= 300 else detail[:297] + "..."
+        raise CheckpointFormatError(f"{path} is truncated or not a PyTorch checkpoint: {detail}") from None
 
 
 def load_torch_file(path: str | os.PathLike) -> Any:
@@ -380,7 +524,7 @@ def pickled_module_tensors(record: Any, prefix: str = "") -> dict[str, torch.Ten
     """The persistent parameters and buffers of a pickled `nn.Module` record, keyed like `state_dict()`."""
     state = record.state if isinstance(record, PickledObject) else None
     if not isinstance(state, Mapping) or "_parameters" not in state or "_modules" not in state:
-        raise CheckpointFormatError(f"{prefix or 'the file'} is not a pickled torch.nn.Module ({record!r})")
+        raise CheckpointFormatError(f"{prefix or 'the file'} is not a pickled torch.nn.Module ({describe(record)})")
     tensors: dict[str, torch.Tensor] = {}
     non_persistent = state.get("_non_persistent_buffers_set") or set()
     named = list(state["_parameters"].items()) + [
@@ -390,7 +534,7 @@ def pickled_module_tensors(record: Any, prefix: str = "") -> dict[str, torch.Ten
         if tensor is None:
             continue
         if not isinstance(tensor, torch.Tensor):
-            raise CheckpointFormatError(f"{prefix}{name} should be a tensor, found {tensor!r}")
+            raise CheckpointFormatError(f"{prefix}{describe(name)} should be a tensor, found {describe(tensor)}")
         tensors[prefix + name] = tensor
     for name, child in state["_modules"].items():
         if child is not None:
@@ -416,4 +560,6 @@ def load_tensors_strict(module: nn.Module, tensors: Mapping[str, torch.Tensor], 
             )
         if not tensor.dtype.is_floating_point:
             raise CheckpointFormatError(f"{source}: {key} has dtype {tensor.dtype}, expected floating point")
+        if not bool(torch.isfinite(tensor).all()):
+            raise CheckpointFormatError(f"{source}: {key} holds NaN or infinite values")
     module.load_state_dict(dict(tensors), strict=True)

@@ -102,8 +102,9 @@ class CLIP(PretrainedMixin, nn.Module):
 
         self.log_temperature = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
 
-    def embed_text(self, text: Tensor, text_mask: Tensor | None = None) -> Tensor:
-        """text (b, n <= text_seq_len) long -> unit-norm latents (b, dim_latent)."""
+    def encode_text(self, text: Tensor, text_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Per-token text features before pooling: text (b, n <= text_seq_len) long ->
+        (encodings (b, n, dim_text), mask (b, n) bool, True at real tokens)."""
         if not torch.is_tensor(text) or text.dtype not in (torch.int64, torch.int32) or text.ndim != 2:
             raise TypeError(
                 f"text must be a (batch, n) tensor of integer token ids, got {getattr(text, 'dtype', type(text))}"
@@ -120,8 +121,16 @@ class CLIP(PretrainedMixin, nn.Module):
                 )
             mask = mask & text_mask.bool()
         x = self.text_emb(text) + self.text_pos_emb(torch.arange(text.shape[1], device=text.device))
-        x = self.text_transformer(x, mask)
-        return F.normalize(self.to_text_latent(masked_mean(x, mask)), dim=-1)
+        return self.text_transformer(x, mask), mask
+
+    def embed_text(
+        self, text: Tensor, text_mask: Tensor | None = None, return_encodings: bool = False
+    ) -> Tensor | tuple[Tensor, Tensor, Tensor]:
+        """text (b, n <= text_seq_len) long -> unit-norm latents (b, dim_latent); with ``return_encodings``
+        also the per-token features and their mask from :meth:`encode_text`."""
+        encodings, mask = self.encode_text(text, text_mask)
+        latents = F.normalize(self.to_text_latent(masked_mean(encodings, mask)), dim=-1)
+        return (latents, encodings, mask) if return_encodings else latents
 
     def embed_image(self, image: Tensor) -> Tensor:
         """image (b, c, H, W) float -> unit-norm latents (b, dim_latent)."""

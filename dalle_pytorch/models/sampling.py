@@ -8,7 +8,7 @@ guidance (Ho & Salimans 2022, https://arxiv.org/abs/2207.12598).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -44,16 +44,23 @@ def guide(cond_logits: Tensor, null_logits: Tensor, cond_scale: float) -> Tensor
     return null_logits + (cond_logits - null_logits) * cond_scale
 
 
-def _uniforms(batch: int, generator: Generators, device: torch.device) -> Tensor:
-    """(b,) uniforms in [0, 1); with one generator per sample, each row depends only on its own generator."""
+def per_sample_draw(
+    draw: Callable[..., Tensor], batch: int, shape: Sequence[int], generator: Generators, device: torch.device
+) -> Tensor:
+    """`draw` (torch.rand or torch.randn) of shape (batch, *shape) on `device`. With one generator per
+    sample, row i is drawn from generator i alone, so it does not depend on the other rows of the batch."""
     if generator is None or isinstance(generator, torch.Generator):
         g_device = generator.device if generator is not None else "cpu"
-        return torch.rand(batch, generator=generator, device=g_device).to(device)
+        return draw((batch, *shape), generator=generator, device=g_device).to(device)
     generators = list(generator)
     if len(generators) != batch:
         raise ValueError(f"generator list has {len(generators)} generators for a batch of {batch}")
-    draws = [torch.rand(1, generator=g, device=g.device).to(device) for g in generators]
-    return torch.cat(draws)
+    return torch.stack([draw(tuple(shape), generator=g, device=g.device).to(device) for g in generators])
+
+
+def _uniforms(batch: int, generator: Generators, device: torch.device) -> Tensor:
+    """(b,) uniforms in [0, 1); with one generator per sample, each row depends only on its own generator."""
+    return per_sample_draw(torch.rand, batch, (), generator, device)
 
 
 def sample(logits: Tensor, temperature: float = 1.0, generator: Generators = None) -> Tensor:

@@ -158,6 +158,18 @@ class DiscreteVAE(PretrainedMixin, nn.Module):
         codes = rearrange(self.codebook(img_seq), "b (h w) d -> b d h w", h=side)
         return self.denormalize(self.decoder(codes))
 
+    def decode_relaxed(self, probs: Tensor) -> Tensor:
+        """Relaxed codes (b, fmap * fmap, num_tokens), rows of weights over the codebook (e.g. a softmax) ->
+        images (b, c, H, W) like `decode`, differentiable in `probs`; a one-hot row decodes as its code."""
+        if not torch.is_tensor(probs) or not probs.is_floating_point() or probs.ndim != 3:
+            raise TypeError(f"probs must be a (batch, n, num_tokens) float tensor, got {type(probs).__name__}")
+        if probs.shape[1:] != (self.fmap_size**2, self.num_tokens):
+            raise ValueError(
+                f"probs must have shape (batch, {self.fmap_size**2}, {self.num_tokens}), got {tuple(probs.shape)}"
+            )
+        codes = rearrange(probs @ self.codebook.weight, "b (h w) d -> b d h w", h=self.fmap_size)
+        return self.denormalize(self.decoder(codes))
+
     def forward(
         self,
         img: Tensor,

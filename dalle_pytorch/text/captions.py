@@ -16,7 +16,9 @@ class BadSampleError(ValueError):
 def captions_from_bytes(raw: bytes) -> list[str]:
     """All non-blank caption lines of a text file; UTF-8 (or UTF-16 with a BOM), invalid bytes replaced.
 
-    Raises BadSampleError('empty caption') when no line holds a printable character.
+    Raises BadSampleError('empty caption') when no line holds a printable character, and
+    BadSampleError('binary caption') when over a quarter of the characters are undecodable or control
+    characters (binary data, not text).
     """
     if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
         text = raw.decode("utf-16", errors="replace")
@@ -30,4 +32,9 @@ def captions_from_bytes(raw: bytes) -> list[str]:
             captions.append(line)
     if not captions:
         raise BadSampleError("empty caption", "no non-blank line")
+    # Bytes that are not text (an image saved as .txt, a wrong encoding) decode to replacement and control
+    # characters; a caption made mostly of those is garbage, not a caption.
+    garbage = sum(1 for char in text if char == "\ufffd" or (not char.isprintable() and char not in "\t\r\n"))
+    if garbage > 0.25 * max(1, len(text.strip())):
+        raise BadSampleError("binary caption", f"{garbage} of {len(text)} characters are not text")
     return captions

@@ -50,13 +50,13 @@ class RunLogger:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError as error:
-                raise ImportError("--tensorboard needs: pip install 'dalle-pytorch[tensorboard]'") from error
+                raise ImportError("--tensorboard needs the tensorboard package: pip install tensorboard") from error
             self._tensorboard = SummaryWriter(log_dir=str(self.output_dir / "tensorboard"))
         if wandb:
             try:
                 import wandb as wandb_module
             except ImportError as error:
-                raise ImportError("--wandb needs: pip install 'dalle-pytorch[wandb]' (and `wandb login`)") from error
+                raise ImportError("--wandb needs the wandb package: pip install wandb (and `wandb login`)") from error
             self._wandb = wandb_module
             run_id_file = self.output_dir / "wandb_run_id.txt"
             # the same W&B run continues when training resumes in this folder

@@ -55,6 +55,7 @@ class TrainingSettings:
     powersgd_rank: int = 1
     powersgd_start_iter: int = 10
     find_unused_parameters: bool = False
+    ema_decay: float | None = None  # keep an exponential moving average of the weights (e.g. 0.999); None: off
     run_config: dict[str, Any] = field(default_factory=dict)  # shown in W&B
 
     def __post_init__(self) -> None:
@@ -81,6 +82,10 @@ class TrainingSettings:
             raise ValueError(f"lr_schedule must be one of {list(LR_SCHEDULES)}, got {self.lr_schedule!r}")
         if self.learning_rate <= 0 or self.lr_min < 0 or self.warmup_steps < 0:
             raise ValueError("learning_rate must be > 0, lr_min and warmup_steps >= 0")
+        if self.ema_decay is not None and not 0 < self.ema_decay < 1:
+            raise ValueError(f"ema_decay must be in (0, 1) (or not given), got {self.ema_decay}")
+        if self.ema_decay is not None and self.deepspeed and self.zero_stage >= 3:
+            raise ValueError("ema_decay does not work with DeepSpeed ZeRO stage 3 (the weights are partitioned)")
         if self.clip_grad_norm is not None and self.clip_grad_norm <= 0:
             raise ValueError(f"clip_grad_norm must be > 0, got {self.clip_grad_norm}")
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import re
 import shutil
@@ -35,8 +36,10 @@ from dalle_pytorch.io.checkpoint import (
     read_config,
     write_model_dir,
 )
+from dalle_pytorch.io.safe_pickle import describe
 
 TRAINING_STATE_NAME = "training_state.pt"
+EMA_DIR_NAME = "ema"  # the averaged weights, a model directory inside the checkpoint
 TRAINING_STATE_VERSION = 1
 
 PathLike = str | os.PathLike
@@ -81,26 +84,80 @@ def load_training_state(
     """Restores the given objects (and the RNGs) from `directory/training_state.pt`; returns the state,
     including `step`, `epoch`, `data_position` and `extra`. Load the model weights before this."""
     path = Path(directory) / TRAINING_STATE_NAME
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    version = state.get("format_version") if isinstance(state, dict) else None
-    if not isinstance(version, int):
-        raise CheckpointError(f"{path} is not a dalle_pytorch training state")
-    if version > TRAINING_STATE_VERSION:
-        raise CheckpointError(
-            f"{path} has training-state format version {version}, but this dalle_pytorch {__version__} "
-            f"reads up to {TRAINING_STATE_VERSION}; upgrade dalle_pytorch to resume from it"
-        )
+    state = read_training_state(directory)
+    if restore_rng:
+        _check_rng_states(state.get("rng"), path)  # before anything is restored: all or nothing
     for name, target in (("optimizer", optimizer), ("scheduler", scheduler)):
         if target is not None:
             if state.get(name) is None:
                 raise ValueError(f"{path} holds no {name} state, but a {name} was given to restore")
-            target.load_state_dict(state[name])
+            try:
+                target.load_state_dict(state[name])
+            except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as error:
+                raise CheckpointError(f"{path}: the {name} state does not fit this {name}: {error}") from None
     # A scaler saved disabled (or not at all) has nothing to restore; a fresh loss scale is harmless.
     if scaler is not None and state.get("scaler"):
         scaler.load_state_dict(state["scaler"])
     if restore_rng:
         _set_rng_states(state["rng"])
     return state
+
+
+def read_training_state(directory: PathLike) -> dict[str, Any]:
+    """`directory/training_state.pt` as a dict, checked to be a complete training state of a format this
+    version reads; a truncated, empty or foreign file is a CheckpointError naming it."""
+    path = Path(directory) / TRAINING_STATE_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"no {TRAINING_STATE_NAME} at {path}")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path} is empty (an interrupted copy?); resume from another checkpoint")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (
+        RuntimeError,
+        OSError,
+        EOFError,
+        pickle.UnpicklingError,
+        ValueError,
+        TypeError,
+        KeyError,
+        MemoryError,
+    ) as error:
+        detail = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
+        raise CheckpointError(f"{path} is truncated or not a training state: {detail}") from None
+    version = state.get("format_version") if isinstance(state, dict) else None
+    if type(version) is not int:
+        raise CheckpointError(f"{path} is not a dalle_pytorch training state")
+    if version > TRAINING_STATE_VERSION:
+        raise CheckpointError(
+            f"{path} has training-state format version {version}, but this dalle_pytorch {__version__} "
+            f"reads up to {TRAINING_STATE_VERSION}; upgrade dalle_pytorch to resume from it"
+        )
+    for key in ("step", "epoch"):
+        if type(state.get(key)) is not int or state[key] < 0:
+            raise CheckpointError(f"{path}: '{key}' should be a non-negative int, found {describe(state.get(key))}")
+    return state
+
+
+def _check_rng_states(rng: Any, path: Path) -> None:
+    """The RNG states `_set_rng_states` restores, checked so a damaged file fails before anything changes."""
+    problem = None
+    if not isinstance(rng, dict):
+        problem = "has no 'rng' entry"
+    elif not (isinstance(rng.get("python"), dict) and isinstance(rng["python"].get("state"), torch.Tensor)):
+        problem = "has no Python RNG state"
+    elif not (isinstance(rng.get("numpy"), dict) and isinstance(rng["numpy"].get("keys"), torch.Tensor)):
+        problem = "has no NumPy RNG state"
+    elif not (isinstance(rng.get("torch"), torch.Tensor) and rng["torch"].dtype == torch.uint8):
+        problem = "has no torch RNG state"
+    else:
+        numpy = rng["numpy"]
+        if any(key not in numpy for key in ("name", "pos", "has_gauss", "cached_gaussian")):
+            problem = "has an incomplete NumPy RNG state"
+        elif rng["python"]["state"].numel() != len(random.getstate()[1]) or numpy["keys"].numel() != 624:
+            problem = "has RNG states of the wrong size"
+    if problem is not None:
+        raise CheckpointError(f"{path} {problem}; it cannot restore the random number generators")
 
 
 def save_checkpoint(
@@ -114,9 +171,11 @@ def save_checkpoint(
     epoch: int | None = None,
     data_position: Any = None,
     extra: Any = None,
+    ema: PretrainedMixin | None = None,
 ) -> Path:
     """Writes the model directory and, when `optimizer` is given, `training_state.pt` (arguments as in
-    `save_training_state`) in one atomic step, so weights and training state always belong together."""
+    `save_training_state`) in one atomic step, so weights and training state always belong together.
+    `ema`: a moving average of the weights, written as the model directory `ema/` inside."""
     state = None
     if optimizer is not None:
         state = _training_state(
@@ -133,6 +192,8 @@ def save_checkpoint(
 
     def fill(tmp: Path) -> None:
         write_model_dir(model, tmp)
+        if ema is not None:
+            write_model_dir(ema, tmp / EMA_DIR_NAME)
         if state is not None:
             torch.save(state, tmp / TRAINING_STATE_NAME)
 

@@ -8,6 +8,10 @@ never stopped. Checkpoints are `step-XXXXXXXX/` model directories (`dalle_pytorc
 `training_state.pt` beside the weights (`dalle_pytorch.training.state`), written by rank 0 only (DDP keeps
 the weights identical on every rank, so rank 0's copy is complete).
 
+With `settings.ema_decay`, a moving average of the weights (`dalle_pytorch.training.ema`) is updated after
+every optimizer step that was not skipped, saved as the model directory `ema/` inside each checkpoint and
+restored on resume.
+
 Settings and the learning-rate schedule: `dalle_pytorch.training.settings`.
 """
 
@@ -43,9 +47,10 @@ from dalle_pytorch.training.distributed import (
     no_sync,
     wrap_ddp,
 )
+from dalle_pytorch.training.ema import WeightAverage
 from dalle_pytorch.training.run_logging import RunLogger
 from dalle_pytorch.training.settings import LR_SCHEDULES, PRECISIONS, TrainingSettings, lr_factor_fn
-from dalle_pytorch.training.state import CheckpointManager, load_training_state
+from dalle_pytorch.training.state import EMA_DIR_NAME, CheckpointManager, load_training_state
 
 __all__ = [
     "LR_SCHEDULES",
@@ -159,9 +164,15 @@ class Trainer:
         self.history: collections.deque = collections.deque(maxlen=HISTORY_LENGTH)
         self.checkpoints: list[Path] = []
         self.engine = None  # a DeepSpeed engine when settings.deepspeed
+        self.ema = WeightAverage(model, settings.ema_decay) if settings.ema_decay is not None else None
         self._resume_dir: Path | None = None
         self._stop_requested = False
         self.stopped_by = ""
+
+    @property
+    def ema_model(self) -> nn.Module | None:
+        """The averaged copy of the model (for sampling), or None when `ema_decay` is off."""
+        return None if self.ema is None else self.ema.module
 
     @property
     def global_batch(self) -> int:
@@ -180,6 +191,8 @@ class Trainer:
         self.step, self.last_saved_step = state["step"], state["step"]
         self.epoch, self.samples_in_epoch = position.get("epoch", state["epoch"]), position.get("samples", 0)
         self.nan_streak = extra.get("nan_streak", 0)
+        if self.ema is not None:
+            self.ema.restore(directory / EMA_DIR_NAME, extra.get("ema_updates"))
         if extra.get("global_batch", self.global_batch) != self.global_batch:
             warnings.warn(
                 f"resuming with {self.global_batch} samples per step instead of {extra['global_batch']}: "
@@ -378,6 +391,8 @@ class Trainer:
                 self.scaler.update()
             self.optimizer.zero_grad(set_to_none=True)
         record["skipped"] = skipped
+        if self.ema is not None and not skipped:
+            self.ema.update(self.model)
         self.nan_streak = self.nan_streak + 1 if skipped else 0
         if skipped:
             message = (
@@ -437,7 +452,9 @@ class Trainer:
                     self.model, self.step, optimizer=optimizer, scaler=self.scaler,
                     epoch=self.epoch, data_position={"epoch": self.epoch, "samples": self.samples_in_epoch},
                     extra={"seed": self.settings.seed, "global_batch": self.global_batch,
-                           "world_size": self.ctx.world_size, "nan_streak": self.nan_streak},
+                           "world_size": self.ctx.world_size, "nan_streak": self.nan_streak,
+                           "ema_updates": None if self.ema is None else self.ema.updates},
+                    ema=self.ema_model,
                 )  # fmt: skip
                 self.checkpoints.append(path)
         if self.engine is not None and self.ctx.is_main:  # DeepSpeed's folders follow --keep_n_checkpoints
