@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from dalle_pytorch.cli import generate, train_clip, train_dalle, train_vae
+from dalle_pytorch.cli import convert, generate, train_clip, train_dalle, train_vae
 from dalle_pytorch.cli.generate import prompt_folder, prompt_folder_name
 from dalle_pytorch.io.download import CACHE_ENV, OFFLINE_ENV
 from dalle_pytorch.models.vae import DiscreteVAE
@@ -129,7 +129,7 @@ def read_png(path: Path) -> np.ndarray:
 # ------------------------------------------------------------------------------------------ flags
 
 
-@pytest.mark.parametrize("module", [train_vae, train_dalle, train_clip, generate])
+@pytest.mark.parametrize("module", [train_vae, train_dalle, train_clip, generate, convert])
 def test_every_flag_has_help_and_the_dashed_spelling(module):
     for action in module.build_parser()._actions:
         if action.option_strings and action.dest != "help":
