@@ -1,1 +1,1 @@
-"""Benchmarks of dalle_pytorch (issue 5): ``python benchmarks/run.py [--quick] [--only NAME] [--out FILE]``."""
+"""Benchmarks of dalle_pytorch: ``python benchmarks/run.py [--quick] [--only NAME] [--out FILE]``."""

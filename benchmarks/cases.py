@@ -1,4 +1,4 @@
-"""The measurements of issue 5, each a function ``(device, quick, **params) -> dict`` run in its own process.
+"""The benchmark measurements, each a function ``(device, quick, **params) -> dict`` run in its own process.
 
 Every case builds its models from a seed, times a training step (forward, backward, AdamW step) or a
 generation call with warm-up and repeats, and returns its configuration, timing statistics and the model
@@ -25,7 +25,7 @@ from benchmarks.harness import MemoryProbe, return_freed_memory_to_os, time_repe
 SPARSE_TYPES = ("axial_row", "axial_col", "conv_like", "sparse")
 ATTENTION_TYPES = ("full", *SPARSE_TYPES)
 
-# the sizes of issue 5; quick mode shrinks each
+# the full benchmark sizes; quick mode shrinks each
 VAE_SIZES = {
     False: dict(image_size=64, num_layers=3, num_tokens=512, codebook_dim=256, hidden_dim=64),
     True: dict(image_size=32, num_layers=2, num_tokens=64, codebook_dim=32, hidden_dim=16),

@@ -22,7 +22,7 @@ PRIOR_SIZES = {
     True: dict(dim=32, depth=1, heads=2, dim_head=16, embed_dim=16, text_len=4, batch=4),
 }
 SAMPLE_STEPS = {False: (1000, 50), True: (100, 5)}  # (DDPM timesteps, DDIM steps)
-SAMPLE_BATCH = 8
+SAMPLE_BATCH = 2  # 8 rows with two candidates each and guidance: 1000 DDPM steps stay within minutes on a CPU
 PRIOR_FORMULA = (
     "6 * b * (W_blocks * n + W_text_encodings * n_text + W_once) + 12 * b * depth * inner * n (n + 1) / 2;"
     " n = n_text + 5 tokens, W_once = the text/image/time projections and the output layer (one token each)"

@@ -1,4 +1,4 @@
-"""Turn raw measurements into the figures of issue 5: MFU, matmul-time ratios, ratios to full attention and
+"""Turn raw measurements into the reported figures: MFU, matmul-time ratios, ratios to full attention and
 to depth 4, the targets, and a markdown table for the README.
 
 All figures refer to the matmul throughput measured in the same run (``matmul`` case), so they compare like
@@ -73,7 +73,7 @@ def derive(name: str, result: dict, earlier: dict[str, dict]) -> dict:
 
 
 def check_targets(results: dict[str, dict], quick: bool = False) -> list[dict]:
-    """Each target of issue 5 with its measured value and whether it is met (None when not measured, and
+    """Each performance target with its measured value and whether it is met (None when not measured, and
     always in quick mode, whose tiny sizes are not the ones the targets are about)."""
     rows = []
     for description, case, field, comparison, threshold in TARGETS:

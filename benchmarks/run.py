@@ -1,4 +1,4 @@
-"""Run the benchmarks of issue 5 and print one JSON line per measurement.
+"""Run the benchmarks and print one JSON line per measurement.
 
     python benchmarks/run.py [--quick] [--only NAME[,NAME...]] [--out FILE] [--markdown FILE]
 

@@ -27,6 +27,7 @@ from toy_models import (
     stored_keys,
 )
 
+from dalle_pytorch import DALLE, DiscreteVAE
 from dalle_pytorch._version import __version__
 from dalle_pytorch.io import atomic, checkpoint
 from dalle_pytorch.io.checkpoint import (
@@ -311,24 +312,17 @@ def test_sigkill_during_save_leaves_previous_checkpoint_readable(tmp_path, momen
 
 
 def test_discrete_vae_round_trip(tmp_path):
-    vae_module = pytest.importorskip("dalle_pytorch.models.vae")
-    if not issubclass(vae_module.DiscreteVAE, PretrainedMixin):
-        pytest.skip("DiscreteVAE does not use PretrainedMixin yet")
     torch.manual_seed(0)
-    vae = vae_module.DiscreteVAE(image_size=16, num_tokens=8, codebook_dim=8, num_layers=2, hidden_dim=8)
+    vae = DiscreteVAE(image_size=16, num_tokens=8, codebook_dim=8, num_layers=2, hidden_dim=8)
     loaded = load_pretrained(vae.save_pretrained(tmp_path / "vae"))
-    assert type(loaded) is vae_module.DiscreteVAE and loaded.config == vae.config
+    assert type(loaded) is DiscreteVAE and loaded.config == vae.config
     assert_same_state(vae, loaded)
 
 
 def test_dalle_round_trip_keeps_vae_in_subfolder_and_tied_embeddings(tmp_path):
-    dalle_module = pytest.importorskip("dalle_pytorch.models.dalle")
-    vae_module = pytest.importorskip("dalle_pytorch.models.vae")
-    if not issubclass(dalle_module.DALLE, PretrainedMixin):
-        pytest.skip("DALLE does not use PretrainedMixin yet")
     torch.manual_seed(0)
-    vae = vae_module.DiscreteVAE(image_size=16, num_tokens=8, codebook_dim=8, num_layers=2, hidden_dim=8)
-    dalle = dalle_module.DALLE(
+    vae = DiscreteVAE(image_size=16, num_tokens=8, codebook_dim=8, num_layers=2, hidden_dim=8)
+    dalle = DALLE(
         dim=16,
         vae=vae,
         num_text_tokens=20,
@@ -343,7 +337,7 @@ def test_dalle_round_trip_keeps_vae_in_subfolder_and_tied_embeddings(tmp_path):
     assert read_config(path / "vae")["model_type"] == "DiscreteVAE"
     assert not any(key.startswith("vae.") for key in stored_keys(path))
     loaded = load_pretrained(path)
-    assert type(loaded) is dalle_module.DALLE and loaded.config == dalle.config
+    assert type(loaded) is DALLE and loaded.config == dalle.config
     assert_same_state(dalle, loaded)
     text, image = torch.randint(1, 20, (2, 4)), torch.randint(0, 8, (2, 16))
     torch.testing.assert_close(loaded(text, image), dalle.eval()(text, image), rtol=0, atol=0)

@@ -132,6 +132,7 @@ def test_a_decoder_with_its_own_clip_keeps_it(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # 256 px U-Net training and sampling on a CPU: minutes, more on a shared machine
 def test_seed_code_block_at_full_sizes():
     """The seed's code block with its sizes (CPU, no .cuda()): one training step of each part, short sampling."""
     clip = CLIP(

@@ -358,7 +358,6 @@ def write_shard(path: Path, members: dict[str, bytes]) -> None:
 
 @pytest.fixture
 def shards(tmp_path: Path) -> Path:
-    pytest.importorskip("webdataset")
     root = tmp_path / "shards"
     root.mkdir()
     for shard in range(3):
@@ -420,7 +419,6 @@ def test_webdataset_reads_good_samples_and_counts_bad_ones(shards):
 
 
 def test_webdataset_truncated_shard_keeps_its_complete_samples(tmp_path):
-    pytest.importorskip("webdataset")
     members = {}
     for i in range(6):
         members[f"{i}.png"] = image_bytes(size=(32, 32), noise=True)
@@ -459,7 +457,6 @@ def test_webdataset_shard_specs(shards):
 
 
 def test_webdataset_file_names_never_reach_a_shell(tmp_path, monkeypatch):
-    pytest.importorskip("webdataset")
     monkeypatch.chdir(tmp_path)
     folder = tmp_path / "odd"
     folder.mkdir()

@@ -33,6 +33,8 @@ from dalle_pytorch.demo.pipeline import (
     resolve_device,
 )
 from dalle_pytorch.demo.report import Stopwatch, build_report, grid_rows, write_grid_and_report
+from dalle_pytorch.demo.training import encode_images, train_dalle, train_vae
+from dalle_pytorch.training.settings import TrainingSettings, lr_factor_fn
 
 
 @pytest.fixture
@@ -209,6 +211,38 @@ def test_clip_reranking_keeps_the_best_scored_candidate(tokenizer):
     torch.testing.assert_close(best, chosen)
     with pytest.raises(ValueError, match="clip"):
         generate_for_prompts(dalle, tokenizer, prompts, config, clip=None, progress=False)
+
+
+def test_demo_models_train_through_the_library_trainer(tmp_path):
+    config = dataclasses.replace(
+        FAST_CONFIG, image_size=16, vae_num_layers=2, vae_num_tokens=16, vae_hidden_dim=8, vae_codebook_dim=8,
+        vae_steps=20, vae_batch_size=4, dalle_dim=16, dalle_depth=1, dalle_heads=2, dalle_steps=3,
+        dalle_batch_size=4, clip_steps=0,
+    )  # fmt: skip
+    images = torch.rand(10, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    runs = []
+    for name in ("a", "b"):
+        torch.manual_seed(0)
+        vae, vae_loss = train_vae(images, config, progress=False, log_dir=tmp_path / name / "vae")
+        codes = encode_images(vae, images)
+        text = torch.randint(1, 9, (10, 3, 5), generator=torch.Generator().manual_seed(1))
+        dalle, dalle_loss = train_dalle(vae, codes, text, 9, config, progress=False, log_dir=tmp_path / name / "dalle")
+        runs.append((vae, dalle))
+        assert math.isfinite(vae_loss) and math.isfinite(dalle_loss)
+        assert not vae.training and not dalle.training
+        assert not list((tmp_path / name).rglob("step-*"))  # trained in memory: no checkpoints
+    # the Trainer's warm-up + cosine schedule from training/settings, as its metrics record it
+    records = [json.loads(line) for line in (tmp_path / "a" / "vae" / "metrics.jsonl").read_text().splitlines()]
+    schedule = TrainingSettings(output_dir=tmp_path, learning_rate=1.0, lr_schedule="cosine", warmup_steps=1)
+    factor = lr_factor_fn(schedule, 20)
+    logged = {r["step"]: r["lr"] for r in records if "lr" in r}
+    assert set(logged) == {10, 20}
+    for step, lr in logged.items():
+        assert lr == pytest.approx(config.vae_learning_rate * factor(step - 1))
+    # reproducible: the same seeds give the same weights
+    for first, second in zip(*runs):
+        for (name, a), (_, b) in zip(first.state_dict().items(), second.state_dict().items()):
+            assert torch.equal(a, b), name
 
 
 @pytest.mark.parametrize(

@@ -13,6 +13,7 @@ from dalle_pytorch.data import embeddings
 from dalle_pytorch.data.embeddings import INDEX_NAME, ClipEmbeddingsDataset, precompute_clip_embeddings, read_index
 from dalle_pytorch.data.shapes import ShapesDataset, write_folder
 from dalle_pytorch.data.text_image import TextImageDataset
+from dalle_pytorch.diffusion.clip_adapter import ClipAdapter
 from dalle_pytorch.text.tokenizer import tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread_per_module")
@@ -109,6 +110,22 @@ def test_an_interrupted_run_keeps_whole_shards_and_resumes_exactly(clip, folder,
     assert not torch.equal(other["image_embed"], expected["image_embed"])
 
 
+def test_text_encodings_and_a_clip_adapter_give_clips_own_features(clip, folder, tmp_path):
+    options = dict(shard_size=2, batch_size=2, save_text_encodings=True)
+    direct = read_all(precompute_clip_embeddings(clip, dataset(folder), tmp_path / "clip", **options))
+    adapted = read_all(precompute_clip_embeddings(ClipAdapter(clip), dataset(folder), tmp_path / "adapter", **options))
+    assert set(direct) == set(adapted) == {"image_embed", "text_embed", "text", "text_encodings", "text_mask"}
+    for key in direct:
+        assert torch.equal(direct[key], adapted[key]), key
+    text = torch.stack([dataset(folder)[i][0] for i in range(5)])
+    with torch.no_grad():
+        text_embed, encodings, mask = clip.embed_text(text, return_encodings=True)
+    torch.testing.assert_close(direct["text_encodings"], encodings)
+    torch.testing.assert_close(direct["text_embed"], text_embed)
+    assert torch.equal(direct["text_mask"], mask) and direct["text_mask"].dtype == torch.bool
+    assert direct["text_encodings"].shape == (5, TEXT_LEN, 32)
+
+
 def test_other_settings_in_the_same_folder_are_refused(clip, folder, tmp_path):
     out = precompute_clip_embeddings(clip, dataset(folder), tmp_path / "emb", shard_size=2, batch_size=2)
     with pytest.raises(ValueError, match="shard_size"):
@@ -137,11 +154,13 @@ def test_cli_embeds_a_folder_and_webdataset_shards_alike(clip, folder, tmp_path,
     clip_dir = clip.save_pretrained(tmp_path / "clip")
     common = ["--clip-path", str(clip_dir), "--shard-size", "3", "--batch-size", "2", "--device", "cpu",
               "--truncate-captions"]  # fmt: skip
-    dalle2_embed.main([*common, "--image-folder", str(folder), "--output-dir", str(tmp_path / "folder")])
+    dalle2_embed.main([*common, "--image-folder", str(folder), "--output-dir", str(tmp_path / "folder"),
+                       "--text-encodings"])  # fmt: skip
     shard = write_shards(folder, tmp_path / "pairs.tar")
     dalle2_embed.main([*common, "--wds", str(shard), "--output-dir", str(tmp_path / "wds"), "--no-text-tokens"])
     from_folder, from_shards = read_all(tmp_path / "folder"), read_all(tmp_path / "wds")
     assert set(from_shards) == {"image_embed", "text_embed"} and len(from_folder["text"]) == 5
+    assert from_folder["text_encodings"].shape == (5, TEXT_LEN, 32)
     for key in from_shards:
         torch.testing.assert_close(from_shards[key], from_folder[key])
     args = json.loads((tmp_path / "folder" / "args.json").read_text())

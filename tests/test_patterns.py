@@ -2,7 +2,7 @@
 fast paths are checked against the masks, and checkpoints store patterns by name."""
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pytest
 import torch
@@ -151,6 +151,21 @@ def test_fast_plan_is_used_only_when_it_matches_the_mask():
 
 
 @dataclass(frozen=True)
+class _UnhashableRows(AxialRow):  # a list field: equal by value, but no hash (fast_plan cannot cache it)
+    notes: list = field(default_factory=list)
+
+
+def test_unhashable_patterns_still_get_their_checked_fast_path(monkeypatch):
+    pattern = _UnhashableRows(["a"])
+    with pytest.raises(TypeError):
+        hash(pattern)
+    assert fast_plan(pattern, 3, 4, 19) is AxialRow().tile_plan(3, 4, 19)
+    dalle = make_dalle(attn_types=(pattern, _UnhashableRows(["a"])), shared_attn_ids=(0, 0))
+    inputs = dalle.transformer._attention_inputs(0, dalle.seq_len, cached=False)
+    assert len(dalle.transformer.patterns) == 1 and all(layer.plan is not None for layer in inputs)
+
+
+@dataclass(frozen=True)
 class _Bad(AttentionPattern):
     kind: str = "future"
 
@@ -196,6 +211,15 @@ def test_checkpoints_keep_names_as_names_and_store_instances_by_name(tmp_path):
     assert loaded.transformer.layer_patterns == dalle.transformer.layer_patterns
     text, images = random_text(2), random_images(2)
     torch.testing.assert_close(loaded(text, images), dalle.eval()(text, images), rtol=0, atol=0)
+
+
+def test_loading_an_unknown_pattern_name_says_to_register_it(tmp_path):
+    path = make_dalle(attn_types=(ConvLike(kernel_size=3),)).save_pretrained(tmp_path / "dalle")
+    config = json.loads((path / "config.json").read_text())
+    config["config"]["attn_types"][0]["pattern"] = "not_imported_yet"
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="'not_imported_yet'.*register_pattern"):
+        DALLE.from_pretrained(path)
 
 
 def test_unregistered_pattern_is_an_error_at_save_time(tmp_path):

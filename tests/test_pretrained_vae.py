@@ -32,10 +32,11 @@ REFERENCE_INSTALL = "pip install --no-deps DALL-E==0.1 taming-transformers-rom15
 
 
 def _reference(module_name: str):
-    """The reference implementations are required in CI (CI=true) and skipped with a reason elsewhere."""
-    if os.environ.get("CI"):
+    """The reference implementations are required: a missing one fails with how to install it."""
+    try:
         return importlib.import_module(module_name)
-    return pytest.importorskip(module_name, reason=f"reference implementation missing: {REFERENCE_INSTALL}")
+    except ImportError as error:
+        raise ImportError(f"reference implementation missing ({error}): {REFERENCE_INSTALL}") from error
 
 
 dall_e_encoder = _reference("dall_e.encoder")

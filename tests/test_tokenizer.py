@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+import youtokentome as yttm  # an optional dependency of the package, always installed for the tests
 
 from dalle_pytorch.cli.train_tokenizer import main as train_tokenizer_main
 from dalle_pytorch.text.tokenizer import (
@@ -337,7 +338,6 @@ def test_yttm_missing_package_says_how_to_install(monkeypatch, tmp_path):
 
 @pytest.fixture(scope="module")
 def yttm_tokenizer(tmp_path_factory) -> YttmTokenizer:
-    yttm = pytest.importorskip("youtokentome", reason=f"youtokentome not installed ({YTTM_INSTALL_HINT})")
     folder = tmp_path_factory.mktemp("yttm")
     (folder / "captions.txt").write_text("\n".join(CAPTIONS) + "\n", encoding="utf-8")
     yttm.BPE.train(data=str(folder / "captions.txt"), model=str(folder / "model.yttm"), vocab_size=200)

@@ -16,7 +16,7 @@ Shape letters: n / i / j sequence (query / key) positions.
 from __future__ import annotations
 
 import dataclasses
-import functools
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
@@ -133,8 +133,8 @@ def registered_patterns() -> tuple[str, ...]:
 def pattern_class(name: str, argument: str = "attn_types") -> type[AttentionPattern]:
     if name not in _REGISTRY:
         raise ValueError(
-            f"{argument} entries must be pattern names among {registered_patterns()} (or AttentionPattern "
-            f"instances; register your own with register_pattern), got {name!r}"
+            f"unknown attention pattern {name!r} in {argument}: the names are {registered_patterns()}; register a "
+            "pattern of your own with register_pattern (import the module that does so before from_pretrained)"
         )
     return _REGISTRY[name]
 
@@ -197,20 +197,43 @@ def _defining_class(cls: type, attribute: str) -> type:
     return next(base for base in cls.__mro__ if attribute in vars(base))
 
 
-@functools.lru_cache(maxsize=64)
-def fast_plan(pattern: AttentionPattern, text_len: int, fmap: int, n: int) -> TilePlan | None:
+def fast_plan(
+    pattern: AttentionPattern, text_len: int, fmap: int, n: int, mask: Tensor | None = None
+) -> TilePlan | None:
     """The pattern's tile plan for positions [0, n), once it is checked to cover exactly ``mask[:n, :n]``.
 
     None when the pattern has no fast path, or when a subclass overrides ``mask`` below the class that
     defines ``tile_plan`` and the inherited plan does not match the new mask: such a pattern runs the dense
     kernel with its mask. A plan that does not match the mask of its own class is a bug: ValueError.
+    ``mask``: the pattern's checked mask (n_all, n_all) if the caller holds it (else it is built). Checked once
+    per (pattern, text_len, fmap, n) for hashable patterns (dataclass fields that are values).
     """
+    try:
+        key = (pattern, text_len, fmap, n)
+        hash(key)
+    except TypeError:  # a field without a hash (a list): checked every time
+        key = None
+    if key is not None and key in _CHECKED_PLANS:
+        _CHECKED_PLANS.move_to_end(key)
+        return _CHECKED_PLANS[key]
     plan = pattern.tile_plan(text_len, fmap, n)
-    if plan is None:
-        return None
-    mask = checked_mask(pattern, text_len, fmap)[:n, :n]
-    if plan_covers(plan, mask):
-        return plan
+    if plan is not None:
+        mask = checked_mask(pattern, text_len, fmap) if mask is None else mask
+        if not plan_covers(plan, mask[:n, :n].cpu()):
+            plan = _mismatch(pattern, text_len, fmap, n)
+    if key is not None:
+        _CHECKED_PLANS[key] = plan
+        if len(_CHECKED_PLANS) > _MAX_CHECKED_PLANS:
+            _CHECKED_PLANS.popitem(last=False)
+    return plan
+
+
+_CHECKED_PLANS: OrderedDict = OrderedDict()  # (pattern, text_len, fmap, n) -> plan or None, least recent first
+_MAX_CHECKED_PLANS = 64
+
+
+def _mismatch(pattern: AttentionPattern, text_len: int, fmap: int, n: int) -> None:
+    """None (dense) for a subclass that overrode only the mask; a ValueError for a plan wrong for its own mask."""
     cls = type(pattern)
     mask_owner, plan_owner = _defining_class(cls, "mask"), _defining_class(cls, "tile_plan")
     if mask_owner is not plan_owner and issubclass(mask_owner, plan_owner):

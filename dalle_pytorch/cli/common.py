@@ -8,13 +8,15 @@ the dashed spelling (`--image-folder`) is accepted too.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import random
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from types import NoneType, UnionType
+from typing import Any, Union, get_args, get_origin, get_type_hints
 
 import numpy as np
 import torch
@@ -72,6 +74,61 @@ def add_switch(parser: argparse.ArgumentParser | argparse._ArgumentGroup, name: 
         help=f"{help} (default: {'on' if default else 'off'})",
     )
     parser.add_argument(*spellings("--no_" + name[2:]), dest=name[2:], action="store_false", help=f"turn off {name}")
+
+
+def _scalar_type(annotation: Any) -> type | None:
+    """int / float / str / bool for ``T`` or ``T | None``; None for anything else."""
+    if get_origin(annotation) in (Union, UnionType):
+        rest = [arg for arg in get_args(annotation) if arg is not NoneType]
+        annotation = rest[0] if len(rest) == 1 else None
+    return annotation if annotation in (int, float, str, bool) else None
+
+
+def add_option_flags(
+    group: argparse.ArgumentParser | argparse._ArgumentGroup,
+    options_class: type,
+    *,
+    flags: dict[str, str] | None = None,
+    defaults: dict[str, Any] | None = None,
+    parsers: dict[str, Callable[[str], Any]] | None = None,
+    skip: tuple[str, ...] = (),
+) -> None:
+    """One flag per field of an options dataclass (``dalle_pytorch.models.options``), with the field's help
+    text: ``--<field>`` (or ``flags[field]``), the field's default (or ``defaults[field]``). Booleans that
+    default to on get a ``--no_<flag>`` switch; other types than int/float/str need ``parsers[field]``."""
+    flags, defaults, parsers = flags or {}, defaults or {}, parsers or {}
+    hints = get_type_hints(options_class)
+    for f in dataclasses.fields(options_class):
+        if f.name in skip:
+            continue
+        name = "--" + flags.get(f.name, f.name)
+        default = defaults.get(f.name, f.default)
+        help = f.metadata["help"]
+        kind = _scalar_type(hints[f.name])
+        if kind is bool:
+            if default:
+                add_switch(group, name, True, help)
+            else:
+                add_arg(group, name, action="store_true", help=help)
+            continue
+        parse = parsers.get(f.name, kind)
+        if parse is None:
+            raise TypeError(f"add_option_flags: give parsers[{f.name!r}] for the type {hints[f.name]}")
+        if "default" not in help:
+            help = f"{help} (default: {'not given' if default is None else default})"
+        add_arg(group, name, type=parse, default=default, help=help)
+
+
+def options_from_args(
+    options_class: type, args: argparse.Namespace, *, flags: dict[str, str] | None = None, **values: Any
+) -> Any:
+    """The ``options_class`` instance the flags of :func:`add_option_flags` describe (``values`` given apart)."""
+    flags = flags or {}
+    for f in dataclasses.fields(options_class):
+        dest = flags.get(f.name, f.name)
+        if f.name not in values and hasattr(args, dest):
+            values[f.name] = getattr(args, dest)
+    return options_class(**values)
 
 
 def add_training_args(

@@ -56,6 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_arg(parser, "--truncate_captions", action="store_true", help="cut captions longer than CLIP's text length")
     add_arg(parser, "--no_text_tokens", action="store_true", help="do not store the captions' token ids")
+    add_arg(
+        parser,
+        "--text_encodings",
+        action="store_true",
+        help="also store CLIP's per-token text features and their mask (for a prior that attends to them)",
+    )
     add_arg(parser, "--seed", type=int, default=0, help="seed of the crops and caption choices (default: 0)")
     add_arg(parser, "--device", default="auto", help="auto (CUDA if present, else CPU), cpu, cuda, cuda:1, mps")
     add_tokenizer_args(parser)
@@ -87,7 +93,8 @@ def run(argv: list[str] | None = None) -> Path:
         source = args.wds
     output_dir = precompute_clip_embeddings(
         clip, dataset, args.output_dir, shard_size=args.shard_size, batch_size=args.batch_size,
-        save_text_tokens=not args.no_text_tokens, seed=args.seed, source=source,
+        save_text_tokens=not args.no_text_tokens, save_text_encodings=args.text_encodings, seed=args.seed,
+        source=source,
     )  # fmt: skip
     write_args_json(output_dir, PROG, args, clip_checkpoint=str(checkpoint), tokenizer=spec)
     return output_dir

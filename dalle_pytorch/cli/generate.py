@@ -18,6 +18,7 @@ prompt can name a path outside OUTPUTS_DIR.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import re
 import sys
@@ -30,10 +31,12 @@ import torch.nn.functional as F
 
 from dalle_pytorch.cli.common import (
     add_arg,
+    add_option_flags,
     add_tokenizer_args,
     build_tokenizer,
     check_tokenizer_fits,
     load_model,
+    options_from_args,
     read_args_json,
     resolve_checkpoint,
     run_main,
@@ -46,10 +49,14 @@ from dalle_pytorch.generation.clip_guided import clip_guided_generate
 from dalle_pytorch.io.checkpoint import load_pretrained
 from dalle_pytorch.models.clip import CLIP
 from dalle_pytorch.models.dalle import DALLE
+from dalle_pytorch.models.generation import GenerationOptions
 from dalle_pytorch.training.distributed import resolve_device
 from dalle_pytorch.training.trainer import PRECISIONS
 
 PROG = "dalle-generate"
+# the flags of the GenerationOptions fields: --top_k is the original's name of filter_thres; the rest the CLI sets
+OPTION_FLAGS = {"filter_thres": "top_k"}
+NOT_FLAGS = ("use_cache", "truncate_text", "generator")
 METHODS = ("dalle", "clip-guided")
 MAX_NAME_BYTES = 100
 _NOT_NAME_CHARACTER = re.compile(r"[^\w-]+")  # \w: letters and digits of any script, and '_'
@@ -127,24 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_arg(
         parser, "--batch_size", type=int, default=4, help="images generated at once; does not change them (default: 4)"
     )
-    add_arg(
-        parser,
-        "--top_k",
-        type=float,
-        default=0.9,
-        help="top-k filtering as in the original project: the fraction of the image vocabulary dropped (default: 0.9)",
-    )
-    add_arg(
-        parser, "--top_p", type=float, default=None, help="nucleus filtering: keep the tokens of this much probability"
-    )
-    add_arg(parser, "--temperature", type=float, default=1.0, help="sampling temperature (default: 1.0)")
-    add_arg(
-        parser,
-        "--cond_scale",
-        type=float,
-        default=1.0,
-        help="classifier-free guidance scale; needs a model trained with --null_cond_prob (default: 1, off)",
-    )
+    add_option_flags(parser, GenerationOptions, flags=OPTION_FLAGS, defaults={"filter_thres": 0.9}, skip=NOT_FLAGS)
     add_arg(parser, "--seed", type=int, default=0, help="image n of each prompt uses seed + n (default: 0)")
     add_arg(
         parser,
@@ -154,13 +144,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_arg(parser, "--keep_top", type=int, default=None, help="with --clip_path: keep only the best N images")
     add_arg(parser, "--img", default=None, help="an image file whose top rows prime the generation")
-    add_arg(
-        parser,
-        "--num_init_img_tokens",
-        type=int,
-        default=None,
-        help="with --img: how many image tokens to keep (default: 14/32 of the grid)",
-    )
     add_arg(parser, "--gentxt", action="store_true", help="first let DALLE complete each prompt, then draw it")
     add_arg(parser, "--outputs_dir", default="outputs", help="where the prompt folders go (default: outputs)")
     add_arg(parser, "--device", default="auto", help="auto (CUDA if present, else CPU), cpu, cuda, cuda:1, mps")
@@ -212,6 +195,7 @@ def run(argv: list[str] | None = None) -> list[Path]:
     """Generates for every prompt; returns the prompt folders written (the console script is `main`)."""
     args = build_parser().parse_args(argv)
     _check_args(args)
+    options = options_from_args(GenerationOptions, args, flags=OPTION_FLAGS)
     prompts = read_prompts(args)
     device = resolve_device(args.device)
     outputs_dir = Path(args.outputs_dir)
@@ -254,7 +238,8 @@ def run(argv: list[str] | None = None) -> list[Path]:
         drawn = prompt
         if args.gentxt:
             generator = torch.Generator().manual_seed(args.seed)
-            drawn = dalle.generate_texts(tokenizer, prompt, filter_thres=args.top_k, generator=generator)[1][0]
+            _, texts = dalle.generate_texts(tokenizer, prompt, filter_thres=options.filter_thres, generator=generator)
+            drawn = texts[0]
         if len(tokenizer.encode(drawn)) > dalle.text_seq_len:
             print(f"{PROG}: note: prompt {drawn[:40]!r} is cut to {dalle.text_seq_len} tokens", file=sys.stderr)
         text = tokenizer.tokenize([drawn], dalle.text_seq_len, truncate_text=True).to(device)
@@ -264,10 +249,8 @@ def run(argv: list[str] | None = None) -> list[Path]:
             generators = [torch.Generator(device=device).manual_seed(args.seed + start + i) for i in range(count)]
             with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
                 images = dalle.generate_images(
-                    text.expand(count, -1), filter_thres=args.top_k, top_p=args.top_p, temperature=args.temperature,
-                    cond_scale=args.cond_scale, img=prime, num_init_img_tokens=args.num_init_img_tokens,
-                    generator=generators,
-                )  # fmt: skip
+                    text.expand(count, -1), img=prime, options=dataclasses.replace(options, generator=generators)
+                )
             batches.append(images.float().clamp(0, 1).cpu())
         images = torch.cat(batches)
         scores = None

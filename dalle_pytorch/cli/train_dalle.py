@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from dalle_pytorch.cli.common import (
     add_arg,
-    add_switch,
+    add_option_flags,
     add_tokenizer_args,
     add_training_args,
     add_vae_args,
@@ -33,6 +33,7 @@ from dalle_pytorch.cli.common import (
     fit,
     load_model,
     load_vae,
+    options_from_args,
     resolve_checkpoint,
     resume_dir,
     run_main,
@@ -42,6 +43,7 @@ from dalle_pytorch.cli.common import (
 from dalle_pytorch.cli.runs import settle_output_dir
 from dalle_pytorch.data.text_image import TextImageDataset
 from dalle_pytorch.models.dalle import DALLE
+from dalle_pytorch.models.dalle_config import DALLEConfig
 from dalle_pytorch.training.data_order import IndexedBatches, SeededDataset, StreamingBatches, derive_seed
 from dalle_pytorch.training.distributed import (
     DistributedContext,
@@ -55,6 +57,9 @@ from dalle_pytorch.training.trainer import TrainResult
 
 PROG = "dalle-train"
 DEFAULT_WDS_KEYS = "jpg;png;jpeg;webp,txt"
+# DALLEConfig fields whose flag has another name (the original's), and flag defaults other than the field's
+MODEL_FLAGS = {"stable": "stable_softmax"}
+MODEL_DEFAULTS = {"dim": 512, "depth": 2}
 VAE_FLAGS = (
     "vae_path",
     "taming",
@@ -63,6 +68,11 @@ VAE_FLAGS = (
     "openai_encoder_path",
     "openai_decoder_path",
 )
+
+
+def _name_list(text: str) -> list[str]:
+    """'full, axial_row' -> ['full', 'axial_row']."""
+    return [item.strip() for item in text.split(",")]
 
 
 def _id_list(text: str) -> list[int | str]:
@@ -113,46 +123,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     model = parser.add_argument_group("model (ignored with --dalle_path: the checkpoint has them)")
-    add_arg(model, "--dim", type=int, default=512, help="model width (default: 512)")
-    add_arg(model, "--text_seq_len", type=int, default=256, help="text tokens per caption (default: 256)")
-    add_arg(model, "--depth", type=int, default=2, help="transformer layers (default: 2)")
-    add_arg(model, "--heads", type=int, default=8, help="attention heads (default: 8)")
-    add_arg(model, "--dim_head", type=int, default=64, help="width of each head (default: 64)")
-    add_arg(model, "--ff_mult", type=int, default=4, help="feed-forward expansion (default: 4)")
-    add_arg(model, "--ff_dropout", type=float, default=0.0, help="feed-forward dropout (default: 0)")
-    add_arg(model, "--attn_dropout", type=float, default=0.0, help="attention dropout (default: 0)")
-    add_arg(
+    add_option_flags(
         model,
-        "--attn_types",
-        default="full",
-        help="comma-separated attention types cycled over the layers: full, sparse, axial_row, axial_col, "
-        "conv_like (default: full)",
+        DALLEConfig,
+        flags=MODEL_FLAGS,
+        defaults=MODEL_DEFAULTS,
+        parsers={"attn_types": _name_list, "shared_attn_ids": _id_list, "shared_ff_ids": _id_list},
+        skip=("num_text_tokens",),  # the tokenizer's vocabulary size
     )
-    add_arg(
-        model, "--loss_img_weight", type=float, default=7, help="weight of the image loss vs the text loss (default: 7)"
-    )
-    add_arg(model, "--reversible", action="store_true", help="reversible layers (less memory, more compute)")
-    add_switch(model, "--shift_tokens", True, "token shift along text and image rows")
-    add_switch(model, "--rotary_emb", True, "rotary position embeddings")
-    add_arg(
-        model,
-        "--shared_attn_ids",
-        type=_id_list,
-        default=None,
-        help="comma-separated ids: layers with one id share attention",
-    )
-    add_arg(
-        model,
-        "--shared_ff_ids",
-        type=_id_list,
-        default=None,
-        help="comma-separated ids: layers with one id share feed-forwards",
-    )
-    add_arg(model, "--share_input_output_emb", action="store_true", help="tie the output projections to the embeddings")
-    add_arg(
-        model, "--stable_softmax", action="store_true", help="CogView's numerically stable tricks (PB-relax, sandwich)"
-    )
-    add_arg(model, "--sandwich_norm", action="store_true", help="layer norms after attention and feed-forward as well")
     add_arg(
         model,
         "--null_cond_prob",
@@ -171,15 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def build_dalle(args: argparse.Namespace, vae: nn.Module, num_text_tokens: int) -> DALLE:
-    return DALLE(
-        dim=args.dim, vae=vae, num_text_tokens=num_text_tokens, text_seq_len=args.text_seq_len, depth=args.depth,
-        heads=args.heads, dim_head=args.dim_head, ff_mult=args.ff_mult, ff_dropout=args.ff_dropout,
-        attn_dropout=args.attn_dropout, attn_types=[t.strip() for t in args.attn_types.split(",")],
-        loss_img_weight=args.loss_img_weight, reversible=args.reversible, shift_tokens=args.shift_tokens,
-        rotary_emb=args.rotary_emb, shared_attn_ids=args.shared_attn_ids, shared_ff_ids=args.shared_ff_ids,
-        share_input_output_emb=args.share_input_output_emb, stable=args.stable_softmax,
-        sandwich_norm=args.sandwich_norm,
-    )  # fmt: skip
+    config = options_from_args(DALLEConfig, args, flags=MODEL_FLAGS, num_text_tokens=num_text_tokens)
+    return DALLE(vae=vae, config=config)
 
 
 def precompute_image_tokens(

@@ -7,7 +7,9 @@ computed once (`precompute_clip_embeddings`, the `dalle2-embed` tool) and traini
 
 Layout of an embeddings folder:
 - `shard-00000.safetensors`, ...: `image_embed` (n, d) and `text_embed` (n, d) float32, unit norm, and
-  optionally `text` (n, text_len) int64 token ids; every shard holds `shard_size` pairs, the last maybe fewer;
+  optionally `text` (n, text_len) int64 token ids and the CLIP's per-token text features the prior can
+  attend to, `text_encodings` (n, text_len, e) float32 with `text_mask` (n, text_len) bool (True at real
+  tokens); every shard holds `shard_size` pairs, the last maybe fewer;
 - `index.json`: the format, dimensions, the shards written so far with their sizes, and `complete`.
 
 Every shard and every update of the index is written atomically (`dalle_pytorch.io.atomic`), and a shard
@@ -28,7 +30,7 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
-from torch import Tensor
+from torch import Tensor, nn
 from torch.utils.data import Dataset, IterableDataset
 
 from dalle_pytorch.io.atomic import atomic_write_file
@@ -38,7 +40,6 @@ __all__ = ["INDEX_NAME", "ClipEmbeddingsDataset", "precompute_clip_embeddings", 
 INDEX_NAME = "index.json"
 FORMAT_NAME = "dalle_pytorch.clip_embeddings"
 FORMAT_VERSION = 1
-KEYS = ("image_embed", "text_embed", "text")
 
 
 def shard_name(number: int) -> str:
@@ -89,13 +90,15 @@ def precompute_clip_embeddings(
     shard_size: int = 10_000,
     batch_size: int = 64,
     save_text_tokens: bool = True,
+    save_text_encodings: bool = False,
     seed: int = 0,
     source: str | None = None,
 ) -> Path:
     """Embeds every `(text tokens (text_len,), image (c, H, W))` pair of `dataset` (a `TextImageDataset`, a
     `TextImageWebDataset` or any dataset of such pairs, with CLIP's image size and at most its text length)
-    with `clip` (anything with `embed_text` and `embed_image`, e.g. `dalle_pytorch.CLIP`, on its device)
-    into shards in `output_dir`; returns `output_dir`.
+    with `clip` into shards in `output_dir`; returns `output_dir`. `clip`: a `dalle_pytorch.CLIP` (or a module
+    with its `embed_text` / `embed_image`), or a DALL-E 2 CLIP adapter (`dalle_pytorch.diffusion.clip_adapter`,
+    e.g. for OpenCLIP); it runs on the device it is on. `save_text_encodings` needs a CLIP or an adapter.
 
     A folder with an unfinished run of the same `source`, `shard_size` and embedding width is continued;
     a finished one is left as it is. `source` names the data in the index (e.g. the folder or shard URLs).
@@ -103,18 +106,22 @@ def precompute_clip_embeddings(
     for name, value in (("shard_size", shard_size), ("batch_size", batch_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-    if not all(callable(getattr(clip, name, None)) for name in ("embed_text", "embed_image")):
-        raise TypeError(f"clip must have embed_text and embed_image (e.g. a CLIP), got {type(clip).__name__}")
+    module = clip if isinstance(clip, nn.Module) else getattr(clip, "clip", None)  # an adapter wraps its CLIP
+    methods = all(callable(getattr(clip, name, None)) for name in ("embed_text", "embed_image"))
+    if not methods or not isinstance(module, nn.Module):
+        raise TypeError(f"clip must be a CLIP or a CLIP adapter (embed_text, embed_image), got {type(clip).__name__}")
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    device = next(clip.parameters()).device
-    index = _start_index(output_dir, shard_size, save_text_tokens, seed, source)
+    device = next(module.parameters()).device
+    index = _start_index(output_dir, shard_size, save_text_tokens, save_text_encodings, seed, source)
     if index["complete"]:
         return output_dir
-    was_training = clip.training
-    clip.eval()
+    keys = ["image_embed", "text_embed"] + ["text"] * save_text_tokens
+    keys += ["text_encodings", "text_mask"] * save_text_encodings
+    was_training = module.training
+    module.eval()
     try:
-        pending: dict[str, list[Tensor]] = {key: [] for key in KEYS}
+        pending: dict[str, list[Tensor]] = {key: [] for key in keys}
         batch: list[tuple[Tensor, Tensor]] = []
         for sample in _samples(dataset, index["total"], seed):
             batch.append(sample)
@@ -130,13 +137,16 @@ def precompute_clip_embeddings(
         index["complete"] = True
         _write_index(output_dir, index)
     finally:
-        clip.train(was_training)
+        module.train(was_training)
     return output_dir
 
 
-def _start_index(folder: Path, shard_size: int, save_text_tokens: bool, seed: int, source: str | None) -> dict:
+def _start_index(
+    folder: Path, shard_size: int, save_text_tokens: bool, save_text_encodings: bool, seed: int, source: str | None
+) -> dict:
     """The index to continue: the folder's own if it matches these settings, else a new empty one."""
-    settings = {"shard_size": shard_size, "text_tokens": save_text_tokens, "seed": seed, "source": source}
+    settings = {"shard_size": shard_size, "text_tokens": save_text_tokens, "text_encodings": save_text_encodings,
+                "seed": seed, "source": source}  # fmt: skip
     if not (folder / INDEX_NAME).is_file():
         if any(folder.glob("shard-*.safetensors")):
             raise ValueError(f"{folder} holds shards but no {INDEX_NAME}; give an empty or new output folder")
@@ -155,9 +165,17 @@ def _start_index(folder: Path, shard_size: int, save_text_tokens: bool, seed: in
 def _embed_batch(clip: Any, batch: list[tuple[Tensor, Tensor]], pending: dict[str, list[Tensor]], device) -> None:
     text = torch.stack([tokens for tokens, _ in batch]).to(device)  # (b, text_len)
     images = torch.stack([image for _, image in batch]).to(device)  # (b, c, H, W)
-    pending["image_embed"].append(clip.embed_image(images).float().cpu())
-    pending["text_embed"].append(clip.embed_text(text).float().cpu())
-    pending["text"].append(text.long().cpu())
+    embedded = {"image_embed": clip.embed_image(images).float(), "text": text.long()}
+    if not isinstance(clip, nn.Module):  # an adapter: TextEmbeds(text_embed, text_encodings, mask)
+        embedded["text_embed"], encodings, mask = clip.embed_text(text)
+    elif "text_encodings" in pending:
+        embedded["text_embed"], encodings, mask = clip.embed_text(text, return_encodings=True)
+    else:
+        embedded["text_embed"], encodings, mask = clip.embed_text(text), None, None
+    if "text_encodings" in pending:
+        embedded["text_encodings"], embedded["text_mask"] = encodings.float(), mask.bool()
+    for key in pending:
+        pending[key].append(embedded[key].cpu())
 
 
 def _flush(folder: Path, index: dict[str, Any], pending: dict[str, list[Tensor]], shard_size: int) -> None:
@@ -166,8 +184,6 @@ def _flush(folder: Path, index: dict[str, Any], pending: dict[str, list[Tensor]]
     shard = {key: tensor[:shard_size].contiguous() for key, tensor in joined.items()}
     for key, tensor in joined.items():
         pending[key] = [tensor[shard_size:]] if len(tensor) > shard_size else []
-    if not index["text_tokens"]:
-        del shard["text"]
     count, dim = shard["image_embed"].shape
     if index["dim"] not in (None, dim):
         raise ValueError(f"embedding width changed from {index['dim']} to {dim} within one folder")
@@ -180,9 +196,10 @@ def _flush(folder: Path, index: dict[str, Any], pending: dict[str, list[Tensor]]
 
 class ClipEmbeddingsDataset(Dataset):
     """The pairs of an embeddings folder: `dataset[i]` is a dict of `image_embed` (d,), `text_embed` (d,)
-    float32 and, when stored, `text` (text_len,) int64. Shards are loaded when first read and the last
-    `cache_shards` kept in memory, so reading in order (or shuffling within shards) stays cheap.
-    An unfinished folder can be read (its whole shards) with `allow_incomplete=True`."""
+    float32 and, when stored, `text` (text_len,) int64, `text_encodings` (text_len, e) float32 and `text_mask`
+    (text_len,) bool. Shards are loaded when first read and the last `cache_shards` kept in memory, so
+    reading in order (or shuffling within shards) stays cheap. An unfinished folder can be read (its whole
+    shards) with `allow_incomplete=True`."""
 
     def __init__(self, folder: str | os.PathLike, *, cache_shards: int = 2, allow_incomplete: bool = False):
         self.folder = Path(folder)
@@ -216,6 +233,7 @@ class ClipEmbeddingsDataset(Dataset):
         entry = self.shards[number]
         tensors = load_file(str(self.folder / entry["file"]))
         expected = {"image_embed", "text_embed"} | ({"text"} if self.index["text_tokens"] else set())
+        expected |= {"text_encodings", "text_mask"} if self.index.get("text_encodings") else set()
         if set(tensors) != expected or any(len(t) != entry["count"] for t in tensors.values()):
             raise ValueError(f"{self.folder / entry['file']} does not match {INDEX_NAME} (keys or sample count)")
         self._cache[number] = tensors

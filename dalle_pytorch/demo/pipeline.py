@@ -208,8 +208,9 @@ def run_demo(
     """Train everything from scratch, generate for every colour x shape prompt and judge the samples.
 
     Writes into ``out_dir``: ``grid.png`` (labelled samples and VAE reconstructions), ``report.json`` (the
-    returned dict), ``tokenizer.json`` and the trained models as ``vae/``, ``dalle/`` (and ``clip/``) via
-    ``save_pretrained``. The global torch RNG of the caller is left as it was.
+    returned dict), ``tokenizer.json``, the trained models as ``vae/``, ``dalle/`` (and ``clip/``) via
+    ``save_pretrained``, and each model's training metrics as ``training/<model>/metrics.jsonl``. The global
+    torch RNG of the caller is left as it was.
     """
     if not isinstance(config, DemoConfig):
         raise TypeError(f"config must be a DemoConfig, got {type(config).__name__}")
@@ -231,14 +232,18 @@ def run_demo(
         log(f"{len(images)} training images, {len(kinds)} kinds of sample; held-out pairs: "
             + ", ".join(f"{c} {s}" for c, s in heldout_pairs()))  # fmt: skip
         with stopwatch("vae"):
-            vae, losses["vae"] = train_vae(images, config, progress)
+            vae, losses["vae"] = train_vae(images, config, progress, out_dir / "training" / "vae")
             codes = encode_images(vae, images)
         with stopwatch("dalle"):
-            dalle, losses["dalle"] = train_dalle(vae, codes, text, tokenizer.vocab_size, config, progress)
+            dalle, losses["dalle"] = train_dalle(
+                vae, codes, text, tokenizer.vocab_size, config, progress, out_dir / "training" / "dalle"
+            )
         clip = None
         if config.clip_steps > 0:
             with stopwatch("clip"):
-                clip, losses["clip"] = train_clip(images, text, tokenizer.vocab_size, config, progress)
+                clip, losses["clip"] = train_clip(
+                    images, text, tokenizer.vocab_size, config, progress, out_dir / "training" / "clip"
+                )
         with stopwatch("judge"):
             classifier, accuracy = train_shape_classifier(config.image_size, config.seed, config.classifier_steps)
         with stopwatch("generation"):

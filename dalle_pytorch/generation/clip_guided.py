@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from dalle_pytorch.models.sampling import Generators, per_sample_draw
 
-__all__ = ["ClipGuidedResult", "augment_views", "clip_guided_generate"]
+__all__ = ["ClipGuidedResult", "augment_views", "clip_guided_generate", "image_similarity"]
 
 
 @dataclass
@@ -52,6 +52,10 @@ def augment_views(
     """Random square crops (side a fraction in [min_crop, 1] of the image), horizontal flips and Gaussian
     noise of `images` (b, c, H, W), each resized to `size`: (b * num_views, c, size, size), differentiable
     in `images`. With one generator per image, an image's views depend on its generator alone."""
+    if not torch.is_tensor(images) or not images.is_floating_point() or images.ndim != 4:
+        raise TypeError(f"images must be a (b, c, H, W) float tensor, got {getattr(images, 'shape', images)}")
+    if num_views < 1 or size < 1:
+        raise ValueError(f"num_views and size must be >= 1, got {num_views} and {size}")
     b, c = images.shape[:2]
     draws = per_sample_draw(torch.rand, b, (num_views, 4), generator, images.device)  # (b, v, 4)
     noise = per_sample_draw(torch.randn, b, (num_views, c, size, size), generator, images.device)
@@ -76,8 +80,9 @@ def _check(vae: nn.Module, clip: nn.Module, text: Tensor, generator: Generators,
         )
     if not all(callable(getattr(clip, name, None)) for name in ("embed_text", "embed_image")):
         raise TypeError(f"clip must have embed_text and embed_image (e.g. a CLIP), got {type(clip).__name__}")
-    if getattr(vae, "channels", None) != getattr(clip, "channels", None):
-        raise ValueError(f"vae has {vae.channels} image channels but clip reads {clip.channels}")
+    vae_channels, clip_channels = getattr(vae, "channels", None), getattr(clip, "channels", None)
+    if vae_channels != clip_channels:
+        raise ValueError(f"vae has {vae_channels} image channels but clip reads {clip_channels}")
     if not torch.is_tensor(text) or text.dtype not in (torch.int32, torch.int64) or text.ndim != 2 or not len(text):
         raise TypeError(f"text must be a non-empty (batch, n) tensor of token ids, got {getattr(text, 'shape', text)}")
     if isinstance(generator, Sequence) and len(generator) != len(text):

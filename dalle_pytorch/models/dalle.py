@@ -2,96 +2,75 @@
 https://arxiv.org/abs/2102.12092).
 
 Text positions predict text (their logits cover the text vocabulary and the per-position padding tokens);
-image positions predict image codes of the frozen VAE. Generation decodes image codes one at a time with a
-KV cache, with optional top-k / top-p filtering, temperature, priming and classifier-free guidance.
+image positions predict image codes of the frozen VAE. The options are :class:`DALLEConfig`; the loss is the
+overridable :meth:`DALLE.loss`; the transformer comes from :meth:`DALLE.build_transformer`. Generation (KV
+cache, top-k / top-p, temperature, priming, classifier-free guidance) is in
+:mod:`dalle_pytorch.models.generation`.
 
 Shape letters: b batch, n positions, d model dim.
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dalle_pytorch.attention.pattern import AttentionPattern, normalize_attn_types
 from dalle_pytorch.io.checkpoint import PretrainedMixin
-from dalle_pytorch.models.sampling import Generators, filter_logits, guide, sample
-from dalle_pytorch.models.transformer import DecodingCache, Transformer
+from dalle_pytorch.models.dalle_config import DEPRECATED_ARGUMENTS, DALLEConfig
+from dalle_pytorch.models.generation import GenerationMixin
+from dalle_pytorch.models.options import collect_options, options_signature
+from dalle_pytorch.models.transformer import Transformer
 
 
-@contextlib.contextmanager
-def _evaluating(model: nn.Module):
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
+class DALLEOutput(NamedTuple):
+    """What ``DALLE.forward(..., return_outputs=True)`` returns.
+
+    - ``text_logits`` (b, text_seq_len, num_text_tokens + text_seq_len): position i predicts text token i
+      (BOS predicts the first); the last ``text_seq_len`` columns are the per-position padding tokens.
+    - ``image_logits`` (b, image_seq_len, num_image_tokens): position j predicts image code j (the last text
+      position predicts the first code). None without an image.
+    - ``text_targets`` (b, text_seq_len) long in [0, num_text_tokens + text_seq_len): the text the model
+      was given, padding as its per-position ids, and all padding for captions dropped by
+      ``null_cond_prob``.
+    - ``image_targets`` (b, image_seq_len) long in [0, num_image_tokens): the image codes. None without
+      an image.
+    - ``loss``: ``DALLE.loss`` of the above with ``return_loss=True``, else None.
+    """
+
+    text_logits: Tensor
+    image_logits: Tensor | None
+    text_targets: Tensor
+    image_targets: Tensor | None
+    loss: Tensor | None = None
 
 
-class DALLE(PretrainedMixin, nn.Module):
+class DALLE(GenerationMixin, PretrainedMixin, nn.Module):
     """Text-to-image transformer. ``vae`` is any image tokenizer with ``image_size``, ``num_tokens``,
     ``num_layers``, ``channels``, ``get_codebook_indices`` and ``decode`` (DiscreteVAE, OpenAIDiscreteVAE,
     VQGanVAE); it is frozen: DALLE sets ``requires_grad=False`` on its parameters and keeps it in eval mode.
     """
 
     pretrained_children = ("vae",)
+    config_class = DALLEConfig
+    #: the transformer :meth:`build_transformer` makes; a subclass may set its own (same constructor keywords,
+    #: ``forward(x (b, n, d), cache=None) -> (b, n, d)``)
+    transformer_class: type[nn.Module] = Transformer
 
-    def __init__(
-        self,
-        *,
-        dim: int,
-        vae: nn.Module,
-        num_text_tokens: int = 10000,
-        text_seq_len: int = 256,
-        depth: int,
-        heads: int = 8,
-        dim_head: int = 64,
-        reversible: bool = False,
-        attn_dropout: float = 0.0,
-        ff_dropout: float = 0.0,
-        sparse_attn: bool = False,
-        attn_types: Sequence[str | AttentionPattern] | str | AttentionPattern | None = None,
-        loss_img_weight: float = 7,
-        stable: bool = False,
-        sandwich_norm: bool = False,
-        shift_tokens: bool = True,
-        rotary_emb: bool = True,
-        shared_attn_ids: Sequence | None = None,
-        shared_ff_ids: Sequence | None = None,
-        share_input_output_emb: bool = False,
-        ff_mult: int = 4,
-        conv_kernel_size: int = 5,
-        conv_dilation: int = 1,
-        sparse_block_size: int = 16,
-        sparse_num_local_blocks: int = 4,
-        sparse_num_random_blocks: int = 2,
-        optimize_for_inference: bool = False,
-    ):
+    @options_signature(DALLEConfig)
+    def __init__(self, *, vae: nn.Module, config: DALLEConfig | None = None, **kwargs: Any):
+        """Keyword arguments: the fields of :class:`DALLEConfig` (or a whole ``config``, which they override)."""
         super().__init__()
         for name in ("image_size", "num_tokens", "num_layers", "get_codebook_indices", "decode"):
             if not hasattr(vae, name):
                 raise TypeError(f"vae must be an image tokenizer with a {name!r} attribute (e.g. DiscreteVAE)")
-        if num_text_tokens < 1 or text_seq_len < 1:
-            raise ValueError(f"num_text_tokens and text_seq_len must be >= 1, got {num_text_tokens}, {text_seq_len}")
-        if attn_types is None:
-            attn_types = ("sparse",) if sparse_attn else ("full",)
-        attn_types = normalize_attn_types(attn_types)  # names stay names; config.json dicts become patterns
-        self.config = dict(
-            dim=dim, num_text_tokens=num_text_tokens, text_seq_len=text_seq_len, depth=depth, heads=heads,
-            dim_head=dim_head, reversible=reversible, attn_dropout=attn_dropout, ff_dropout=ff_dropout,
-            attn_types=list(attn_types), loss_img_weight=loss_img_weight, stable=stable,
-            sandwich_norm=sandwich_norm, shift_tokens=shift_tokens, rotary_emb=rotary_emb,
-            shared_attn_ids=None if shared_attn_ids is None else list(shared_attn_ids),
-            shared_ff_ids=None if shared_ff_ids is None else list(shared_ff_ids),
-            share_input_output_emb=share_input_output_emb, ff_mult=ff_mult,
-            conv_kernel_size=conv_kernel_size, conv_dilation=conv_dilation, sparse_block_size=sparse_block_size,
-            sparse_num_local_blocks=sparse_num_local_blocks, sparse_num_random_blocks=sparse_num_random_blocks,
-        )  # fmt: skip
+        owner = type(self).__name__
+        cfg = collect_options(self.config_class, config, kwargs, owner=owner, deprecated=DEPRECATED_ARGUMENTS)
+        self.dalle_config = cfg
+        self.config = cfg.to_dict()
+        dim, text_seq_len, num_text_tokens = cfg.dim, cfg.text_seq_len, cfg.num_text_tokens
 
         self.vae = vae.requires_grad_(False).eval()
         self.num_text_tokens, self.text_seq_len = num_text_tokens, text_seq_len
@@ -103,30 +82,33 @@ class DALLE(PretrainedMixin, nn.Module):
         self.num_text_total = num_text_tokens + text_seq_len
         self.text_len = text_seq_len + 1  # BOS + text
         self.seq_len = text_seq_len + self.image_seq_len  # the last image token is never an input
-        self.loss_img_weight, self.stable, self.rotary = loss_img_weight, stable, rotary_emb
+        self.loss_img_weight, self.stable, self.rotary = cfg.loss_img_weight, cfg.stable, cfg.rotary_emb
 
         self.text_emb = nn.Embedding(self.num_text_total, dim)
         self.image_emb = nn.Embedding(self.num_image_tokens, dim)
-        if not rotary_emb:
+        if not cfg.rotary_emb:
             self.text_pos_emb = nn.Embedding(self.text_len, dim)
             self.image_row_emb = nn.Embedding(self.fmap, dim)
             self.image_col_emb = nn.Embedding(self.fmap, dim)
-        self.transformer = Transformer(
-            dim=dim, depth=depth, text_len=self.text_len, fmap=self.fmap, heads=heads, dim_head=dim_head,
-            attn_dropout=attn_dropout, ff_dropout=ff_dropout, ff_mult=ff_mult, attn_types=attn_types,
-            reversible=reversible, stable=stable, sandwich_norm=sandwich_norm, shift_tokens=shift_tokens,
-            rotary_emb=rotary_emb, shared_attn_ids=shared_attn_ids, shared_ff_ids=shared_ff_ids,
-            pattern_options=dict(
-                conv_kernel_size=conv_kernel_size, conv_dilation=conv_dilation, sparse_block_size=sparse_block_size,
-                sparse_num_local_blocks=sparse_num_local_blocks, sparse_num_random_blocks=sparse_num_random_blocks,
-            ),
-        )  # fmt: skip
+        self.transformer = self.build_transformer(cfg)
         self.norm_out = nn.LayerNorm(dim)
-        self.share_input_output_emb = share_input_output_emb
-        if not share_input_output_emb:
+        self.share_input_output_emb = cfg.share_input_output_emb
+        if not cfg.share_input_output_emb:
             self.to_text_logits = nn.Linear(dim, self.num_text_total)
             self.to_image_logits = nn.Linear(dim, self.num_image_tokens)
         self.register_buffer("text_pad_ids", torch.arange(text_seq_len) + num_text_tokens, persistent=False)
+
+    def build_transformer(self, config: DALLEConfig) -> nn.Module:
+        """The transformer over [BOS, text, image]: ``transformer_class`` built from ``config``. Override to
+        build another (it is called once, from ``__init__``, after the embeddings exist)."""
+        return self.transformer_class(
+            dim=config.dim, depth=config.depth, text_len=self.text_len, fmap=self.fmap, heads=config.heads,
+            dim_head=config.dim_head, attn_dropout=config.attn_dropout, ff_dropout=config.ff_dropout,
+            ff_mult=config.ff_mult, attn_types=config.attn_types, reversible=config.reversible, stable=config.stable,
+            sandwich_norm=config.sandwich_norm, shift_tokens=config.shift_tokens, rotary_emb=config.rotary_emb,
+            shared_attn_ids=config.shared_attn_ids, shared_ff_ids=config.shared_ff_ids,
+            pattern_options=config.pattern_options(),
+        )  # fmt: skip
 
     # ----------------------------------------------------------------------------------------------------
     # helpers
@@ -234,12 +216,16 @@ class DALLE(PretrainedMixin, nn.Module):
         mask: Tensor | None = None,
         return_loss: bool = False,
         null_cond_prob: float = 0.0,
-    ):
+        return_outputs: bool = False,
+    ) -> Tensor | DALLEOutput:
         """text (b, <= text_seq_len) long, 0 = padding; image: pixels (b, c, H, W) or codes (b, image_seq_len).
 
-        Returns the loss ``(text CE + loss_img_weight * image CE) / (loss_img_weight + 1)`` with
-        ``return_loss``, else logits (b, n, num_text_tokens + text_seq_len + num_image_tokens) with -inf where
-        a position may not predict a token (text positions predict text, image positions image codes).
+        With ``return_loss``: the loss :meth:`loss` computes from the logits and targets. With
+        ``return_outputs``: a :class:`DALLEOutput` of logits and targets (and the loss with ``return_loss``).
+        Otherwise logits (b, n, num_text_tokens + text_seq_len + num_image_tokens) with -inf where a position
+        may not predict a token (text positions predict text, image positions image codes).
+        ``null_cond_prob``: each caption is replaced by padding with this probability (in the targets too),
+        for classifier-free guidance.
         """
         if not 0.0 <= null_cond_prob <= 1.0:
             raise ValueError(f"null_cond_prob must be in [0, 1], got {null_cond_prob}")
@@ -261,12 +247,20 @@ class DALLE(PretrainedMixin, nn.Module):
         h = self.transformer(self._shrink_grad(x))  # (b, n, d)
         text_logits = self._text_logits(h[:, : self.text_seq_len])
         image_logits = self._image_logits(h[:, self.text_seq_len :]) if codes is not None else None
+        loss = self.loss(text_logits, image_logits, text_ids, codes) if return_loss else None
+        if return_outputs:
+            return DALLEOutput(text_logits, image_logits, text_ids, codes, loss)
+        return loss if return_loss else self._full_logits(text_logits, image_logits)
 
-        if not return_loss:
-            return self._full_logits(text_logits, image_logits)
+    def loss(self, text_logits: Tensor, image_logits: Tensor, text_targets: Tensor, image_targets: Tensor) -> Tensor:
+        """The training loss ``(text CE + loss_img_weight * image CE) / (loss_img_weight + 1)``, each CE the
+        mean over positions. Override it for another loss; the arguments are those of :class:`DALLEOutput`:
+        text_logits (b, text_seq_len, num_text_tokens + text_seq_len), image_logits (b, image_seq_len,
+        num_image_tokens), text_targets (b, text_seq_len) and image_targets (b, image_seq_len) long.
+        """
         # (b * n, vocab) rows: the layout the loss kernel reads fastest
-        loss_text = F.cross_entropy(text_logits.flatten(0, 1), text_ids.flatten())
-        loss_image = F.cross_entropy(image_logits.flatten(0, 1), codes.flatten())
+        loss_text = F.cross_entropy(text_logits.flatten(0, 1), text_targets.flatten())
+        loss_image = F.cross_entropy(image_logits.flatten(0, 1), image_targets.flatten())
         return (loss_text + self.loss_img_weight * loss_image) / (self.loss_img_weight + 1)
 
     def _full_logits(self, text_logits: Tensor, image_logits: Tensor | None) -> Tensor:
@@ -275,152 +269,3 @@ class DALLE(PretrainedMixin, nn.Module):
             return text_part
         image_part = F.pad(image_logits, (self.num_text_total, 0), value=float("-inf"))
         return torch.cat((text_part, image_part), dim=1)
-
-    # ----------------------------------------------------------------------------------------------------
-    # generation
-    # ----------------------------------------------------------------------------------------------------
-
-    @torch.no_grad()
-    def generate_images(
-        self,
-        text: Tensor,
-        *,
-        mask: Tensor | None = None,
-        clip: nn.Module | None = None,
-        filter_thres: float = 0.5,
-        top_p: float | None = None,
-        temperature: float = 1.0,
-        cond_scale: float = 1.0,
-        img: Tensor | None = None,
-        num_init_img_tokens: int | None = None,
-        use_cache: bool = True,
-        generator: Generators = None,
-        truncate_text: bool = False,
-    ):
-        """Sample images (b, c, H, W) for text (b, <= text_seq_len), in the VAE's output range.
-
-        ``filter_thres``: fraction of the image vocabulary dropped by top-k; ``top_p``: nucleus filtering;
-        ``cond_scale``: classifier-free guidance (1 = off); ``img``: prime with the first
-        ``num_init_img_tokens`` codes of these images (default 14/32 of them); ``generator``: one
-        ``torch.Generator`` or a list with one per sample. With ``clip``, returns ``(images, scores)``, the
-        scores (b,) being CLIP similarities of each image to its text.
-        """
-        codes = self.generate_image_codes(
-            text, mask=mask, filter_thres=filter_thres, top_p=top_p, temperature=temperature,
-            cond_scale=cond_scale, img=img, num_init_img_tokens=num_init_img_tokens, use_cache=use_cache,
-            generator=generator, truncate_text=truncate_text,
-        )  # fmt: skip
-        images = self.vae.decode(codes)
-        if clip is None:
-            return images
-        clip_text = text[:, : self.text_seq_len] if truncate_text else text
-        clip_mask = mask[:, : clip_text.shape[1]] if mask is not None else None
-        with _evaluating(clip):
-            scores = clip(clip_text.to(images.device), images, text_mask=clip_mask)
-        return images, scores
-
-    @torch.no_grad()
-    def generate_image_codes(
-        self,
-        text: Tensor,
-        *,
-        mask: Tensor | None = None,
-        filter_thres: float = 0.5,
-        top_p: float | None = None,
-        temperature: float = 1.0,
-        cond_scale: float = 1.0,
-        img: Tensor | None = None,
-        num_init_img_tokens: int | None = None,
-        use_cache: bool = True,
-        generator: Generators = None,
-        truncate_text: bool = False,
-        step_logits: list | None = None,
-    ) -> Tensor:
-        """Like :meth:`generate_images` but returns the image codes (b, image_seq_len) long.
-
-        When ``step_logits`` is a list, the (guided) image logits used at every step are appended to it.
-        """
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
-        text_ids = self._prepare_text(text, mask, truncate_text)
-        batch = text_ids.shape[0]
-        guided = cond_scale != 1.0
-        codes = torch.empty(batch, 0, dtype=torch.long, device=self.device)
-        if img is not None:
-            prime = self._image_tokens(img)
-            if prime.shape[0] not in (1, batch):
-                raise ValueError(f"img batch size must be 1 or {batch}, got {prime.shape[0]}")
-            if num_init_img_tokens is None:
-                num_init_img_tokens = int(0.4375 * self.image_seq_len)
-            if not 0 <= num_init_img_tokens < self.image_seq_len:
-                raise ValueError(f"num_init_img_tokens must be in [0, {self.image_seq_len}), got {num_init_img_tokens}")
-            codes = prime[:, :num_init_img_tokens].expand(batch, -1)
-        if isinstance(generator, Sequence) and len(generator) != batch:
-            raise ValueError(f"generator list has {len(generator)} generators for a batch of {batch}")
-
-        # guidance runs the conditional and the null-text branch as one batch: rows [cond; null]
-        branch_text = torch.cat((text_ids, self._null_text(batch))) if guided else text_ids
-        with _evaluating(self):
-            cache = DecodingCache(self.seq_len) if use_cache else None
-            x = torch.cat((self._embed_text(branch_text), self._embed_branches(codes, 0, guided)), dim=1)
-            h = self.transformer(x, cache)
-            while True:
-                logits = self._image_logits(h[:, -1])  # (b or 2b, num_image_tokens)
-                if guided:
-                    logits = guide(logits[:batch], logits[batch:], cond_scale)
-                if step_logits is not None:
-                    step_logits.append(logits.clone())
-                logits = filter_logits(logits / temperature, filter_thres=filter_thres, top_p=top_p)
-                new = sample(logits, 1.0, generator)[:, None]  # (b, 1)
-                codes = torch.cat((codes, new), dim=1)
-                if codes.shape[1] == self.image_seq_len:
-                    return codes
-                if use_cache:
-                    h = self.transformer(self._embed_branches(new, codes.shape[1] - 1, guided), cache)
-                else:
-                    x = torch.cat((self._embed_text(branch_text), self._embed_branches(codes, 0, guided)), dim=1)
-                    h = self.transformer(x)
-
-    def _embed_branches(self, codes: Tensor, start: int, guided: bool) -> Tensor:
-        x = self._embed_image(codes, start)
-        return torch.cat((x, x)) if guided else x
-
-    @torch.no_grad()
-    def generate_texts(
-        self,
-        tokenizer,
-        text: str | None = None,
-        *,
-        filter_thres: float = 0.5,
-        temperature: float = 1.0,
-        generator: Generators = None,
-    ) -> tuple[Tensor, list[str]]:
-        """Complete ``text`` (or sample from nothing) up to text_seq_len tokens.
-
-        ``tokenizer`` has ``encode(str) -> list[int]`` and ``decode(ids) -> str``. Returns
-        ``(token_ids (1, text_seq_len) long with 0 for padding, [decoded text])``.
-        """
-        prompt = list(tokenizer.encode(text)) if text else []
-        if len(prompt) > self.text_seq_len:
-            raise ValueError(f"text encodes to {len(prompt)} tokens, more than text_seq_len={self.text_seq_len}")
-        ids = torch.tensor([prompt], dtype=torch.long, device=self.device).reshape(1, len(prompt))
-        ids = self._prepare_text(ids, None)[:, : len(prompt)]
-        with _evaluating(self):
-            cache = DecodingCache(self.seq_len)
-            h = self.transformer(self._embed_text(ids), cache)
-            while ids.shape[1] < self.text_seq_len:
-                logits = filter_logits(self._text_logits(h[:, -1]) / temperature, filter_thres=filter_thres)
-                new = sample(logits, 1.0, generator)[:, None]
-                position = ids.shape[1]
-                # any padding token becomes the padding token of this position, as in training data
-                new = torch.where(new >= self.num_text_tokens, self.text_pad_ids[position], new)
-                ids = torch.cat((ids, new), dim=1)
-                h = self.transformer(self.text_emb(new) + self._text_position(position + 1), cache)
-        token_ids = torch.where(ids >= self.num_text_tokens, 0, ids)
-        real = [int(t) for t in token_ids[0] if t != 0]
-        return token_ids, [tokenizer.decode(real)]
-
-    def _text_position(self, position: int) -> Tensor | float:
-        if self.rotary:
-            return 0.0
-        return self.text_pos_emb.weight[position]

@@ -34,6 +34,7 @@ from dalle_pytorch.attention.pattern import (
     fast_plan,
     normalize_attn_types,
 )
+from dalle_pytorch.kernels.sparse_attention import fast_path_available
 from dalle_pytorch.kernels.tile_plans import TilePlan
 from dalle_pytorch.models.reversible import ReversibleSequence
 
@@ -216,8 +217,11 @@ class Transformer(nn.Module):
 
     ``attn_types``: attention patterns cycled over the layers, as names (built with ``pattern_options``,
     DALLE's keywords such as ``conv_kernel_size``), :class:`~dalle_pytorch.attention.pattern.AttentionPattern`
-    instances or ``{"pattern": name, ...}`` dicts.
+    instances or ``{"pattern": name, ...}`` dicts. ``feed_forward_class`` builds each feed-forward block as
+    ``cls(dim, ff_mult, ff_dropout)`` (a module mapping (b, n, d) to (b, n, d)); a subclass may set its own.
     """
+
+    feed_forward_class: type[nn.Module] = FeedForward
 
     def __init__(
         self,
@@ -268,7 +272,7 @@ class Transformer(nn.Module):
             if attn_id not in shared_attn:
                 shared_attn[attn_id] = (Attention(dim, heads, dim_head, attn_dropout, stable), pattern)
             if ff_ids[i] not in shared_ff:
-                shared_ff[ff_ids[i]] = FeedForward(dim, ff_mult, ff_dropout)
+                shared_ff[ff_ids[i]] = self.feed_forward_class(dim, ff_mult, ff_dropout)
             layers.append(
                 nn.ModuleList(
                     [
@@ -320,7 +324,9 @@ class Transformer(nn.Module):
                 else:  # one new query sees every earlier key
                     per_pattern.append(AttentionInputs(None if end - start == 1 else mask, False, None))
                 continue
-            plan = fast_plan(pattern, self.text_len, self.fmap, end) if self.fast_path and not cached else None
+            plan = None
+            if self.fast_path and not cached and fast_path_available(mask.device):  # else never used: not checked
+                plan = fast_plan(pattern, self.text_len, self.fmap, end, self.pattern_masks[index])
             per_pattern.append(AttentionInputs(mask, False, plan))
         return tuple(per_pattern[index] for index in self._pattern_of_layer)
 

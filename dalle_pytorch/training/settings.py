@@ -28,6 +28,7 @@ class TrainingSettings:
     ga_steps: int = 1  # micro-batches accumulated per optimizer step
     learning_rate: float = 3e-4
     weight_decay: float = 0.0
+    adam_betas: tuple[float, float] = (0.9, 0.999)
     clip_grad_norm: float | None = None
     lr_schedule: str = "constant"
     lr_decay_rate: float = 0.98  # exponential: factor per lr_decay_every steps
@@ -37,6 +38,7 @@ class TrainingSettings:
     precision: str = "fp32"
     seed: int = 42
     save_every_n_steps: int = 1000
+    save_checkpoints: bool = True  # False: train in memory only (the caller saves the model itself)
     keep_n_checkpoints: int | None = None
     log_every_n_steps: int = 10
     sample_every_n_steps: int = 500
@@ -82,6 +84,8 @@ class TrainingSettings:
             raise ValueError(f"lr_schedule must be one of {list(LR_SCHEDULES)}, got {self.lr_schedule!r}")
         if self.learning_rate <= 0 or self.lr_min < 0 or self.warmup_steps < 0:
             raise ValueError("learning_rate must be > 0, lr_min and warmup_steps >= 0")
+        if len(self.adam_betas) != 2 or not all(0.0 <= beta < 1.0 for beta in self.adam_betas):
+            raise ValueError(f"adam_betas must be two numbers in [0, 1), got {self.adam_betas}")
         if self.ema_decay is not None and not 0 < self.ema_decay < 1:
             raise ValueError(f"ema_decay must be in (0, 1) (or not given), got {self.ema_decay}")
         if self.ema_decay is not None and self.deepspeed and self.zero_stage >= 3:

@@ -140,16 +140,18 @@ class Trainer:
         ctx: DistributedContext,
         *,
         on_sample: SampleFn | None = None,
+        description: str | None = None,
     ):
+        """``description``: a label for the progress bar."""
         self.model, self.data, self.loss_fn, self.settings, self.ctx = model, data, loss_fn, settings, ctx
-        self.on_sample = on_sample
+        self.on_sample, self.description = on_sample, description
         self.model.to(ctx.device)
         self.params = [p for p in model.parameters() if p.requires_grad]
         if not self.params:
             raise ValueError("the model has no trainable parameters")
         self.optimizer = make_adamw(
             self.params, lr=settings.learning_rate, weight_decay=settings.weight_decay,
-            fused=settings.precision != "fp16",
+            betas=tuple(settings.adam_betas), fused=settings.precision != "fp16",
         )  # fmt: skip
         per_epoch = data.batches_per_epoch
         self.total_steps = settings.max_steps or (
@@ -221,6 +223,7 @@ class Trainer:
         bar = tqdm(
             total=self.total_steps,
             initial=self.step,
+            desc=self.description,
             unit="step",
             dynamic_ncols=True,
             disable=not (ctx.is_main and settings.progress),
@@ -256,7 +259,8 @@ class Trainer:
                 raise KeyboardInterrupt
             self._stop_requested = True
             if self.ctx.is_main:
-                print("\nstopping after this step and saving a checkpoint (again to stop at once)", flush=True)
+                saving = " and saving a checkpoint" if self.settings.save_checkpoints else ""
+                print(f"\nstopping after this step{saving} (again to stop at once)", flush=True)
 
         previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
@@ -439,7 +443,9 @@ class Trainer:
 
     def _save(self) -> Path | None:
         """Rank 0 writes `step-XXXXXXXX/` (model + training state); with DeepSpeed every rank also writes its
-        optimizer partition under `deepspeed/`."""
+        optimizer partition under `deepspeed/`. Nothing with `save_checkpoints=False`."""
+        if not self.settings.save_checkpoints:
+            return None
         tag = f"step-{self.step:08d}"
         optimizer: Any = self.optimizer
         if self.engine is not None:
