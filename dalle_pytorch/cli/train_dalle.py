@@ -259,7 +259,7 @@ def run(argv: list[str] | None = None) -> TrainResult:
             seed=seed,
             on_sample=on_sample,
             resume_from=start if resuming else None,
-            flag_aliases={"stable_softmax": "stable"},
+            flag_aliases={flag: field for field, flag in MODEL_FLAGS.items()},
             tokenizer=spec,
             resumed_from=str(start) if start is not None else None,
         )

@@ -26,6 +26,7 @@ starts a new run (fine-tuning).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from collections.abc import Mapping
@@ -38,6 +39,7 @@ from torch import nn
 from dalle_pytorch.io.checkpoint import CheckpointError, PretrainedMixin
 from dalle_pytorch.io.safe_pickle import CheckpointFormatError, load_torch_file
 from dalle_pytorch.models.dalle import DALLE
+from dalle_pytorch.models.dalle_config import DALLEConfig
 from dalle_pytorch.models.vae import DiscreteVAE
 
 __all__ = ["load_original", "convert_original", "is_original_checkpoint", "read_original"]
@@ -237,7 +239,9 @@ def _dalle(saved: Mapping, source: Path, vae: nn.Module | None) -> DALLE:
             "convert: full, axial_row and axial_col attention, reversible, stable, without token shift and rotary "
             "embeddings (train_dalle.py's defaults)"
         )
-    known = set(DALLE.__init__.__code__.co_varnames)
+    for name in ("sparse_attn", "optimize_for_inference"):  # refused above when on; no effect on outputs
+        hparams.pop(name, None)
+    known = {field.name for field in dataclasses.fields(DALLEConfig)}
     unknown = sorted(set(hparams) - known)
     if unknown:
         raise CheckpointError(f"{source}: hparams {unknown} have no counterpart in this library's DALLE")
