@@ -204,3 +204,12 @@ def test_training_state_without_rng_fails_before_restoring_anything(tmp_path):
     with pytest.raises(CheckpointError, match=r"training_state\.pt has no 'rng' entry"):
         load_training_state(directory, optimizer=fresh)
     assert fresh.state_dict()["state"] == {}  # nothing half-restored
+
+
+def test_config_types_follow_the_annotation_not_the_default(tmp_path):
+    # DALLE's loss_img_weight defaults to the int 7 but is a float: 7.5 in config.json is valid.
+    make_dalle(loss_img_weight=7.5).save_pretrained(tmp_path / "dalle")
+    assert DALLE.from_pretrained(tmp_path / "dalle").loss_img_weight == 7.5
+    _edit_config(tmp_path / "dalle", heads=2.0)
+    with pytest.raises(CheckpointError, match=r"config\['heads'\] should be a int, found float"):
+        DALLE.from_pretrained(tmp_path / "dalle")

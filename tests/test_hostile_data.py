@@ -209,3 +209,13 @@ def test_webdataset_over_long_caption_is_skipped_and_counted(tmp_path):
         warnings.simplefilter("ignore")
         assert [caption_of(tokens) for tokens, _ in dataset] == ["fine"]
     assert dataset.skipped["caption too long"] == 1
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+def test_tokenizer_training_skips_fifos_and_devices(tmp_path):
+    from dalle_pytorch.text.tokenizer_training import read_caption_folder
+
+    write(tmp_path / "a.txt", "one caption")
+    os.mkfifo(tmp_path / "b.txt")
+    os.symlink("/dev/zero", tmp_path / "c.txt")
+    assert _in_thread(lambda: list(read_caption_folder(tmp_path))) == ["one caption"]

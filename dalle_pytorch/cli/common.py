@@ -20,6 +20,7 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 
 from dalle_pytorch._version import __version__
 from dalle_pytorch.cli.original_flags import add_original_training_flags
@@ -402,7 +403,7 @@ def write_args_json(output_dir: str | os.PathLike, tool: str, args: argparse.Nam
             record["earlier_invocations"] = [*earlier.pop("earlier_invocations", []), earlier]
     path.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps(record, indent=2, default=str) + "\n"
-    atomic_write_file(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    atomic_write_file(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))  # replaces a link, never follows
     return path
 
 
@@ -534,7 +535,7 @@ def run_main(prog: str, run: Callable[[list[str] | None], Any], argv: list[str] 
     except NonFiniteLossError as error:
         print(f"{prog}: {error}", file=sys.stderr)
         raise SystemExit(1) from None
-    except (ValueError, OSError, ImportError, DownloadError) as error:
+    except (ValueError, OSError, ImportError, DownloadError, CheckpointError, SafetensorError) as error:
         print(f"{prog}: error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
 

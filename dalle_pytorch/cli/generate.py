@@ -46,6 +46,7 @@ from dalle_pytorch.cli.common import (
 from dalle_pytorch.cli.runs import describe_run, run_contents
 from dalle_pytorch.data.images import image_grid, load_image, save_image
 from dalle_pytorch.generation.clip_guided import clip_guided_generate
+from dalle_pytorch.io.atomic import atomic_write_file
 from dalle_pytorch.io.checkpoint import load_pretrained
 from dalle_pytorch.models.clip import CLIP
 from dalle_pytorch.models.dalle import DALLE
@@ -95,6 +96,8 @@ def _holds_other_prompt(folder: Path, prompt: str) -> bool:
         return True
     if not folder.exists():
         return False
+    if (folder / "metadata.json").is_symlink():
+        return True  # not written by this tool, which replaces files instead of following links
     try:
         return json.loads((folder / "metadata.json").read_text(encoding="utf-8")).get("prompt") != prompt
     except (OSError, ValueError, AttributeError):
@@ -362,7 +365,8 @@ def _write_prompt(
         "clip_path": args.clip_path,
         "images": entries,
     }
-    (folder / "metadata.json").write_text(json.dumps(metadata, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    text = json.dumps(metadata, indent=2, ensure_ascii=False) + "\n"
+    atomic_write_file(folder / "metadata.json", lambda tmp: tmp.write_text(text, encoding="utf-8"))  # never via a link
     return folder
 
 

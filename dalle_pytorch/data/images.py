@@ -16,6 +16,7 @@ from PIL import Image
 from torch import Tensor
 
 from dalle_pytorch.data.text_image import image_to_tensor, open_image, to_model_mode
+from dalle_pytorch.io.atomic import atomic_write_file
 
 _MODES = {1: "L", 3: "RGB", 4: "RGBA"}
 
@@ -33,10 +34,18 @@ def to_pil(image: Tensor) -> Image.Image:
 
 
 def save_image(image: Tensor, path: str | os.PathLike) -> Path:
-    """Writes a float tensor (c, h, w) in [0, 1] as an image file (format from the suffix, e.g. .png)."""
+    """Writes a float tensor (c, h, w) in [0, 1] as an image file (format from the suffix, e.g. .png).
+
+    The file is written under a temporary name and renamed into place, so a symlink already at `path` is
+    replaced, never written through, and a reader never sees half an image.
+    """
     path = Path(path)
+    image_format = Image.registered_extensions().get(path.suffix.lower())
+    if image_format is None:
+        raise ValueError(f"unknown image file extension {path.suffix!r} in {path}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    to_pil(image).save(path)
+    picture = to_pil(image)
+    atomic_write_file(path, lambda tmp: picture.save(tmp, format=image_format))
     return path
 
 

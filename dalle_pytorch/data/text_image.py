@@ -27,7 +27,8 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from dalle_pytorch.data import limits
-from dalle_pytorch.data.limits import open_regular_file, read_capped
+from dalle_pytorch.data.limits import read_capped
+from dalle_pytorch.io.files import NotARegularFileError, open_regular_file
 from dalle_pytorch.text.captions import CAPTION_EXTENSION, BadSampleError, captions_from_bytes
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
@@ -71,6 +72,8 @@ def reason_for(error: BaseException, kind: str) -> str:
     """A short category for counting why a sample of `kind` ('image', 'caption', 'shard') was skipped."""
     if isinstance(error, BadSampleError):
         return error.reason
+    if isinstance(error, NotARegularFileError):
+        return "not a regular file"
     if isinstance(error, FileNotFoundError):
         return "missing file"
     return "corrupt image" if kind == "image" else f"unreadable {kind}"

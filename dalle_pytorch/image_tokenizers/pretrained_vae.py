@@ -136,7 +136,10 @@ class _ImageTokenizer(PretrainedMixin, nn.Module):
             raise TypeError("images must be a float tensor of shape (b, 3, H, W) with values in [0, 1]")
         if images.dim() != 4 or tuple(images.shape[1:]) != expected:
             raise ValueError(f"images must have shape (b, {', '.join(map(str, expected))}), got {tuple(images.shape)}")
-        return images
+        if not bool(torch.isfinite(images).all()):
+            raise ValueError("images contain NaN or infinite values")
+        # Other float dtypes (float64, float16) are cast to the dtype of the weights.
+        return images.to(next(self.parameters()).dtype)
 
     def _check_codes(self, img_seq: Any) -> torch.Tensor:
         """(b, fmap_size ** 2) token ids -> (b, fmap_size, fmap_size)."""

@@ -225,10 +225,10 @@ def _check_config_types(cls: type, config: dict[str, Any], path: Path) -> None:
         if parameter is None:
             continue
         default = parameter.default
-        if default is not inspect.Parameter.empty and default is not None:
-            expected = type(default) if type(default) in (bool, int, float, str) else None
-        else:
-            expected = kinds.get(str(parameter.annotation))
+        # The annotation when it is one plain type (`loss_img_weight: float = 7`), else the default's type.
+        expected = kinds.get(str(parameter.annotation))
+        if expected is None and type(default) in (bool, int, float, str):
+            expected = type(default)
         if expected is None or value is None and default is None:
             continue
         accepted = (int, float) if expected is float else (expected,)

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from dalle_pytorch.models.options import collect_options, option, options_signature
-from dalle_pytorch.models.sampling import Generators, filter_logits, guide, sample
+from dalle_pytorch.models.sampling import Generators, check_generation_args, filter_logits, guide, sample
 from dalle_pytorch.models.transformer import DecodingCache
 
 
@@ -41,8 +41,7 @@ class GenerationOptions:
     generator: Generators = option(None, help="a torch.Generator, or a list with one per sample")
 
     def __post_init__(self) -> None:
-        if self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        check_generation_args(temperature=self.temperature, cond_scale=self.cond_scale, generator=self.generator)
         if not 0.0 <= self.filter_thres < 1.0:
             raise ValueError(f"filter_thres must be in [0, 1), got {self.filter_thres}")
         if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
@@ -111,6 +110,7 @@ class GenerationMixin:
         When ``step_logits`` is a list, the (guided) image logits used at every step are appended to it.
         """
         opts = collect_options(GenerationOptions, options, kwargs, owner="generate_image_codes")
+        check_generation_args(temperature=opts.temperature, img=img, num_init_img_tokens=opts.num_init_img_tokens)
         text_ids = self._prepare_text(text, mask, opts.truncate_text)
         batch = text_ids.shape[0]
         guided = opts.cond_scale != 1.0
@@ -171,6 +171,7 @@ class GenerationMixin:
         ``tokenizer`` has ``encode(str) -> list[int]`` and ``decode(ids) -> str``. Returns
         ``(token_ids (1, text_seq_len) long with 0 for padding, [decoded text])``.
         """
+        check_generation_args(temperature=temperature, generator=generator)
         prompt = list(tokenizer.encode(text)) if text else []
         if len(prompt) > self.text_seq_len:
             raise ValueError(f"text encodes to {len(prompt)} tokens, more than text_seq_len={self.text_seq_len}")

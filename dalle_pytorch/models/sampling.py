@@ -8,12 +8,49 @@ guidance (Ho & Salimans 2022, https://arxiv.org/abs/2207.12598).
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
 
 Generators = torch.Generator | Sequence[torch.Generator] | None
+
+
+def _finite_number(value: object, name: str) -> float:
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.dtype.is_complex:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value}")
+    return float(value)
+
+
+def check_generation_args(
+    *,
+    temperature: float,
+    cond_scale: float = 1.0,
+    generator: object = None,
+    img: object = None,
+    num_init_img_tokens: int | None = None,
+) -> None:
+    """The sampling options shared by DALLE's generation methods, checked before any work: a NaN
+    temperature or guidance scale would silently sample one token over and over."""
+    if _finite_number(temperature, "temperature") <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    _finite_number(cond_scale, "cond_scale")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        if isinstance(generator, str | bytes) or not isinstance(generator, Sequence):
+            raise TypeError(f"generator must be a torch.Generator or a list of them, got {type(generator).__name__}")
+        wrong = [type(g).__name__ for g in generator if not isinstance(g, torch.Generator)]
+        if wrong:
+            raise TypeError(f"generator list must hold only torch.Generator objects, found {wrong[0]}")
+    if num_init_img_tokens is not None:
+        if img is None:
+            raise ValueError("num_init_img_tokens is the number of codes of img to keep: it needs img")
+        if isinstance(num_init_img_tokens, bool) or not isinstance(num_init_img_tokens, int):
+            raise TypeError(f"num_init_img_tokens must be an int, got {type(num_init_img_tokens).__name__}")
 
 
 def top_k_filter(logits: Tensor, filter_thres: float) -> Tensor:

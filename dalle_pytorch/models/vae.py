@@ -129,12 +129,16 @@ class DiscreteVAE(PretrainedMixin, nn.Module):
         """Side of the token grid: image_size / 2 ** num_layers."""
         return self.image_size // 2**self.num_layers
 
-    def _check_images(self, img: Tensor) -> None:
+    def _check_images(self, img: Tensor) -> Tensor:
+        """Checked images, cast to the dtype of the weights (float64 or float16 images are accepted)."""
         if not torch.is_tensor(img) or not img.is_floating_point():
             raise TypeError(f"images must be a float tensor, got {type(img).__name__} {getattr(img, 'dtype', '')}")
         expected = (self.channels, self.image_size, self.image_size)
         if img.ndim != 4 or tuple(img.shape[1:]) != expected:
             raise ValueError(f"images must have shape (batch, {', '.join(map(str, expected))}), got {tuple(img.shape)}")
+        if not bool(torch.isfinite(img).all()):
+            raise ValueError("images contain NaN or infinite values")
+        return img.to(self.codebook.weight.dtype)  # a new tensor when the dtype differs; the input is untouched
 
     def normalize(self, img: Tensor) -> Tensor:
         return (img - self.norm_mean) / self.norm_std if self.normalized else img
@@ -150,11 +154,18 @@ class DiscreteVAE(PretrainedMixin, nn.Module):
 
     def decode(self, img_seq: Tensor) -> Tensor:
         """Codes (b, fmap * fmap) long -> images (b, c, H, W) in the range of the images given to forward."""
-        if img_seq.dtype not in (torch.int32, torch.int64) or img_seq.ndim != 2:
-            raise TypeError(f"img_seq must be a (batch, n) integer tensor, got {img_seq.dtype} {tuple(img_seq.shape)}")
-        side = math.isqrt(img_seq.shape[1])
-        if side * side != img_seq.shape[1]:
-            raise ValueError(f"img_seq length {img_seq.shape[1]} is not a square number of grid cells")
+        if not torch.is_tensor(img_seq) or img_seq.dtype not in (torch.int32, torch.int64) or img_seq.ndim != 2:
+            shape = tuple(img_seq.shape) if torch.is_tensor(img_seq) else type(img_seq).__name__
+            raise TypeError(f"img_seq must be a (batch, n) integer tensor, got {getattr(img_seq, 'dtype', '')} {shape}")
+        side = self.fmap_size
+        if img_seq.shape[1] != side * side:
+            raise ValueError(
+                f"img_seq must hold {side * side} codes per image (a square {side}x{side} grid), got {img_seq.shape[1]}"
+            )
+        if img_seq.numel() and (img_seq.min() < 0 or img_seq.max() >= self.num_tokens):
+            raise ValueError(
+                f"img_seq codes must be in [0, {self.num_tokens}), got [{int(img_seq.min())}, {int(img_seq.max())}]"
+            )
         codes = rearrange(self.codebook(img_seq), "b (h w) d -> b d h w", h=side)
         return self.denormalize(self.decoder(codes))
 
@@ -180,10 +191,15 @@ class DiscreteVAE(PretrainedMixin, nn.Module):
     ):
         """img (b, c, H, W) -> reconstruction, or the loss (and reconstruction), or the code logits.
 
+        Images of another float dtype (e.g. float64) are cast to the dtype of the weights; NaN or infinite
+        pixels are a ValueError. ``temp`` overrides the Gumbel-softmax temperature and must be > 0.
+
         Loss = reconstruction loss (in normalised space) + kl_div_loss_weight * KL(q || uniform), the KL
         averaged over samples and grid cells so it does not grow with batch or image size.
         """
-        self._check_images(img)
+        img = self._check_images(img)
+        if temp is not None and (isinstance(temp, bool) or not isinstance(temp, int | float) or not temp > 0):
+            raise ValueError(f"temp must be a number > 0 (the Gumbel-softmax temperature), got {temp!r}")
         img_norm = self.normalize(img)
         logits = self.encoder(img_norm)  # (b, num_tokens, fmap, fmap)
         if return_logits:

@@ -9,6 +9,7 @@ Caption files are read exactly as the training datasets read them (`dalle_pytorc
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -23,13 +24,17 @@ __all__ = ["read_caption_folder", "train_tokenizer"]
 def read_caption_folder(folder: str | os.PathLike) -> Iterator[str]:
     """Every caption line of every .txt file under `folder` (recursively, in sorted order; symlinked folders
     are not followed), read as the datasets read them: blank lines dropped, control characters removed,
-    UTF-8 (or UTF-16 with a BOM) with invalid bytes replaced by U+FFFD. Files without a caption are skipped.
+    UTF-8 (or UTF-16 with a BOM) with invalid bytes replaced by U+FFFD. Files without a caption, and FIFOs or
+    devices named *.txt, are skipped.
     """
     for root, dirs, files in os.walk(folder):
         dirs.sort()
         for name in sorted(files):
             if name.lower().endswith(CAPTION_EXTENSION):
-                with open(os.path.join(root, name), "rb") as file:
+                path = os.path.join(root, name)
+                if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO or device named *.txt: hangs or never ends
+                    continue
+                with open(path, "rb") as file:
                     raw = file.read()
                 try:
                     captions = captions_from_bytes(raw)
