@@ -108,6 +108,7 @@ class _DecoderSamples(Dataset):
 
 
 def _build(clip: CLIP, config: DemoConfig) -> tuple[DiffusionPrior, Decoder]:
+    """A prior reading ``clip`` (frozen) and a one-U-Net pixel decoder at ``config.image_size``, on CLIP's device."""
     clip_dim, text_dim = clip.to_text_latent.out_features, clip.to_text_latent.in_features
     net = DiffusionPriorNetwork(
         dim=config.dalle2_prior_dim, depth=config.dalle2_prior_depth, heads=4,
@@ -135,7 +136,7 @@ def train_dalle2(
     config: DemoConfig,
     progress: bool = True,
     log_dir: str | Path | None = None,
-    stopwatch=None,
+    stopwatch: Stopwatch | None = None,
 ) -> tuple[DALLE2, dict[str, float]]:
     """Train the prior on ``embeds`` and the decoder on images (n, 3, s, s) in [0, 1] with their image embeddings.
 
