@@ -40,7 +40,7 @@ class DemoConfig:
     clip_learning_rate: float = 1e-3
     # DALLE2 (--model dalle2 or both): CLIP (trained for max(clip_steps, dalle2_clip_steps) steps), a diffusion
     # prior on its embeddings and one pixel U-Net decoder at image_size
-    dalle2_clip_steps: int = 800
+    dalle2_clip_steps: int = 2000
     dalle2_prior_dim: int = 128
     dalle2_prior_depth: int = 3
     dalle2_prior_steps: int = 1500
@@ -97,7 +97,7 @@ FAST_CONFIG = dataclasses.replace(
     clip_steps=0,
     candidates_per_sample=1,
     samples_per_prompt=4,
-    dalle2_clip_steps=400,
+    dalle2_clip_steps=1200,
     dalle2_prior_steps=800,
     dalle2_decoder_steps=800,
     clip_guided_steps=40,
