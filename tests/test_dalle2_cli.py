@@ -1,0 +1,137 @@
+"""End-to-end tests of the DALL-E 2 command-line tools on tiny models: each runs in-process with main([...]),
+2 steps, and writes real files in tmp_path."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_clip
+from PIL import Image
+from safetensors.torch import load_file
+
+from dalle_pytorch.cli import dalle2_embed, train_prior
+from dalle_pytorch.data.shapes import ShapesDataset, write_folder
+from dalle_pytorch.diffusion.prior import DiffusionPrior
+from dalle_pytorch.text.tokenizer import tokenizer
+from dalle_pytorch.training.run_logging import read_metrics
+from dalle_pytorch.training.state import TRAINING_STATE_NAME
+
+pytestmark = pytest.mark.usefixtures("one_thread_per_module")
+
+TEXT_LEN = 12
+COMMON = ["--no_progress", "--device", "cpu", "--log_every_n_steps", "1", "--batch_size", "2"]
+PRIOR = ["--dim", "16", "--depth", "1", "--heads", "2", "--dim_head", "8", "--timesteps", "10"]
+# dropout, accumulation and 4 micro-batches per epoch: resuming at step 3 is mid-epoch and crosses an epoch
+EXACT = ["--ga_steps", "2", "--ff_dropout", "0.1", "--attn_dropout", "0.1", "--seed", "7", "--ema_decay", "0.9",
+         "--save_every_n_steps", "3", "--lr_schedule", "exponential", "--lr_decay_every", "2", "--warmup_steps", "2", "--clip_grad_norm", "1.0"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory) -> SimpleNamespace:
+    """A tiny CLIP saved as a model folder, 8 shapes images with captions, and their embeddings."""
+    root = tmp_path_factory.mktemp("dalle2_cli")
+    clip = root / "clip"
+    make_clip(num_text_tokens=tokenizer.vocab_size, text_seq_len=TEXT_LEN).save_pretrained(clip)
+    data = write_folder(ShapesDataset(8, image_size=16), root / "data")
+    embeddings = root / "embeddings"
+    dalle2_embed.main(["--clip_path", str(clip), "--image_folder", str(data), "--output_dir", str(embeddings),
+                       "--truncate_captions", "--text_encodings", "--device", "cpu", "--shard_size", "5"])  # fmt: skip
+    return SimpleNamespace(root=root, clip=clip, data=data, embeddings=embeddings)
+
+
+def weights(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a model folder and its child model folders (not the moving average `ema/`)."""
+    tensors = {}
+    for file in folder.rglob("model.safetensors"):
+        part = file.parent.relative_to(folder)
+        if part.parts[:1] != ("ema",):
+            tensors.update({f"{part}/{key}": value for key, value in load_file(str(file)).items()})
+    assert tensors, f"no weights in {folder}"
+    return tensors
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    first, second = weights(a), weights(b)
+    assert first.keys() == second.keys()
+    for key in first:
+        assert torch.equal(first[key], second[key]), key
+
+
+def losses(output_dir: Path) -> dict[int, float]:
+    return {record["step"]: record["loss"] for record in read_metrics(output_dir) if "loss" in record}
+
+
+# ------------------------------------------------------------------------------------------ prior
+
+
+def prior_args(env: SimpleNamespace, out: Path, *extra: str) -> list[str]:
+    return ["--embeddings", str(env.embeddings), "--clip_path", str(env.clip), *PRIOR, *COMMON,
+            "--output_dir", str(out), *extra]  # fmt: skip
+
+
+def test_train_prior_from_embeddings_and_from_a_folder(env, tmp_path):
+    out = tmp_path / "prior"
+    train_prior.main(prior_args(env, out, "--max_steps", "2", "--save_every_n_steps", "2", "--ema_decay", "0.9"))
+    checkpoint = out / "step-00000002"
+    prior = DiffusionPrior.from_pretrained(checkpoint)
+    assert prior.clip is not None and prior.condition_on_text_encodings  # the embeddings hold text encodings
+    ema = DiffusionPrior.from_pretrained(checkpoint / "ema")
+    assert any(not torch.equal(a, b) for a, b in zip(prior.parameters(), ema.parameters()))
+    assert sorted(losses(out)) == [1, 2] and json.loads((out / "args.json").read_text())["tool"] == "dalle2-train-prior"
+    embed = ema.sample(["a red square"], num_samples_per_batch=1, sample_steps=2)
+    assert embed.shape == (1, 16)
+
+    # the same from images through the CLIP, with the model flags from a JSON config and dashed flags
+    config = tmp_path / "prior.json"
+    config.write_text(json.dumps({"dim": 16, "depth": 1, "heads": 2, "dim-head": 8, "timesteps": 10}))
+    folder_out = tmp_path / "prior_folder"
+    train_prior.main(["--image-text-folder", str(env.data), "--clip-path", str(env.clip), "--config", str(config),
+                      "--truncate-captions", *COMMON, "--output-dir", str(folder_out), "--max-steps", "2",
+                      "--save-every-n-steps", "2"])  # fmt: skip
+    prior = DiffusionPrior.from_pretrained(folder_out / "step-00000002")
+    assert prior.net.config["dim"] == 16 and prior.net.config["depth"] == 1
+
+
+def test_train_prior_without_clip_or_text_encodings(env, tmp_path):
+    out = tmp_path / "prior"
+    train_prior.main(["--embeddings", str(env.embeddings), *PRIOR, *COMMON, "--output_dir", str(out),
+                      "--max_steps", "2", "--save_every_n_steps", "2", "--no_text_encodings"])  # fmt: skip
+    prior = DiffusionPrior.from_pretrained(out / "step-00000002")
+    assert prior.clip is None and not prior.condition_on_text_encodings
+
+
+def test_prior_resume_is_exact(env, tmp_path):
+    reference, halves = tmp_path / "reference", tmp_path / "halves"
+    train_prior.main(prior_args(env, reference, *EXACT, "--max_steps", "6"))
+    train_prior.main(prior_args(env, halves, *EXACT, "--max_steps", "3"))
+    train_prior.main(prior_args(env, halves, *EXACT, "--max_steps", "6", "--resume"))
+    for sub in ("", "ema"):
+        assert_same_weights(halves / "step-00000006" / sub, reference / "step-00000006" / sub)
+    assert losses(halves) == losses(reference) and sorted(losses(reference)) == list(range(1, 7))
+    a = torch.load(halves / "step-00000006" / TRAINING_STATE_NAME, weights_only=True)["optimizer"]["state"]
+    b = torch.load(reference / "step-00000006" / TRAINING_STATE_NAME, weights_only=True)["optimizer"]["state"]
+    for key in b:
+        assert torch.equal(a[key]["exp_avg_sq"], b[key]["exp_avg_sq"])
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ([], "--embeddings or --image_text_folder"),
+        (["--image_text_folder", "x"], "needs --clip_path"),
+        (["--embeddings", "nowhere"], "holds no index.json"),
+        (["--embeddings", "x", "--config", "missing.json"], "--config: no such file"),
+    ],
+)
+def test_train_prior_bad_input_gives_a_one_line_error(tmp_path, capsys, monkeypatch, extra, message):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        train_prior.main([*extra, "--output_dir", str(tmp_path / "out"), "--device", "cpu"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert message in err[-1]
