@@ -12,8 +12,9 @@ import torch
 from conftest import make_clip
 from safetensors.torch import load_file
 
-from dalle_pytorch.cli import dalle2_embed, train_prior
+from dalle_pytorch.cli import dalle2_embed, train_decoder, train_prior
 from dalle_pytorch.data.shapes import ShapesDataset, write_folder
+from dalle_pytorch.diffusion.decoder import Decoder
 from dalle_pytorch.diffusion.prior import DiffusionPrior
 from dalle_pytorch.text.tokenizer import tokenizer
 from dalle_pytorch.training.run_logging import read_metrics
@@ -135,3 +136,73 @@ def test_train_prior_bad_input_gives_a_one_line_error(tmp_path, capsys, monkeypa
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert message in err[-1]
+
+
+# ------------------------------------------------------------------------------------------ decoder
+
+DECODER = ["--image_sizes", "8,16", "--dim", "8", "--dim_mults", "1,2", "--resnet_groups", "4", "--attn_heads", "2",
+           "--attn_dim_head", "8", "--timesteps", "10", "--truncate_captions"]  # fmt: skip
+
+
+def decoder_args(env: SimpleNamespace, out: Path, unet: int, *extra: str) -> list[str]:
+    return ["--unet_number", str(unet), "--image_text_folder", str(env.data), *DECODER, *COMMON,
+            "--output_dir", str(out), *extra]  # fmt: skip
+
+
+def unet_weights(folder: Path, number: int) -> dict[str, torch.Tensor]:
+    prefix = f"unets.{number - 1}."
+    return {key: value for key, value in weights(folder).items() if key.startswith(f"./{prefix}")}
+
+
+def test_train_decoder_unet_1_then_unet_2_leaves_the_other_untouched(env, tmp_path):
+    first, second = tmp_path / "unet1", tmp_path / "unet2"
+    train_decoder.main(decoder_args(env, first, 1, "--clip_path", str(env.clip), "--max_steps", "2",
+                                    "--save_every_n_steps", "2", "--ema_decay", "0.9"))  # fmt: skip
+    trained = first / "step-00000002"
+    decoder = Decoder.from_pretrained(trained)
+    assert decoder.image_sizes == (8, 16) and decoder.clip is not None and (trained / "ema").is_dir()
+    assert sorted(losses(first)) == [1, 2]
+
+    # unet 2 from the first run's decoder, with the image embeddings read from disk instead of the CLIP
+    train_decoder.main(decoder_args(env, second, 2, "--decoder_path", str(first), "--embeddings",
+                                    str(env.embeddings), "--max_steps", "2", "--save_every_n_steps", "2"))  # fmt: skip
+    after = second / "step-00000002"
+    for number, same in ((1, True), (2, False)):
+        before_unet, after_unet = unet_weights(trained, number), unet_weights(after, number)
+        assert before_unet and before_unet.keys() == after_unet.keys()
+        identical = all(torch.equal(before_unet[key], after_unet[key]) for key in before_unet)
+        assert identical == same, number
+    clip_before, clip_after = weights(trained / "clip"), weights(after / "clip")
+    assert all(torch.equal(clip_before[key], clip_after[key]) for key in clip_before)
+    images = Decoder.from_pretrained(after).sample(torch.nn.functional.normalize(torch.randn(2, 16), dim=-1),
+                                                   sample_steps=2)  # fmt: skip
+    assert images.shape == (2, 3, 16, 16)
+
+
+def test_decoder_resume_is_exact(env, tmp_path):
+    reference, halves = tmp_path / "reference", tmp_path / "halves"
+    source = ["--clip_path", str(env.clip), "--dropout", "0.1", *EXACT]
+    train_decoder.main(decoder_args(env, reference, 1, *source, "--max_steps", "6"))
+    train_decoder.main(decoder_args(env, halves, 1, *source, "--max_steps", "3"))
+    train_decoder.main(decoder_args(env, halves, 1, *source, "--max_steps", "6", "--resume"))
+    for sub in ("", "ema"):
+        assert_same_weights(halves / "step-00000006" / sub, reference / "step-00000006" / sub)
+    assert losses(halves) == losses(reference) and sorted(losses(reference)) == list(range(1, 7))
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--unet_number", "1", "--image_text_folder", "x"], "--clip_path (a new decoder) or --decoder_path"),
+        (["--unet_number", "3", "--image_text_folder", "DATA", "--clip_path", "CLIP"], "unet_number must be"),
+        (["--unet_number", "1", "--image_text_folder", "DATA", "--clip_path", "CLIP", "--dim", "8,a"], "--dim"),
+        (["--unet_number", "1", "--image_text_folder", "DATA", "--clip_path", "CLIP", "--embeddings", "DATA"],
+         "index.json"),
+    ],
+)
+def test_train_decoder_bad_input_gives_a_one_line_error(env, tmp_path, capsys, extra, message):
+    extra = [str(env.data) if e == "DATA" else str(env.clip) if e == "CLIP" else e for e in extra]
+    with pytest.raises(SystemExit) as exit_info:
+        train_decoder.main([*extra, *DECODER, "--output_dir", str(tmp_path / "out"), "--device", "cpu"])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err.strip().splitlines()[-1]
