@@ -7,13 +7,16 @@ import json
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from conftest import make_clip
+from PIL import Image
 from safetensors.torch import load_file
 
-from dalle_pytorch.cli import dalle2_embed, train_decoder, train_prior
+from dalle_pytorch.cli import dalle2_embed, dalle2_generate, train_decoder, train_prior
 from dalle_pytorch.data.shapes import ShapesDataset, write_folder
+from dalle_pytorch.diffusion.dalle2 import DALLE2
 from dalle_pytorch.diffusion.decoder import Decoder
 from dalle_pytorch.diffusion.prior import DiffusionPrior
 from dalle_pytorch.text.tokenizer import tokenizer
@@ -65,6 +68,21 @@ def assert_same_weights(a: Path, b: Path) -> None:
 
 def losses(output_dir: Path) -> dict[int, float]:
     return {record["step"]: record["loss"] for record in read_metrics(output_dir) if "loss" in record}
+
+
+# ------------------------------------------------------------------------------------------ flags
+
+
+@pytest.mark.parametrize("module", [train_prior, train_decoder, dalle2_generate])
+def test_every_flag_has_help_and_the_dashed_spelling(module, capsys):
+    for action in module.build_parser()._actions:
+        if action.option_strings and action.dest != "help":
+            assert action.help, action.option_strings
+            for spelling in action.option_strings:
+                assert spelling.replace("_", "-") in action.option_strings, spelling
+    with pytest.raises(SystemExit) as exit_info:
+        module.main(["--help"])
+    assert exit_info.value.code == 0 and module.PROG in capsys.readouterr().out
 
 
 # ------------------------------------------------------------------------------------------ prior
@@ -196,13 +214,111 @@ def test_decoder_resume_is_exact(env, tmp_path):
         (["--unet_number", "1", "--image_text_folder", "x"], "--clip_path (a new decoder) or --decoder_path"),
         (["--unet_number", "3", "--image_text_folder", "DATA", "--clip_path", "CLIP"], "unet_number must be"),
         (["--unet_number", "1", "--image_text_folder", "DATA", "--clip_path", "CLIP", "--dim", "8,a"], "--dim"),
-        (["--unet_number", "1", "--image_text_folder", "DATA", "--clip_path", "CLIP", "--embeddings", "DATA"],
-         "index.json"),
+        (
+            ["--unet_number", "1", "--image_text_folder", "DATA", "--clip_path", "CLIP", "--embeddings", "DATA"],
+            "index.json",
+        ),
     ],
 )
 def test_train_decoder_bad_input_gives_a_one_line_error(env, tmp_path, capsys, extra, message):
     extra = [str(env.data) if e == "DATA" else str(env.clip) if e == "CLIP" else e for e in extra]
     with pytest.raises(SystemExit) as exit_info:
         train_decoder.main([*extra, *DECODER, "--output_dir", str(tmp_path / "out"), "--device", "cpu"])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+# ------------------------------------------------------------------------------------------ generate
+
+
+@pytest.fixture(scope="module")
+def trained(env) -> SimpleNamespace:
+    """A prior and a 2-U-Net decoder (U-Net 1 trained), 2 steps each with a moving average."""
+    prior, decoder = env.root / "trained_prior", env.root / "trained_decoder"
+    steps = ["--max_steps", "2", "--save_every_n_steps", "2", "--ema_decay", "0.9"]
+    train_prior.main(prior_args(env, prior, *steps))
+    train_decoder.main(decoder_args(env, decoder, 1, "--clip_path", str(env.clip), *steps))
+    return SimpleNamespace(prior=prior, decoder=decoder)
+
+
+def read_png(path: Path) -> np.ndarray:
+    with Image.open(path) as image:
+        return np.asarray(image).copy()
+
+
+SAMPLING = ["--sample_steps", "2", "--prior_sample_steps", "2", "--device", "cpu"]
+
+
+def test_generate_from_prompts_writes_grids_and_metadata(trained, tmp_path):
+    models = ["--prior_path", str(trained.prior), "--decoder_path", str(trained.decoder)]
+    text = ["--text", "a red square|a blue circle", "--num_images", "3", "--cond_scale", "2", "--prior_cond_scale",
+            "1.5", "--seed", "5", *SAMPLING]  # fmt: skip
+    folders = dalle2_generate.run([*models, *text, "--batch_size", "2", "--outputs_dir", str(tmp_path / "a")])
+    assert [folder.name for folder in folders] == ["a_red_square", "a_blue_circle"]
+    for folder in folders:
+        metadata = json.loads((folder / "metadata.json").read_text())
+        assert metadata["prompt"] in ("a red square", "a blue circle") and metadata["settings"]["cond_scale"] == 2.0
+        assert [entry["seed"] for entry in metadata["images"]] == [5, 6, 7]
+        assert all(read_png(folder / f"{i}.png").shape == (16, 16, 3) for i in range(3))
+        assert (folder / "grid.png").is_file()
+    # the images do not depend on --batch_size, and the moving average is what samples
+    again = dalle2_generate.run([*models, *text, "--batch_size", "3", "--outputs_dir", str(tmp_path / "b")])
+    raw = dalle2_generate.run([*models, *text, "--no_ema", "--outputs_dir", str(tmp_path / "c")])
+    for first, second, third in zip(folders, again, raw):
+        assert all(np.array_equal(read_png(first / f"{i}.png"), read_png(second / f"{i}.png")) for i in range(3))
+        assert not all(np.array_equal(read_png(first / f"{i}.png"), read_png(third / f"{i}.png")) for i in range(3))
+
+
+def test_generate_variations_and_inpainting(env, trained, tmp_path):
+    source = sorted(env.data.glob("*.png"))[0]
+    original = read_png(source)
+    assert original.shape == (16, 16, 3)
+    [folder] = dalle2_generate.run(["--decoder_path", str(trained.decoder), "--variations_of", str(source),
+                                    "--num_images", "2", "--outputs_dir", str(tmp_path), *SAMPLING])  # fmt: skip
+    assert folder.name == f"variations_{source.stem}"
+    assert read_png(folder / "1.png").shape == (16, 16, 3)
+
+    mask = np.zeros((16, 16), dtype=np.uint8)
+    mask[:, :8] = 255  # generate the left half
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    inpaint = ["--inpaint", str(source), "--mask", str(tmp_path / "mask.png"), "--text", "a red square"]
+    models = ["--prior_path", str(trained.prior), "--decoder_path", str(trained.decoder)]
+    [folder] = dalle2_generate.run([*models, *inpaint, "--num_images", "2", "--outputs_dir", str(tmp_path), *SAMPLING])
+    for i in range(2):
+        painted = read_png(folder / f"{i}.png")
+        assert painted.shape == (16, 16, 3)
+        assert np.array_equal(painted[:, 8:], original[:, 8:])  # the kept half exactly as given
+    assert json.loads((folder / "metadata.json").read_text())["mode"] == "inpaint"
+
+
+def test_generate_from_a_dalle2_folder(trained, tmp_path):
+    prior = DiffusionPrior.from_pretrained(trained.prior / "step-00000002" / "ema")
+    decoder = Decoder.from_pretrained(trained.decoder / "step-00000002" / "ema")
+    DALLE2(prior=prior, decoder=decoder).save_pretrained(tmp_path / "dalle2")
+    text = ["--text", "a red square", "--num_images", "1", *SAMPLING]
+    [folder] = dalle2_generate.run(
+        ["--dalle2_path", str(tmp_path / "dalle2"), *text, "--outputs_dir", str(tmp_path / "a")]
+    )
+    [same] = dalle2_generate.run(["--prior_path", str(trained.prior), "--decoder_path", str(trained.decoder), *text,
+                                  "--outputs_dir", str(tmp_path / "b")])  # fmt: skip
+    assert np.array_equal(read_png(folder / "0.png"), read_png(same / "0.png"))
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--text", "x"], "give --decoder_path"),
+        (["--decoder_path", "D", "--text", "x"], "prompts need a prior"),
+        (["--decoder_path", "D"], "nothing to draw"),
+        (["--decoder_path", "D", "--inpaint", "a.png"], "--inpaint and --mask go together"),
+        (["--decoder_path", "D", "--variations_of", "a.png", "--cond_scale", "0.5"], "--cond_scale must be >= 1"),
+        (["--decoder_path", "D", "--variations_of", "missing.png"], "missing.png"),
+        (["--decoder_path", "nowhere", "--variations_of", "a.png"], "--decoder_path"),
+    ],
+)
+def test_generate_bad_input_gives_a_one_line_error(trained, tmp_path, capsys, extra, message):
+    extra = [str(trained.decoder) if e == "D" else e for e in extra]
+    with pytest.raises(SystemExit) as exit_info:
+        dalle2_generate.main([*extra, "--outputs_dir", str(tmp_path), "--device", "cpu"])
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err.strip().splitlines()[-1]

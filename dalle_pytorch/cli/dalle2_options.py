@@ -36,7 +36,7 @@ def add_config_arg(parser: argparse.ArgumentParser) -> None:
         parser,
         "--config",
         default=None,
-        help="a JSON file of model flags, e.g. {\"dim\": 512, \"depth\": 6}; flags given on the command line win",
+        help='a JSON file of model flags, e.g. {"dim": 512, "depth": 6}; flags given on the command line win',
     )
 
 

@@ -115,10 +115,18 @@ def build_decoder(args: argparse.Namespace, clip: nn.Module) -> Decoder:
     adapter = as_clip_adapter(clip)
     unets = [
         Unet(
-            dim=dim, image_embed_dim=adapter.dim_latent, cond_dim=args.cond_dim, dim_mults=args.dim_mults,
-            num_resnet_blocks=args.num_resnet_blocks, resnet_groups=args.resnet_groups, attn_heads=args.attn_heads,
-            attn_dim_head=args.attn_dim_head, dropout=args.dropout, lowres_cond=number > 0,
-            cond_on_text_encodings=args.cond_on_text_encodings, text_embed_dim=adapter.text_encoding_dim,
+            dim=dim,
+            image_embed_dim=adapter.dim_latent,
+            cond_dim=args.cond_dim,
+            dim_mults=args.dim_mults,
+            num_resnet_blocks=args.num_resnet_blocks,
+            resnet_groups=args.resnet_groups,
+            attn_heads=args.attn_heads,
+            attn_dim_head=args.attn_dim_head,
+            dropout=args.dropout,
+            lowres_cond=number > 0,
+            cond_on_text_encodings=args.cond_on_text_encodings,
+            text_embed_dim=adapter.text_encoding_dim,
         )  # fmt: skip
         for number, dim in enumerate(dims)
     ]

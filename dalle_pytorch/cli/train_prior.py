@@ -73,9 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_arg(model, "--attn_dropout", type=float, default=0.0, help="attention dropout (default: 0)")
     add_arg(model, "--ff_dropout", type=float, default=0.0, help="feed-forward dropout (default: 0)")
     add_arg(model, "--timesteps", type=int, default=1000, help="length of the noise schedule (default: 1000)")
-    add_arg(
-        model, "--sample_timesteps", type=int, default=None, help="default DDIM steps for sampling (default: DDPM)"
-    )
+    add_arg(model, "--sample_timesteps", type=int, default=None, help="default DDIM steps for sampling (default: DDPM)")
     add_arg(model, "--cond_drop_prob", type=float, default=0.2, help="caption drop rate, for guidance (default: 0.2)")
     add_arg(model, "--beta_schedule", choices=("cosine", "linear"), default="cosine", help="noise schedule")
     add_switch(
