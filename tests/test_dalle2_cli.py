@@ -4,6 +4,10 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -13,6 +17,7 @@ import torch
 from conftest import make_clip
 from PIL import Image
 from safetensors.torch import load_file
+from test_distributed import free_port
 
 from dalle_pytorch.cli import dalle2_embed, dalle2_generate, train_decoder, train_prior
 from dalle_pytorch.data.shapes import ShapesDataset, write_folder
@@ -322,3 +327,44 @@ def test_generate_bad_input_gives_a_one_line_error(trained, tmp_path, capsys, ex
         dalle2_generate.main([*extra, "--outputs_dir", str(tmp_path), "--device", "cpu"])
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+# ------------------------------------------------------------------------------------------ torchrun
+
+DDP_DRIVER = textwrap.dedent("""
+    import os, sys
+    import torch
+    from dalle_pytorch.cli import train_decoder
+    torch.set_num_threads(1)
+    result = train_decoder.run(sys.argv[2:])
+    torch.save({"history": result.history, "state": result.model.state_dict(),
+                "checkpoints": [str(path) for path in result.checkpoints]},
+               os.path.join(sys.argv[1], f"rank{os.environ['RANK']}.pt"))
+""")
+
+
+def test_two_processes_train_decoder_unet_2_and_leave_unet_1_alone(env, trained, tmp_path):
+    driver, results, out = tmp_path / "driver.py", tmp_path / "results", tmp_path / "unet2"
+    driver.write_text(DDP_DRIVER)
+    results.mkdir()
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+        "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(driver), str(results),
+        *decoder_args(env, out, 2, "--decoder_path", str(trained.decoder), "--max_steps", "2",
+                      "--save_every_n_steps", "2", "--log_sample_ids", "--ema_decay", "0.9"),
+    ]  # fmt: skip
+    # the processes import this checkout's library, as the test does
+    path = os.pathsep.join(filter(None, [str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH")]))
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
+    finished = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=240)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+
+    ranks = [torch.load(results / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    for key, tensor in ranks[0]["state"].items():  # DDP keeps the ranks equal
+        assert torch.equal(tensor, ranks[1]["state"][key]), key
+    for mine, other in zip(ranks[0]["history"], ranks[1]["history"]):
+        assert mine["local_loss"] != other["local_loss"] and not set(mine["sample_ids"]) & set(other["sample_ids"])
+    assert ranks[1]["checkpoints"] == [] and [Path(p).name for p in ranks[0]["checkpoints"]] == ["step-00000002"]
+    before = unet_weights(trained.decoder / "step-00000002", 1)
+    after = unet_weights(out / "step-00000002", 1)
+    assert before and all(torch.equal(before[key], after[key]) for key in before)
