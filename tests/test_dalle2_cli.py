@@ -20,6 +20,8 @@ from safetensors.torch import load_file
 from test_distributed import free_port
 
 from dalle_pytorch.cli import dalle2_embed, dalle2_generate, train_decoder, train_prior
+from dalle_pytorch.cli.common import write_args_json
+from dalle_pytorch.cli.dalle2_options import tokenizer_spec_near
 from dalle_pytorch.data.shapes import ShapesDataset, write_folder
 from dalle_pytorch.diffusion.dalle2 import DALLE2
 from dalle_pytorch.diffusion.decoder import Decoder
@@ -368,3 +370,22 @@ def test_two_processes_train_decoder_unet_2_and_leave_unet_1_alone(env, trained,
     before = unet_weights(trained.decoder / "step-00000002", 1)
     after = unet_weights(out / "step-00000002", 1)
     assert before and all(torch.equal(before[key], after[key]) for key in before)
+
+
+def test_resuming_another_unet_is_refused(env, trained, capsys):
+    before = sorted(path.name for path in trained.decoder.iterdir())
+    with pytest.raises(SystemExit) as exit_info:
+        train_decoder.main(decoder_args(env, trained.decoder, 2, "--resume", "--max_steps", "4"))
+    assert exit_info.value.code == 2
+    assert "trained U-Net 1, not --unet_number 2" in capsys.readouterr().err.strip().splitlines()[-1]
+    assert sorted(path.name for path in trained.decoder.iterdir()) == before
+
+
+def test_the_tokenizer_of_a_moving_average_is_its_training_runs(tmp_path):
+    run = tmp_path / "run"
+    (run / "step-00000002" / "ema").mkdir(parents=True)
+    spec = {"kind": "hug", "path": str(tmp_path / "tokenizer.json")}
+    write_args_json(run, "dalle2-train-decoder", SimpleNamespace(x=1), tokenizer=spec)
+    args = dalle2_generate.build_parser().parse_args(["--decoder_path", str(run)])
+    assert tokenizer_spec_near(args, run / "step-00000002" / "ema") == spec
+    assert tokenizer_spec_near(args, run / "step-00000002") == spec

@@ -32,10 +32,9 @@ from dalle_pytorch.cli.common import (
     add_tokenizer_args,
     build_tokenizer,
     run_main,
-    tokenizer_spec_for,
     write_args_json,
 )
-from dalle_pytorch.cli.dalle2_options import weights_folder
+from dalle_pytorch.cli.dalle2_options import tokenizer_spec_near, weights_folder
 from dalle_pytorch.cli.generate import prompt_folder, read_prompts
 from dalle_pytorch.data.images import image_grid, load_image, save_image
 from dalle_pytorch.diffusion.dalle2 import DALLE2
@@ -134,7 +133,7 @@ def run(argv: list[str] | None = None) -> list[Path]:
         raise ValueError("prompts need a prior: give --prior_path (or --dalle2_path)")
     if not has_text and decoder.clip is None:
         raise ValueError("the decoder has no CLIP to embed the image: give --text and a prior")
-    spec = tokenizer_spec_for(args, tokenizer_source if tokenizer_source.name != "ema" else tokenizer_source.parent)
+    spec = tokenizer_spec_near(args, tokenizer_source)
     tokenizer = build_tokenizer(spec) if has_text else None
     source = args.variations_of or args.inpaint
     image = load_image(source, size).to(device) if source is not None else None

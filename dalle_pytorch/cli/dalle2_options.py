@@ -74,6 +74,11 @@ def load_clip(args: argparse.Namespace) -> tuple[CLIP, Any, dict[str, Any]]:
     return clip.requires_grad_(False).eval(), tokenizer, spec
 
 
+def tokenizer_spec_near(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
+    """The tokenizer spec of the training run `folder` (a checkpoint or its `ema/`) came from, else the flags'."""
+    return tokenizer_spec_for(args, folder.parent if folder.name == EMA_DIR_NAME else folder)
+
+
 def weights_folder(path: str | Path, flag: str, *, ema: bool = True) -> Path:
     """A model folder, or the newest checkpoint of a training output folder; its moving-average weights
     (`ema/`) when it holds them and `ema` is on."""

@@ -39,9 +39,14 @@ from dalle_pytorch.cli.common import (
     resume_dir,
     run_main,
     seed_everything,
-    tokenizer_spec_for,
 )
-from dalle_pytorch.cli.dalle2_options import add_config_arg, int_list, load_clip, parse_with_config
+from dalle_pytorch.cli.dalle2_options import (
+    add_config_arg,
+    int_list,
+    load_clip,
+    parse_with_config,
+    tokenizer_spec_near,
+)
 from dalle_pytorch.data.embeddings import ClipEmbeddingsDataset, WithImageEmbeddings
 from dalle_pytorch.data.text_image import TextImageDataset
 from dalle_pytorch.diffusion.clip_adapter import as_clip_adapter
@@ -167,7 +172,7 @@ def load_decoder(args: argparse.Namespace, start: Any) -> tuple[Decoder, dict[st
         decoder = Decoder.from_pretrained(folder)
         if decoder.clip is None:
             raise ValueError(f"{folder} is a decoder without a CLIP; this tool needs one to embed the images")
-        return decoder, tokenizer_spec_for(args, folder)
+        return decoder, tokenizer_spec_near(args, folder)
     clip, _, spec = load_clip(args)
     return build_decoder(args, clip), spec
 
