@@ -389,3 +389,33 @@ def test_the_tokenizer_of_a_moving_average_is_its_training_runs(tmp_path):
     args = dalle2_generate.build_parser().parse_args(["--decoder_path", str(run)])
     assert tokenizer_spec_near(args, run / "step-00000002" / "ema") == spec
     assert tokenizer_spec_near(args, run / "step-00000002") == spec
+
+
+def test_run_folders_and_model_kinds_are_checked(env, trained, tmp_path, capsys):
+    def error_of(main, argv):
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        assert exit_info.value.code == 2
+        return capsys.readouterr().err.strip().splitlines()[-1]
+
+    before = sorted(path.name for path in trained.prior.iterdir())
+    # a new run into a folder holding a run is refused (and leaves it alone)
+    assert "already holds a dalle2-train-prior run" in error_of(train_prior.main, prior_args(env, trained.prior))
+    assert sorted(path.name for path in trained.prior.iterdir()) == before
+    # a prior where a decoder belongs
+    message = error_of(train_decoder.main, decoder_args(env, tmp_path / "d", 1, "--decoder_path", str(trained.prior)))
+    assert "holds a DiffusionPrior, not a Decoder" in message
+    models = ["--prior_path", str(trained.prior), "--decoder_path", str(trained.decoder), "--device", "cpu"]
+    message = error_of(dalle2_generate.main, [*models, "--text", "x", "--outputs_dir", str(trained.decoder)])
+    assert "holds a dalle2-train-decoder run" in message
+
+
+def test_guidance_needs_a_model_trained_with_dropped_conditions(env, tmp_path, capsys):
+    out = tmp_path / "decoder"
+    train_decoder.main(decoder_args(env, out, 1, "--clip_path", str(env.clip), "--image_cond_drop_prob", "0",
+                                    "--max_steps", "1", "--save_every_n_steps", "1"))  # fmt: skip
+    image = str(sorted(env.data.glob("*.png"))[0])
+    with pytest.raises(SystemExit):
+        dalle2_generate.main(["--decoder_path", str(out), "--variations_of", image, "--cond_scale", "2",
+                              "--outputs_dir", str(tmp_path / "o"), "--device", "cpu"])  # fmt: skip
+    assert "needs a decoder trained with --image_cond_drop_prob > 0" in capsys.readouterr().err

@@ -36,6 +36,7 @@ from dalle_pytorch.cli.common import (
 )
 from dalle_pytorch.cli.dalle2_options import tokenizer_spec_near, weights_folder
 from dalle_pytorch.cli.generate import prompt_folder, read_prompts
+from dalle_pytorch.cli.runs import describe_run, run_contents, run_tool
 from dalle_pytorch.data.images import image_grid, load_image, save_image
 from dalle_pytorch.diffusion.dalle2 import DALLE2
 from dalle_pytorch.diffusion.decoder import Decoder
@@ -105,11 +106,11 @@ def load_models(args: argparse.Namespace, device: torch.device) -> tuple[Diffusi
         folder = Path(args.dalle2_path)
         dalle2 = DALLE2.from_pretrained(folder, map_location=device)
         return dalle2.prior, dalle2.decoder, folder
-    decoder_folder = weights_folder(args.decoder_path, "--decoder_path", ema=args.ema)
+    decoder_folder = weights_folder(args.decoder_path, "--decoder_path", "Decoder", ema=args.ema)
     decoder = Decoder.from_pretrained(decoder_folder, map_location=device)
     if args.prior_path is None:
         return None, decoder, decoder_folder
-    prior_folder = weights_folder(args.prior_path, "--prior_path", ema=args.ema)
+    prior_folder = weights_folder(args.prior_path, "--prior_path", "DiffusionPrior", ema=args.ema)
     prior = DiffusionPrior.from_pretrained(prior_folder, map_location=device)
     if prior.clip is None:
         raise ValueError(f"--prior_path: {prior_folder} has no CLIP to read prompts; train it with --clip_path")
@@ -126,7 +127,11 @@ def run(argv: list[str] | None = None) -> list[Path]:
     args = build_parser().parse_args(argv)
     _check_args(args)
     device = resolve_device(args.device)
+    outputs_dir = Path(args.outputs_dir)
+    if run_contents(outputs_dir) and run_tool(outputs_dir) != PROG:  # an earlier dalle2-generate's folder is fine
+        raise ValueError(f"--outputs_dir {outputs_dir} holds a {describe_run(outputs_dir)}; give another folder")
     prior, decoder, tokenizer_source = load_models(args, device)
+    check_guidance(args, prior, decoder)
     size = decoder.image_sizes[-1]
     has_text = args.text is not None or args.text_file is not None
     if has_text and prior is None:
@@ -141,7 +146,6 @@ def run(argv: list[str] | None = None) -> list[Path]:
     if args.mask is not None:
         # white (>= 0.5) marks the pixels to generate; the decoder wants True where a pixel is kept
         known = load_image(args.mask, size).to(device).mean(dim=1)[0] < 0.5  # (s, s)
-    outputs_dir = Path(args.outputs_dir)
     outputs_dir.mkdir(parents=True, exist_ok=True)
     write_args_json(outputs_dir, PROG, args, tokenizer=spec)
     settings = {key: getattr(args, key) for key in (
@@ -165,7 +169,22 @@ def run(argv: list[str] | None = None) -> list[Path]:
         )
         folder = prompt_folder(outputs_dir, name, taken)
         folders.append(write_images(folder, name, torch.cat(batches), args, settings))
+        print(f"{PROG}: {args.num_images} images of {name!r}, grid.png and metadata.json -> {folder}")
     return folders
+
+
+def check_guidance(args: argparse.Namespace, prior: DiffusionPrior | None, decoder: Decoder) -> None:
+    """Guidance needs a model trained to predict without its condition (a drop rate above 0)."""
+    if args.cond_scale != 1 and decoder.image_cond_drop_prob == 0:
+        raise ValueError(
+            f"--cond_scale {args.cond_scale} needs a decoder trained with --image_cond_drop_prob > 0; "
+            "use --cond_scale 1"
+        )
+    if prior is not None and args.prior_cond_scale != 1 and prior.cond_drop_prob == 0:
+        raise ValueError(
+            f"--prior_cond_scale {args.prior_cond_scale} needs a prior trained with --cond_drop_prob > 0; "
+            "use --prior_cond_scale 1"
+        )
 
 
 @torch.no_grad()

@@ -79,8 +79,8 @@ def tokenizer_spec_near(args: argparse.Namespace, folder: Path) -> dict[str, Any
     return tokenizer_spec_for(args, folder.parent if folder.name == EMA_DIR_NAME else folder)
 
 
-def weights_folder(path: str | Path, flag: str, *, ema: bool = True) -> Path:
-    """A model folder, or the newest checkpoint of a training output folder; its moving-average weights
-    (`ema/`) when it holds them and `ema` is on."""
-    folder = resolve_checkpoint(path, flag)
+def weights_folder(path: str | Path, flag: str, expect: str, *, ema: bool = True) -> Path:
+    """A model folder, or the newest checkpoint of a training output folder, holding an `expect` (a class
+    name); its moving-average weights (`ema/`) when it holds them and `ema` is on."""
+    folder = resolve_checkpoint(path, flag, expect=expect)
     return folder / EMA_DIR_NAME if ema and (folder / EMA_DIR_NAME).is_dir() else folder

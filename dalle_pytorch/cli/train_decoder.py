@@ -47,6 +47,7 @@ from dalle_pytorch.cli.dalle2_options import (
     parse_with_config,
     tokenizer_spec_near,
 )
+from dalle_pytorch.cli.runs import settle_output_dir
 from dalle_pytorch.data.embeddings import ClipEmbeddingsDataset, WithImageEmbeddings
 from dalle_pytorch.data.text_image import TextImageDataset
 from dalle_pytorch.diffusion.clip_adapter import as_clip_adapter
@@ -168,7 +169,9 @@ def load_decoder(args: argparse.Namespace, start: Any) -> tuple[Decoder, dict[st
         if trained is not None and trained != args.unet_number:
             raise ValueError(f"--resume: {start} trained U-Net {trained}, not --unet_number {args.unet_number}")
     if start is not None or args.decoder_path is not None:
-        folder = start if start is not None else resolve_checkpoint(args.decoder_path, "--decoder_path")
+        folder = (
+            start if start is not None else resolve_checkpoint(args.decoder_path, "--decoder_path", expect="Decoder")
+        )
         decoder = Decoder.from_pretrained(folder)
         if decoder.clip is None:
             raise ValueError(f"{folder} is a decoder without a CLIP; this tool needs one to embed the images")
@@ -187,7 +190,8 @@ def run(argv: list[str] | None = None) -> TrainResult:
         parser.error("give --decoder_path or --resume, not both")
     ctx = init_distributed(args.device)
     try:
-        start = resume_dir(args)
+        start = resume_dir(args, expect="Decoder")
+        settle_output_dir(args, PROG, start)
         seed = choose_seed(args, start)
         seed_everything(seed)
         decoder, spec = load_decoder(args, start)

@@ -33,6 +33,7 @@ from dalle_pytorch.cli.common import (
     seed_everything,
 )
 from dalle_pytorch.cli.dalle2_options import add_config_arg, load_clip, parse_with_config
+from dalle_pytorch.cli.runs import settle_output_dir
 from dalle_pytorch.data.embeddings import ClipEmbeddingsDataset
 from dalle_pytorch.data.text_image import TextImageDataset
 from dalle_pytorch.diffusion.clip_adapter import as_clip_adapter
@@ -121,7 +122,8 @@ def run(argv: list[str] | None = None) -> TrainResult:
         parser.error("--image_text_folder needs --clip_path (the CLIP that embeds the images and captions)")
     ctx = init_distributed(args.device)
     try:
-        start = resume_dir(args)
+        start = resume_dir(args, expect="DiffusionPrior")
+        settle_output_dir(args, PROG, start)
         seed = choose_seed(args, start)
         seed_everything(seed)
         clip, tokenizer, spec = load_clip(args) if args.clip_path is not None else (None, None, None)
