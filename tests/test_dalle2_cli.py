@@ -419,3 +419,23 @@ def test_guidance_needs_a_model_trained_with_dropped_conditions(env, tmp_path, c
         dalle2_generate.main(["--decoder_path", str(out), "--variations_of", image, "--cond_scale", "2",
                               "--outputs_dir", str(tmp_path / "o"), "--device", "cpu"])  # fmt: skip
     assert "needs a decoder trained with --image_cond_drop_prob > 0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_training_of_both_models(env, tmp_path, precision):
+    steps = ["--max_steps", "1", "--save_every_n_steps", "1", "--precision", precision]
+    train_prior.main(prior_args(env, tmp_path / "prior", *steps))
+    train_decoder.main(decoder_args(env, tmp_path / "decoder", 2, "--clip_path", str(env.clip), *steps))
+    assert (tmp_path / "prior" / "step-00000001" / TRAINING_STATE_NAME).is_file()
+    assert (tmp_path / "decoder" / "step-00000001" / TRAINING_STATE_NAME).is_file()
+    assert np.isfinite(list(losses(tmp_path / "decoder").values())).all()
+
+
+def test_nan_losses_are_skipped_then_stop_the_run(env, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(Decoder, "loss", lambda self, pred, target: (pred - target).sum() * float("nan"))
+    out = tmp_path / "decoder"
+    with pytest.raises(SystemExit) as exit_info:
+        train_decoder.main(decoder_args(env, out, 1, "--clip_path", str(env.clip), "--max_steps", "5",
+                                        "--max_nan_steps", "2"))  # fmt: skip
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 1 and "NaN/inf for 2 steps in a row" in err
