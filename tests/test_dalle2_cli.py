@@ -439,3 +439,17 @@ def test_nan_losses_are_skipped_then_stop_the_run(env, tmp_path, monkeypatch, ca
                                         "--max_nan_steps", "2"))  # fmt: skip
     err = capsys.readouterr().err
     assert exit_info.value.code == 1 and "NaN/inf for 2 steps in a row" in err
+
+
+def test_decoder_from_a_json_config(env, tmp_path):
+    config = tmp_path / "decoder.json"
+    config.write_text(json.dumps({"image-sizes": [8, 16], "dim": 8, "dim_mults": [1, 2], "resnet_groups": 4,
+                                  "attn_heads": 2, "attn_dim_head": 8, "timesteps": 10}))  # fmt: skip
+    out = tmp_path / "decoder"
+    train_decoder.main(["--unet_number", "1", "--image_text_folder", str(env.data), "--clip_path", str(env.clip),
+                        "--config", str(config), "--truncate_captions", "--dim", "8,4", *COMMON, "--output_dir",
+                        str(out), "--max_steps", "1", "--save_every_n_steps", "1"])  # fmt: skip
+    decoder = Decoder.from_pretrained(out / "step-00000001")
+    assert decoder.image_sizes == (8, 16) and decoder.schedule.timesteps == 10
+    assert [unet.config["dim"] for unet in decoder.unets] == [8, 4]  # the flag wins over the file
+    assert all(unet.config["dim_mults"] == (1, 2) for unet in decoder.unets)

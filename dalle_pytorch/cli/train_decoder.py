@@ -113,7 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def build_decoder(args: argparse.Namespace, clip: nn.Module) -> Decoder:
     """A new decoder of len(--image_sizes) U-Nets around `clip`."""
-    sizes, dims = args.image_sizes, args.dim
+    # a --config file may give a single int where the flag takes a comma-separated list
+    sizes, dims, mults = (
+        tuple(v) if isinstance(v, list | tuple) else (v,) for v in (args.image_sizes, args.dim, args.dim_mults)
+    )
     if len(dims) == 1:
         dims = dims * len(sizes)
     if len(dims) != len(sizes):
@@ -124,7 +127,7 @@ def build_decoder(args: argparse.Namespace, clip: nn.Module) -> Decoder:
             dim=dim,
             image_embed_dim=adapter.dim_latent,
             cond_dim=args.cond_dim,
-            dim_mults=args.dim_mults,
+            dim_mults=mults,
             num_resnet_blocks=args.num_resnet_blocks,
             resnet_groups=args.resnet_groups,
             attn_heads=args.attn_heads,
