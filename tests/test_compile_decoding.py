@@ -1,6 +1,9 @@
 """Compiled decoding (`compile=` of generate_image_codes): one compilation serves every position and every
 later run of the batch size, and the tokens equal eager decoding's for the same generator."""
 
+import time
+from copy import deepcopy
+
 import pytest
 import torch
 from conftest import NUM_TEXT_TOKENS, TEXT_SEQ_LEN, make_clip, make_dalle
@@ -95,3 +98,21 @@ def test_compile_option_is_checked():
         dalle.generate_image_codes(_text(), compile=3)
     with pytest.raises(ValueError, match="does not support reversible=True"):
         check_static_decoding(make_dalle(reversible=True).transformer)
+
+
+def test_a_model_stays_copyable_after_compiled_decoding():
+    dalle = make_dalle().eval()
+    _decode(dalle, _text(), compile="aot_eager")
+    copy = deepcopy(dalle)
+    assert torch.equal(_decode(copy, _text(), compile="aot_eager")[0], _decode(dalle, _text())[0])
+
+
+@pytest.mark.slow
+def test_inductor_decoding_equals_eager():
+    dalle = make_dalle(attn_types=("full", "axial_row"), depth=2).eval()
+    eager_codes, eager_logits = _decode(dalle, _text(), cond_scale=3.0)
+    started = time.perf_counter()
+    codes, logits = _decode(dalle, _text(), compile=True, cond_scale=3.0)
+    print(f"inductor: compiling and decoding with a tiny DALLE took {time.perf_counter() - started:.1f} s")
+    torch.testing.assert_close(logits, eager_logits, rtol=1e-4, atol=1e-4)
+    assert torch.equal(codes, eager_codes)

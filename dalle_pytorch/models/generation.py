@@ -154,7 +154,7 @@ class GenerationMixin:
             logits = self._image_logits(h[:, -1])  # (b or 2b, num_image_tokens)
             if opts.compile is not None:
                 prepare_cache(cache)
-                step, sources = compiled_step_fn(self, opts.compile), shift_sources(self.transformer)
+                step, sources = compiled_step_fn(opts.compile), shift_sources(self.transformer)
             while True:
                 if guided:
                     logits = guide(logits[:batch], logits[batch:], opts.cond_scale)
@@ -167,7 +167,7 @@ class GenerationMixin:
                     return codes
                 if opts.compile is not None:
                     grid = torch.full((1,), codes.shape[1] - 1, device=self.device)
-                    logits = step(new, grid, cache._buffers, grid + self.text_len, sources, guided)
+                    logits = step(self, new, grid, cache._buffers, grid + self.text_len, sources, guided)
                     continue
                 if opts.use_cache:
                     h = self.transformer(self._embed_branches(new, codes.shape[1] - 1, guided), cache)

@@ -103,21 +103,26 @@ def static_step(transformer: Transformer, x: Tensor, buffers: dict, pos: Tensor,
     return x
 
 
-def compiled_step_fn(model: Any, backend: str) -> Callable:
-    """``step(codes (b, 1), grid index (1,) long, buffers, pos (1,), sources) -> image logits (b, vocab)``,
-    compiled with ``backend`` once per model and backend (kept on the model; shapes are guarded, so a new
-    batch size compiles once more)."""
-    compiled = model.__dict__.setdefault("_compiled_decoding_steps", {})
-    if backend not in compiled:
+def image_step(model: Any, codes: Tensor, grid: Tensor, buffers: dict, pos: Tensor, sources: Tensor, guided: bool):
+    """DALLE's decoding step on the static cache: new codes (b, 1) at grid index ``grid`` (1,) long, sequence
+    position ``pos`` (1,) -> image logits (b or 2b, vocab); ``guided`` repeats the rows for the null branch."""
+    x = model.image_emb(codes)
+    if not model.rotary:
+        x = x + model.image_row_emb(grid // model.fmap) + model.image_col_emb(grid % model.fmap)
+    if guided:
+        x = torch.cat((x, x))
+    h = static_step(model.transformer, x, buffers, pos, sources)
+    return model._image_logits(h[:, -1])
 
-        def step(codes: Tensor, grid: Tensor, buffers: dict, pos: Tensor, sources: Tensor, guided: bool) -> Tensor:
-            x = model.image_emb(codes)
-            if not model.rotary:
-                x = x + model.image_row_emb(grid // model.fmap) + model.image_col_emb(grid % model.fmap)
-            if guided:
-                x = torch.cat((x, x))
-            h = static_step(model.transformer, x, buffers, pos, sources)
-            return model._image_logits(h[:, -1])
 
-        compiled[backend] = torch.compile(step, backend=backend, fullgraph=True, dynamic=False)
-    return compiled[backend]
+# backend -> compiled image_step; the model is an argument (not a closure or an attribute of the model) so
+# that models stay copyable and picklable. Dynamo guards on the model and the shapes: each model and batch
+# size compiles once, later runs reuse the graph
+_COMPILED_STEPS: dict[Any, Callable] = {}
+
+
+def compiled_step_fn(backend: str | Callable) -> Callable:
+    """:func:`image_step` compiled with ``backend`` (a torch.compile backend name or callable)."""
+    if backend not in _COMPILED_STEPS:
+        _COMPILED_STEPS[backend] = torch.compile(image_step, backend=backend, fullgraph=True, dynamic=False)
+    return _COMPILED_STEPS[backend]
