@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from dalle_pytorch.cli import generate, train_clip, train_dalle, train_vae
+from dalle_pytorch.cli import convert, generate, train_clip, train_dalle, train_vae
 from dalle_pytorch.cli.generate import prompt_folder, prompt_folder_name
 from dalle_pytorch.io.download import CACHE_ENV, OFFLINE_ENV
 from dalle_pytorch.models.vae import DiscreteVAE
@@ -77,10 +77,8 @@ EXACT = ["--batch_size", "1", "--ga_steps", "2", "--ff_dropout", "0.1", "--attn_
          "--null_cond_prob", "0.3", "--log_sample_ids", "--seed", "7"]  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def env(tmp_path_factory) -> SimpleNamespace:
-    """Data, a tokenizer trained on its captions, a VAE trained 2 steps, and a DALLE trained 6 steps in one go."""
-    root = tmp_path_factory.mktemp("cli")
+def data_tokenizer_and_vae(root: Path) -> SimpleNamespace:
+    """Data, a tokenizer trained on its captions and a VAE trained 2 steps, under `root` (one thread)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -89,7 +87,18 @@ def env(tmp_path_factory) -> SimpleNamespace:
         train_tokenizer(data, 300, tokenizer, min_frequency=1)
         vae = root / "vae"
         train_vae.main(vae_args(data, vae, "--max_steps", "2"))
-        namespace = SimpleNamespace(root=root, data=data, tokenizer=tokenizer, vae=vae, reference=root / "reference")
+    finally:
+        torch.set_num_threads(threads)
+    return SimpleNamespace(root=root, data=data, tokenizer=tokenizer, vae=vae, reference=root / "reference")
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory) -> SimpleNamespace:
+    """`data_tokenizer_and_vae`, and a DALLE trained 6 steps in one go."""
+    namespace = data_tokenizer_and_vae(tmp_path_factory.mktemp("cli"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
         exact_run = dalle_args(namespace, namespace.reference, *EXACT, "--max_steps", "6", "--save_every_n_steps", "3")
         train_dalle.main(exact_run)
     finally:
@@ -120,7 +129,7 @@ def read_png(path: Path) -> np.ndarray:
 # ------------------------------------------------------------------------------------------ flags
 
 
-@pytest.mark.parametrize("module", [train_vae, train_dalle, train_clip, generate])
+@pytest.mark.parametrize("module", [train_vae, train_dalle, train_clip, generate, convert])
 def test_every_flag_has_help_and_the_dashed_spelling(module):
     for action in module.build_parser()._actions:
         if action.option_strings and action.dest != "help":

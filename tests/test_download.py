@@ -13,6 +13,7 @@ from dalle_pytorch.io.download import (
     cache_directory,
     download,
     fetch_released_file,
+    pin_variable,
 )
 
 PAYLOAD = bytes(range(256)) * 4099  # ~1 MiB, not a multiple of the chunk size
@@ -180,19 +181,92 @@ def test_fetch_uses_the_base_url_mirror_and_then_the_cache(server, tmp_path, mon
     assert len(server.requests) == 1  # served from the cache
 
 
-def test_fetch_without_recorded_checksum_refuses_and_explains(server, tmp_path, monkeypatch):
+def _payload_only(path):
+    """A structure check: the file must be PAYLOAD (as a reader's key and shape checks would insist)."""
+    if path.read_bytes() != PAYLOAD:
+        raise ValueError("not the expected weights")
+
+
+def test_fetch_without_a_known_checksum_trusts_on_first_use_and_checks_every_later_load(
+    server, tmp_path, monkeypatch, capsys
+):
     monkeypatch.setenv("DALLE_PYTORCH_BASE_URL", server.url("/mirror/"))
-    with pytest.raises(DownloadError, match="no SHA-256") as raised:
+    monkeypatch.delenv(pin_variable(_released()), raising=False)
+    # an interrupted first download resumes
+    server.cut_next_response_at = 300_000
+    with pytest.raises(DownloadError, match="call again to resume"):
+        fetch_released_file(_released(sha256=None), tmp_path, argument="weights_path", verify=_payload_only)
+    path = fetch_released_file(_released(sha256=None), tmp_path, argument="weights_path", verify=_payload_only)
+    assert server.requests[-1]["range"] == "bytes=300000-"
+    assert path.read_bytes() == PAYLOAD
+    record = tmp_path / "weights" / "file.bin.sha256"
+    assert record.read_text().strip() == PAYLOAD_SHA256
+    err = capsys.readouterr().err
+    assert PAYLOAD_SHA256 in err and f"{pin_variable(_released())}={PAYLOAD_SHA256}" in err
+
+    # later loads use the cache and check it against the record
+    requests = len(server.requests)
+    assert fetch_released_file(_released(sha256=None), tmp_path, argument="weights_path") == path
+    assert len(server.requests) == requests
+    path.write_bytes(PAYLOAD[:-1] + b"x")
+    with pytest.raises(DownloadError, match="changed since it was downloaded"):
         fetch_released_file(_released(sha256=None), tmp_path, argument="weights_path")
-    message = str(raised.value)
-    assert str(tmp_path / "weights" / "file.bin") in message and "weights_path=" in message
-    assert server.requests == []
-    # A file the user put in the cache is used as is.
-    (tmp_path / "weights").mkdir()
-    (tmp_path / "weights" / "file.bin").write_bytes(b"user supplied")
+
+    # a file put in the cache by hand is used as is, and recorded
+    path.unlink()
+    record.unlink()
+    path.write_bytes(b"user supplied")
     assert fetch_released_file(_released(sha256=None), tmp_path, argument="weights_path").read_bytes() == (
         b"user supplied"
     )
+    assert record.read_text().strip() == hashlib.sha256(b"user supplied").hexdigest()
+
+
+def test_a_download_that_fails_its_structure_check_is_deleted(server, tmp_path, monkeypatch):
+    monkeypatch.setenv("DALLE_PYTORCH_BASE_URL", server.url("/mirror/"))
+
+    def refuse(path):
+        raise ValueError("missing keys ['encoder.w']")
+
+    with pytest.raises(DownloadError, match=r"does not hold the expected file \(missing keys") as raised:
+        fetch_released_file(_released(sha256=None), tmp_path, argument="weights_path", verify=refuse)
+    assert "weights_path=" in str(raised.value)
+    assert not (tmp_path / "weights" / "file.bin").exists() and not (tmp_path / "weights" / "file.bin.part").exists()
+    assert not (tmp_path / "weights" / "file.bin.sha256").exists()
+
+
+def test_a_pinned_sha256_is_enforced(server, tmp_path, monkeypatch):
+    monkeypatch.setenv("DALLE_PYTORCH_BASE_URL", server.url("/mirror/"))
+    variable = pin_variable(_released())
+    assert variable == "DALLE_PYTORCH_SHA256_WEIGHTS_FILE_BIN"
+    monkeypatch.setenv(variable, "0" * 64)
+    with pytest.raises(DownloadError, match="SHA-256 mismatch"):
+        fetch_released_file(_released(sha256=None), tmp_path, argument="weights_path")
+    assert not (tmp_path / "weights" / "file.bin").exists()
+    monkeypatch.setenv(variable, PAYLOAD_SHA256)
+    path = fetch_released_file(_released(sha256=None), tmp_path, argument="weights_path")
+    assert path.read_bytes() == PAYLOAD
+    # a pin given as an argument wins, and is checked against the cached file too
+    with pytest.raises(DownloadError, match=f"sha256= pins {'1' * 64}"):
+        fetch_released_file(_released(sha256=None), tmp_path, argument="weights_path", sha256="1" * 64)
+    monkeypatch.setenv(variable, "not a hash")
+    with pytest.raises(ValueError, match=variable):
+        fetch_released_file(_released(sha256=None), tmp_path, argument="weights_path")
+
+
+def test_the_cli_names_its_flag_when_a_released_vae_cannot_be_had(server, tmp_path, monkeypatch, capsys):
+    from dalle_pytorch.cli import train_dalle
+
+    monkeypatch.setenv("DALLE_PYTORCH_BASE_URL", server.url("/mirror/"))  # serves bytes that are no dVAE
+    monkeypatch.setenv("DALLE_PYTORCH_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(SystemExit) as exit_info:
+        train_dalle.main(["--image_text_folder", str(tmp_path), "--output_dir", str(tmp_path / "out"),
+                          "--device", "cpu"])  # fmt: skip
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "does not hold the expected file" in err and "--openai_encoder_path PATH" in err
+    assert "encoder_path=" not in err
+    assert not list((tmp_path / "cache").rglob("*.pkl"))  # nothing unverified kept
 
 
 def test_fetch_offline_names_the_file_and_the_place(tmp_path, monkeypatch):

@@ -23,6 +23,7 @@ LEVELS = {
     "data": 2,
     "models": 3,
     "diffusion": 4,
+    "convert": 4,
     "generation": 5,
     "training": 5,
     "demo": 6,

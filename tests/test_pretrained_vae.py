@@ -5,13 +5,17 @@ References: the official `dall_e` package (`pip install --no-deps DALL-E attrs`)
 released files are (whole pickled modules / Lightning checkpoints + YAML).
 """
 
+import functools
+import hashlib
 import importlib
 import json
 import os
 import subprocess
 import sys
 import textwrap
+import threading
 from collections import OrderedDict
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -238,11 +242,48 @@ def test_openai_default_files_come_from_the_cache(openai_files, tmp_path, monkey
     assert OpenAIDiscreteVAE().num_tokens == 512
 
 
-def test_openai_without_recorded_checksum_refuses_to_download(tmp_path, monkeypatch):
+@pytest.fixture
+def mirror(tmp_path, monkeypatch):
+    """A local HTTP server over a folder laid out like the cache, as DALLE_PYTORCH_BASE_URL."""
+    root = tmp_path / "mirror"
+    root.mkdir()
+    handler = functools.partial(SimpleHTTPRequestHandler, directory=str(root))
+    handler.log_message = lambda *args: None
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
+    thread.start()
+    for name in ("http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
     monkeypatch.delenv("DALLE_PYTORCH_OFFLINE", raising=False)
-    monkeypatch.setenv("DALLE_PYTORCH_BASE_URL", "http://127.0.0.1:9/unused")  # must never be contacted
-    with pytest.raises(DownloadError, match="no SHA-256"):
-        OpenAIDiscreteVAE(cache_dir=tmp_path)
+    monkeypatch.setenv("DALLE_PYTORCH_BASE_URL", f"http://127.0.0.1:{httpd.server_address[1]}")
+    yield root
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def test_openai_without_recorded_checksum_downloads_on_trust_on_first_use(openai_files, mirror, tmp_path):
+    directory, _, _ = openai_files
+    (mirror / "openai-dvae").mkdir()
+    # a file that is not a dVAE encoder is refused by its structure check and not kept
+    (mirror / "openai-dvae" / "encoder.pkl").write_bytes((directory / "decoder.pkl").read_bytes())
+    (mirror / "openai-dvae" / "decoder.pkl").write_bytes((directory / "decoder.pkl").read_bytes())
+    cache = tmp_path / "cache"
+    with pytest.raises(DownloadError, match="does not hold the expected file") as raised:
+        OpenAIDiscreteVAE(cache_dir=cache)
+    assert "dall_e.encoder" in str(raised.value) and "encoder_path=" in str(raised.value)
+    assert not (cache / "openai-dvae" / "encoder.pkl").exists()
+
+    (mirror / "openai-dvae" / "encoder.pkl").write_bytes((directory / "encoder.pkl").read_bytes())
+    vae = OpenAIDiscreteVAE(cache_dir=cache)
+    assert vae.num_tokens == 512
+    for name in ("encoder.pkl", "decoder.pkl"):
+        digest = hashlib.sha256((directory / name).read_bytes()).hexdigest()
+        assert (cache / "openai-dvae" / f"{name}.sha256").read_text().strip() == digest
+    # the record is checked on every later load
+    (cache / "openai-dvae" / "decoder.pkl").write_bytes((directory / "encoder.pkl").read_bytes())
+    with pytest.raises(DownloadError, match="changed since it was downloaded"):
+        OpenAIDiscreteVAE(cache_dir=cache)
 
 
 @pytest.mark.slow

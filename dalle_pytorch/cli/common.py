@@ -23,10 +23,25 @@ import torch
 from safetensors import SafetensorError
 
 from dalle_pytorch._version import __version__
+from dalle_pytorch.cli.original_flags import add_original_training_flags
+from dalle_pytorch.cli.runs import (
+    ARGS_NAME,
+    MODEL_FLAGS,
+    default_output_dir,
+    model_settings,
+    note,
+    record_model_settings,
+)
+from dalle_pytorch.convert.original import is_original_checkpoint, load_original
 from dalle_pytorch.io.atomic import atomic_write_file
-from dalle_pytorch.io.checkpoint import CONFIG_NAME, CheckpointError, load_pretrained
+from dalle_pytorch.io.checkpoint import CONFIG_NAME, CheckpointError, PretrainedMixin, read_config
 from dalle_pytorch.io.download import DownloadError
-from dalle_pytorch.training.state import TRAINING_STATE_NAME, CheckpointManager, read_training_state
+from dalle_pytorch.training.state import (
+    TRAINING_STATE_NAME,
+    CheckpointManager,
+    checkpoint_problem,
+    read_training_state,
+)
 from dalle_pytorch.training.trainer import (
     LR_SCHEDULES,
     PRECISIONS,
@@ -36,7 +51,6 @@ from dalle_pytorch.training.trainer import (
     TrainingSettings,
 )
 
-ARGS_NAME = "args.json"
 DEFAULT_SEED = 42
 
 
@@ -130,14 +144,29 @@ def add_training_args(
 ) -> None:
     """The flags of `TrainingSettings`, plus --seed, --device, --num_workers and --resume."""
     group = parser.add_argument_group("training")
+    # None until the run is known: a resumed run continues in its own folder (see dalle_pytorch.cli.runs)
+    parser.set_defaults(_default_output_dir=output_dir, _default_epochs=epochs)
     add_arg(
         group,
         "--output_dir",
-        default=output_dir,
-        help=f"folder for step-XXXXXXXX/ checkpoints, args.json, metrics.jsonl, samples/ (default: {output_dir})",
+        default=None,
+        help="folder of this run: step-XXXXXXXX/ checkpoints, args.json, metrics.jsonl, samples/ (default: "
+        f"{output_dir} for a new run, the resumed run's folder when resuming); never a folder holding another run",
     )
-    add_arg(group, "--epochs", type=int, default=epochs, help=f"passes over the data (default: {epochs})")
-    add_arg(group, "--max_steps", type=int, default=None, help="stop after this many optimizer steps in total")
+    add_arg(
+        group,
+        "--epochs",
+        type=int,
+        default=None,
+        help=f"passes over the data (default: {epochs}; no limit when --max_steps is given)",
+    )
+    add_arg(
+        group,
+        "--max_steps",
+        type=int,
+        default=None,
+        help="optimizer steps of the whole run, counted from its start (a resumed run continues to it)",
+    )
     add_arg(
         group,
         "--batch_size",
@@ -270,6 +299,7 @@ def add_training_args(
     add_arg(
         scale, "--local_rank", type=int, default=None, help="set by old launchers; torchrun uses LOCAL_RANK instead"
     )
+    add_original_training_flags(parser)
 
 
 def seed_everything(seed: int) -> None:
@@ -281,30 +311,68 @@ def seed_everything(seed: int) -> None:
 # ------------------------------------------------------------------------------------------ checkpoints
 
 
-def resolve_checkpoint(path: str | os.PathLike, flag: str) -> Path:
-    """A model folder, or the newest `step-*` checkpoint inside a training output folder."""
+def resolve_checkpoint(
+    path: str | os.PathLike, flag: str, *, expect: str | None = None, training_state: bool = False
+) -> Path:
+    """A model folder, or the newest intact `step-*` checkpoint inside a training output folder (a damaged
+    newer one is reported and skipped). Raises CheckpointError (one line naming the file) when the folder is
+    damaged, or holds another kind of model than `expect` (a class name). `training_state`: check
+    `training_state.pt` too."""
     path = Path(path)
+    if is_original_checkpoint(path):
+        return path  # read by load_model
     if (path / CONFIG_NAME).is_file():
-        return path
-    latest = CheckpointManager(path).latest()
-    if latest is not None:
-        return latest
-    raise FileNotFoundError(
-        f"{flag}: {path} is neither a model folder (with {CONFIG_NAME}) nor a training "
-        "output folder with step-* checkpoints"
-    )
+        problem = checkpoint_problem(path, training_state)
+        if problem is not None:
+            raise CheckpointError(f"{flag}: {problem}")
+        checkpoint = path
+    else:
+        manager = CheckpointManager(path)
+        checkpoint = manager.latest_intact(
+            lambda damaged, problem: note(flag, f"skipping the damaged checkpoint {damaged.name}: {problem}"),
+            training_state,
+        )
+        if checkpoint is None:
+            if manager.checkpoints():
+                raise CheckpointError(f"{flag}: every checkpoint in {path} is damaged")
+            if path.is_file():
+                raise FileNotFoundError(f"{flag}: {path} is a file, not a model folder or training output folder")
+            raise FileNotFoundError(
+                f"{flag}: {path} is neither a model folder (with {CONFIG_NAME}) nor a training "
+                "output folder with step-* checkpoints"
+            )
+    if expect is not None and checkpoint.is_dir():
+        model_type = read_config(checkpoint)["model_type"]
+        if model_type != expect and MODEL_FLAGS.get(model_type, flag) != flag:
+            raise CheckpointError(
+                f"{flag}: {checkpoint} holds a {model_type}, not a {expect} (it belongs in {MODEL_FLAGS[model_type]})"
+            )
+    return checkpoint
 
 
-def resume_dir(args: argparse.Namespace) -> Path | None:
-    """The checkpoint `--resume` names (None for a fresh start)."""
+def load_model(checkpoint: Path, cls: type, flag: str, map_location: Any = "cpu") -> Any:
+    """`cls.from_pretrained(checkpoint)`, or for a `.pt` file of the original DALLE-pytorch its conversion."""
+    if not is_original_checkpoint(checkpoint):
+        return cls.from_pretrained(checkpoint, map_location=map_location)
+    model = load_original(checkpoint)
+    if not isinstance(model, cls):
+        raise CheckpointError(f"{flag}: {checkpoint} holds a {type(model).__name__}, not a {cls.__name__}")
+    note(flag, f"{checkpoint} is a checkpoint of the original DALLE-pytorch, converted in memory (dalle-convert "
+               "converts it once; its optimizer state is not used)")  # fmt: skip
+    return model.to(map_location)
+
+
+def resume_dir(args: argparse.Namespace, expect: str | None = None) -> Path | None:
+    """The checkpoint `--resume` names (None for a fresh start); `expect`: the model class it must hold."""
     if args.resume is None:
         return None
     if args.resume == "latest":
-        latest = CheckpointManager(args.output_dir).latest()
-        if latest is None:
-            print(f"--resume: no checkpoint in {args.output_dir} yet; starting from scratch", file=sys.stderr)
-        return latest
-    directory = resolve_checkpoint(args.resume, "--resume")
+        folder = default_output_dir(args)
+        if not CheckpointManager(folder).checkpoints():
+            print(f"--resume: no checkpoint in {folder} yet; starting from scratch", file=sys.stderr)
+            return None
+        return resolve_checkpoint(folder, "--resume", expect=expect, training_state=True)
+    directory = resolve_checkpoint(args.resume, "--resume", expect=expect, training_state=True)
     if not (directory / TRAINING_STATE_NAME).is_file():
         raise FileNotFoundError(f"--resume: {directory} holds no {TRAINING_STATE_NAME} to resume from")
     return directory
@@ -323,14 +391,26 @@ def choose_seed(args: argparse.Namespace, checkpoint: Path | None) -> int:
 
 
 def write_args_json(output_dir: str | os.PathLike, tool: str, args: argparse.Namespace, **more: Any) -> Path:
-    """`output_dir/args.json`: the tool, library version and every flag (plus `more`)."""
+    """`output_dir/args.json`: the tool, library version and every flag (plus `more`). A resumed run keeps
+    the records of its earlier invocations under `earlier_invocations`, oldest first."""
     record = {
         "tool": tool,
         "library_version": __version__,
-        "args": {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()},
+        "args": {
+            key: str(value) if isinstance(value, Path) else value
+            for key, value in vars(args).items()
+            if not key.startswith("_")
+        },
         **more,
     }
     path = Path(output_dir) / ARGS_NAME
+    if more.get("resumed_from") is not None and path.is_file():
+        try:
+            earlier = json.loads(path.read_text(encoding="utf-8"))
+        except ValueError:
+            earlier = None
+        if isinstance(earlier, dict) and earlier.get("tool") == tool:
+            record["earlier_invocations"] = [*earlier.pop("earlier_invocations", []), earlier]
     path.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps(record, indent=2, default=str) + "\n"
     atomic_write_file(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))  # replaces a link, never follows
@@ -413,6 +493,15 @@ def check_tokenizer_fits(tokenizer: Any, model: Any, name: str) -> None:
 # ------------------------------------------------------------------------------------------ VAE
 
 
+# the constructor argument of each released file -> the flag that gives it
+VAE_FILE_FLAGS = {
+    "encoder_path": "--openai_encoder_path",
+    "decoder_path": "--openai_decoder_path",
+    "vqgan_model_path": "--vqgan_model_path",
+    "vqgan_config_path": "--vqgan_config_path",
+}
+
+
 def add_vae_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("image tokenizer (default: OpenAI's discrete VAE)")
     add_arg(group, "--vae_path", default=None, help="a trained VAE: a model folder or a dalle-train-vae output folder")
@@ -428,12 +517,19 @@ def load_vae(args: argparse.Namespace) -> torch.nn.Module:
     if args.vae_path is not None:
         if args.taming:
             raise ValueError("give either --vae_path or --taming, not both")
-        return load_pretrained(resolve_checkpoint(args.vae_path, "--vae_path"))
+        checkpoint = resolve_checkpoint(args.vae_path, "--vae_path", expect="DiscreteVAE")
+        return load_model(checkpoint, PretrainedMixin, "--vae_path")
     from dalle_pytorch.image_tokenizers.pretrained_vae import OpenAIDiscreteVAE, VQGanVAE
 
-    if args.taming:
-        return VQGanVAE(args.vqgan_model_path, args.vqgan_config_path)
-    return OpenAIDiscreteVAE(args.openai_encoder_path, args.openai_decoder_path)
+    try:
+        if args.taming:
+            return VQGanVAE(args.vqgan_model_path, args.vqgan_config_path)
+        return OpenAIDiscreteVAE(args.openai_encoder_path, args.openai_decoder_path)
+    except DownloadError as error:  # name the flags, not the Python arguments
+        message = str(error)
+        for argument, flag in VAE_FILE_FLAGS.items():
+            message = message.replace(f"{argument}=<path to the file>", f"{flag} PATH")
+        raise DownloadError(message) from None
 
 
 # ------------------------------------------------------------------------------------------ exits
@@ -465,16 +561,39 @@ def fit(
     seed: int,
     on_sample: Callable | None,
     resume_from: Path | None,
+    flag_aliases: dict[str, str] | None = None,
     **args_json_extra: Any,
 ):
     """The tail every training tool shares: build the trainer, resume from `resume_from` when given,
-    write args.json on the main process, and train. `args_json_extra` may override args.json's
-    `resumed_from` (a fine-tuning run names the checkpoint it started from without resuming it)."""
-    settings = TrainingSettings.from_args(args, seed=seed, run_config=vars(args))
+    write args.json on the main process (with the model's real settings: `record_model_settings`, with
+    `flag_aliases` flag -> config name), train, and say where the run ended. `args_json_extra` may override
+    args.json's `resumed_from` (a fine-tuning run names the checkpoint it started from without resuming it).
+    Call `runs.settle_output_dir` first."""
+    record_model_settings(args, model, flag_aliases)
+    args.epochs = epochs_limit(args)
+    run_config = {key: value for key, value in vars(args).items() if not key.startswith("_")}
+    settings = TrainingSettings.from_args(args, seed=seed, run_config=run_config)
     trainer = Trainer(model, data, loss_fn, settings, ctx, on_sample=on_sample)
     if resume_from is not None:
         trainer.resume(resume_from)
     if ctx.is_main:
         args_json_extra.setdefault("resumed_from", str(resume_from) if resume_from is not None else None)
-        write_args_json(args.output_dir, tool, args, seed=seed, **args_json_extra)
-    return trainer.fit()
+        write_args_json(args.output_dir, tool, args, seed=seed, model=model_settings(model), **args_json_extra)
+    result = trainer.fit()
+    if ctx.is_main:
+        print(f"{tool}: {ending(result, settings)}; final checkpoint: {CheckpointManager(args.output_dir).latest()}")
+    return result
+
+
+def epochs_limit(args: argparse.Namespace) -> int | None:
+    """--epochs as given; else the tool's default, unless --max_steps is given (then the steps decide)."""
+    if args.epochs is not None:
+        return args.epochs
+    return None if args.max_steps is not None else args._default_epochs
+
+
+def ending(result: Any, settings: TrainingSettings) -> str:
+    """'stopped at step 6: --max_steps 6 reached' (which limit ended the run)."""
+    if result.stopped_by == "max_steps":
+        return f"stopped at step {result.step}: --max_steps {settings.max_steps} reached"
+    return f"stopped at step {result.step}: --epochs {settings.epochs} done"

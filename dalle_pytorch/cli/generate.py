@@ -35,12 +35,15 @@ from dalle_pytorch.cli.common import (
     add_tokenizer_args,
     build_tokenizer,
     check_tokenizer_fits,
+    load_model,
     options_from_args,
+    read_args_json,
     resolve_checkpoint,
     run_main,
     tokenizer_spec_for,
     write_args_json,
 )
+from dalle_pytorch.cli.runs import describe_run, run_contents
 from dalle_pytorch.data.images import image_grid, load_image, save_image
 from dalle_pytorch.generation.clip_guided import clip_guided_generate
 from dalle_pytorch.io.atomic import atomic_write_file
@@ -199,10 +202,14 @@ def run(argv: list[str] | None = None) -> list[Path]:
     options = options_from_args(GenerationOptions, args, flags=OPTION_FLAGS)
     prompts = read_prompts(args)
     device = resolve_device(args.device)
+    outputs_dir = Path(args.outputs_dir)
+    if run_contents(outputs_dir):
+        raise ValueError(f"--outputs_dir {outputs_dir} holds a {describe_run(outputs_dir)}; give another folder")
     if args.method == "clip-guided":
         return run_clip_guided(args, prompts, device)
-    checkpoint = resolve_checkpoint(args.dalle_path, "--dalle_path")
-    dalle = DALLE.from_pretrained(checkpoint, map_location=device)
+    checkpoint = resolve_checkpoint(args.dalle_path, "--dalle_path", expect="DALLE")
+    check_guidance(args.cond_scale, checkpoint)
+    dalle = load_model(checkpoint, DALLE, "--dalle_path", map_location=device)
     spec = tokenizer_spec_for(args, checkpoint)
     tokenizer = build_tokenizer(spec)
     clip = None
@@ -212,7 +219,6 @@ def run(argv: list[str] | None = None) -> list[Path]:
         if model is not None:
             check_tokenizer_fits(tokenizer, model, name)
     prime = load_image(args.img, dalle.image_size, dalle.channels).to(device) if args.img else None
-    outputs_dir = Path(args.outputs_dir)
     outputs_dir.mkdir(parents=True, exist_ok=True)
     write_args_json(outputs_dir, PROG, args, dalle_checkpoint=str(checkpoint), tokenizer=spec)
     dtype = PRECISIONS[args.precision]
@@ -257,20 +263,32 @@ def run(argv: list[str] | None = None) -> list[Path]:
             clip_text = tokenizer.tokenize([drawn], clip.text_seq_len, truncate_text=True).to(device)
             scores = clip_scores(clip, clip_text, images, args.batch_size)
             order = scores.argsort(descending=True).tolist()[: args.keep_top or len(images)]
-        folders.append(
-            _write_prompt(
-                prompt_folder(outputs_dir, prompt, taken),
-                prompt,
-                drawn,
-                images,
-                order,
-                scores,
-                args,
-                checkpoint,
-                settings,
-            )
+        folder = _write_prompt(
+            prompt_folder(outputs_dir, prompt, taken), prompt, drawn, images, order, scores, args, checkpoint, settings
         )
+        folders.append(folder)
+        print(f"{PROG}: {len(order)} images of {prompt!r}, grid.png and metadata.json -> {folder}")
     return folders
+
+
+def check_guidance(cond_scale: float, checkpoint: Path) -> None:
+    """Classifier-free guidance (cond_scale != 1) only means something for a DALLE trained to predict without
+    its caption (--null_cond_prob > 0): a ValueError when the run's args.json says it was not; a note when
+    the checkpoint has no args.json to tell."""
+    if cond_scale == 1:
+        return
+    recorded = read_args_json(checkpoint).get("args", {}).get("null_cond_prob")
+    if recorded is None:
+        print(
+            f"{PROG}: note: cannot tell whether {checkpoint} was trained with --null_cond_prob; --cond_scale "
+            f"{cond_scale} helps only if it was",
+            file=sys.stderr,
+        )
+    elif not recorded:
+        raise ValueError(
+            f"--cond_scale {cond_scale} needs a DALLE trained with --null_cond_prob > 0, but {checkpoint} was "
+            "trained with --null_cond_prob 0 (it never learned to predict without the caption); use --cond_scale 1"
+        )
 
 
 def run_clip_guided(args: argparse.Namespace, prompts: list[str], device: torch.device) -> list[Path]:
@@ -306,6 +324,7 @@ def run_clip_guided(args: argparse.Namespace, prompts: list[str], device: torch.
         order = scores.argsort(descending=True).tolist()[: args.keep_top or len(images)]
         folder = prompt_folder(outputs_dir, prompt, taken)
         folders.append(_write_prompt(folder, prompt, prompt, images, order, scores, args, vae_checkpoint, settings))
+        print(f"{PROG}: {len(order)} images of {prompt!r}, grid.png and metadata.json -> {folder}")
     return folders
 
 

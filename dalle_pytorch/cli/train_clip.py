@@ -30,6 +30,7 @@ from dalle_pytorch.cli.common import (
     seed_everything,
     tokenizer_spec_for,
 )
+from dalle_pytorch.cli.runs import settle_output_dir
 from dalle_pytorch.data.text_image import TextImageDataset
 from dalle_pytorch.models.clip import CLIP
 from dalle_pytorch.training.data_order import IndexedBatches, StreamingBatches
@@ -106,8 +107,13 @@ def run(argv: list[str] | None = None) -> TrainResult:
     try:
         if args.clip_path is not None and args.resume is not None:
             raise ValueError("give --clip_path or --resume, not both")
-        start = resolve_checkpoint(args.clip_path, "--clip_path") if args.clip_path else resume_dir(args)
+        start = (
+            resolve_checkpoint(args.clip_path, "--clip_path", expect="CLIP", training_state=True)
+            if args.clip_path
+            else resume_dir(args, expect="CLIP")
+        )
         resuming = start is not None and (start / TRAINING_STATE_NAME).is_file()
+        settle_output_dir(args, PROG, start if resuming else None)
         seed = choose_seed(args, start if resuming else None)
         seed_everything(seed)
         spec = tokenizer_spec_for(args, start)

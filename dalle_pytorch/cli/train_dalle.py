@@ -31,6 +31,7 @@ from dalle_pytorch.cli.common import (
     build_tokenizer,
     choose_seed,
     fit,
+    load_model,
     load_vae,
     options_from_args,
     resolve_checkpoint,
@@ -39,6 +40,7 @@ from dalle_pytorch.cli.common import (
     seed_everything,
     tokenizer_spec_for,
 )
+from dalle_pytorch.cli.runs import settle_output_dir
 from dalle_pytorch.data.text_image import TextImageDataset
 from dalle_pytorch.models.dalle import DALLE
 from dalle_pytorch.models.dalle_config import DALLEConfig
@@ -211,8 +213,13 @@ def run(argv: list[str] | None = None) -> TrainResult:
     try:
         if args.dalle_path is not None and args.resume is not None:
             raise ValueError("give --dalle_path or --resume, not both")
-        start = resolve_checkpoint(args.dalle_path, "--dalle_path") if args.dalle_path else resume_dir(args)
+        start = (
+            resolve_checkpoint(args.dalle_path, "--dalle_path", expect="DALLE", training_state=True)
+            if args.dalle_path
+            else resume_dir(args, expect="DALLE")
+        )
         resuming = start is not None and (start / TRAINING_STATE_NAME).is_file()
+        settle_output_dir(args, PROG, start if resuming else None)
         seed = choose_seed(args, start if resuming else None)
         seed_everything(seed)
         spec = tokenizer_spec_for(args, start)
@@ -220,7 +227,7 @@ def run(argv: list[str] | None = None) -> TrainResult:
         if start is not None:
             if any(getattr(args, flag) for flag in VAE_FLAGS):
                 print(f"{PROG}: note: the VAE comes from the checkpoint; the VAE flags are ignored", file=sys.stderr)
-            dalle = DALLE.from_pretrained(start)
+            dalle = load_model(start, DALLE, "--dalle_path")
         else:
             dalle = build_dalle(args, load_vae(args), tokenizer.vocab_size)
         if tokenizer.vocab_size > dalle.num_text_tokens:
@@ -252,6 +259,7 @@ def run(argv: list[str] | None = None) -> TrainResult:
             seed=seed,
             on_sample=on_sample,
             resume_from=start if resuming else None,
+            flag_aliases={flag: field for field, flag in MODEL_FLAGS.items()},
             tokenizer=spec,
             resumed_from=str(start) if start is not None else None,
         )

@@ -32,6 +32,7 @@ from dalle_pytorch.cli.common import (
     run_main,
     seed_everything,
 )
+from dalle_pytorch.cli.runs import settle_output_dir
 from dalle_pytorch.data.text_image import (
     IMAGE_EXTENSIONS,
     SAMPLE_ERRORS,
@@ -150,7 +151,8 @@ def run(argv: list[str] | None = None) -> TrainResult:
     args = build_parser().parse_args(argv)
     ctx = init_distributed(args.device)
     try:
-        checkpoint = resume_dir(args)
+        checkpoint = resume_dir(args, expect="DiscreteVAE")
+        settle_output_dir(args, PROG, checkpoint)
         seed = choose_seed(args, checkpoint)
         seed_everything(seed)
         vae = DiscreteVAE.from_pretrained(checkpoint) if checkpoint is not None else build_vae(args)
@@ -172,7 +174,10 @@ def run(argv: list[str] | None = None) -> TrainResult:
             reconstructions = model.decode(codes[:count]).clamp(0, 1)
             logger.log_images(step, "reconstructions", torch.cat([images[:count], reconstructions]), nrow=count)
 
-        return fit(PROG, args, vae, data, loss_fn, ctx, seed=seed, on_sample=on_sample, resume_from=checkpoint)
+        return fit(
+            PROG, args, vae, data, loss_fn, ctx, seed=seed, on_sample=on_sample, resume_from=checkpoint,
+            flag_aliases={"emb_dim": "codebook_dim", "kl_loss_weight": "kl_div_loss_weight"},
+        )  # fmt: skip
     finally:
         shutdown_distributed()
 

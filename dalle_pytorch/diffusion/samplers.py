@@ -15,13 +15,14 @@ generator, so a batch equals its rows sampled one by one.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
 
 from dalle_pytorch.diffusion.schedule import NoiseSchedule
-from dalle_pytorch.models.sampling import Generators, guide
+from dalle_pytorch.models.sampling import Generators, guide, per_sample_draw
 
 ModelFn = Callable[[Tensor, Tensor], Tensor]
 
@@ -29,14 +30,8 @@ ModelFn = Callable[[Tensor, Tensor], Tensor]
 def randn(shape: Sequence[int], generator: Generators, device=None, dtype: torch.dtype = torch.float32) -> Tensor:
     """Standard normal noise of ``shape`` (b, ...); with a list of generators row i comes from generator i."""
     shape = tuple(shape)
-    if generator is None or isinstance(generator, torch.Generator):
-        g_device = generator.device if generator is not None else (device or "cpu")
-        return torch.randn(shape, generator=generator, device=g_device, dtype=dtype).to(device)
-    generators = list(generator)
-    if len(generators) != shape[0]:
-        raise ValueError(f"generator list has {len(generators)} generators for a batch of {shape[0]}")
-    rows = [torch.randn(shape[1:], generator=g, device=g.device, dtype=dtype).to(device) for g in generators]
-    return torch.stack(rows)
+    draw = functools.partial(torch.randn, dtype=dtype)
+    return per_sample_draw(draw, shape[0], shape[1:], generator, device if device is not None else "cpu")
 
 
 def _clip(x0: Tensor, clip_x0: tuple[float, float] | None) -> Tensor:

@@ -37,9 +37,9 @@ from dalle_pytorch.io.safe_pickle import CheckpointFormatError, describe, load_t
 
 __all__ = ["OpenAIDiscreteVAE", "VQGanVAE", "RELEASED_FILES"]
 
-# Known release locations. No SHA-256 or size of these files is recorded yet (they could not be fetched
-# where this code was written), so they are never downloaded unverified: a user puts them in the cache
-# (or passes paths) until the checksums are filled in.
+# Known release locations. Their SHA-256 is not recorded here (the files could not be fetched where this
+# code was written): they are downloaded on trust on first use (`download.fetch_released_file`), checked
+# by reading them with the readers below, and their hash is recorded in the cache and checked on every load.
 OPENAI_ENCODER_FILE = ReleasedFile(
     cache_name="openai-dvae/encoder.pkl",
     url="https://cdn.openai.com/dall-e/encoder.pkl",
@@ -69,6 +69,13 @@ VQGAN_F16_1024_CONFIG_FILE = ReleasedFile(
     description="taming VQGAN ImageNet f16/1024 config (model.yaml)",
 )
 RELEASED_FILES = (OPENAI_ENCODER_FILE, OPENAI_DECODER_FILE, VQGAN_F16_1024_CHECKPOINT_FILE, VQGAN_F16_1024_CONFIG_FILE)
+# how a downloaded file is checked to be the expected model before it is kept (each raises otherwise)
+_VERIFY = {
+    OPENAI_ENCODER_FILE: read_released_encoder,
+    OPENAI_DECODER_FILE: read_released_decoder,
+    VQGAN_F16_1024_CHECKPOINT_FILE: read_vqgan_checkpoint,
+    VQGAN_F16_1024_CONFIG_FILE: read_vqgan_yaml,
+}
 
 
 def _resolve_paths(requests: list[tuple[Any, ReleasedFile, str]], cache_dir: Any) -> list[Any]:
@@ -81,7 +88,9 @@ def _resolve_paths(requests: list[tuple[Any, ReleasedFile, str]], cache_dir: Any
     resolved, problems = [], []
     for path, default, argument in requests:
         try:
-            resolved.append(path if path is not None else fetch_released_file(default, cache_dir, argument=argument))
+            if path is None:
+                path = fetch_released_file(default, cache_dir, argument=argument, verify=_VERIFY.get(default))
+            resolved.append(path)
         except DownloadError as error:
             problems.append(str(error))
     if problems:

@@ -23,7 +23,7 @@ class TrainingSettings:
 
     output_dir: str | Path
     batch_size: int = 4
-    epochs: int = 1
+    epochs: int | None = 1  # None: no limit on passes over the data (then max_steps ends the run)
     max_steps: int | None = None
     ga_steps: int = 1  # micro-batches accumulated per optimizer step
     learning_rate: float = 3e-4
@@ -64,7 +64,6 @@ class TrainingSettings:
     def __post_init__(self) -> None:
         positive = (
             "batch_size",
-            "epochs",
             "ga_steps",
             "save_every_n_steps",
             "log_every_n_steps",
@@ -75,7 +74,9 @@ class TrainingSettings:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("max_steps", "keep_n_checkpoints"):
+        if self.epochs is None and self.max_steps is None:
+            raise ValueError("give epochs or max_steps (or both): with neither the run would never end")
+        for name in ("epochs", "max_steps", "keep_n_checkpoints"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1 (or not given), got {getattr(self, name)}")
         if self.precision not in PRECISIONS:

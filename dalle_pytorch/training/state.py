@@ -9,13 +9,17 @@ in one atomic step (`dalle_pytorch.io.atomic`); `CheckpointManager` keeps the ne
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import random
 import re
 import shutil
+import struct
 import warnings
+import zipfile
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +28,14 @@ import torch
 
 from dalle_pytorch._version import __version__
 from dalle_pytorch.io.atomic import atomic_write_dir, atomic_write_file, temp_sibling
-from dalle_pytorch.io.checkpoint import CONFIG_NAME, CheckpointError, PretrainedMixin, write_model_dir
+from dalle_pytorch.io.checkpoint import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    CheckpointError,
+    PretrainedMixin,
+    read_config,
+    write_model_dir,
+)
 from dalle_pytorch.io.safe_pickle import describe
 
 TRAINING_STATE_NAME = "training_state.pt"
@@ -285,6 +296,67 @@ def _set_rng_states(rng: dict[str, Any]) -> None:
         torch.mps.set_rng_state(rng["mps"])
 
 
+# ---------------------------------------------------------------------------------------- integrity
+
+
+def checkpoint_problem(directory: PathLike, training_state: bool = True) -> str | None:
+    """What is wrong with a checkpoint folder, as one line naming the file (None when it looks intact).
+
+    Reads `config.json`, the header and size of every `model.safetensors` (sub-models included) and, when
+    `training_state`, checks `training_state.pt` (a zip archive) against its checksums, so a truncated or
+    half-copied file is found without building the model."""
+    directory = Path(directory)
+    try:
+        meta = read_config(directory)
+    except FileNotFoundError:
+        return f"{directory / CONFIG_NAME} is missing"
+    except (CheckpointError, OSError, UnicodeDecodeError) as error:
+        return str(error)
+    problem = _safetensors_problem(directory / WEIGHTS_NAME)
+    if problem is not None:
+        return problem
+    for child in meta["children"]:
+        problem = checkpoint_problem(directory / child, training_state=False)
+        if problem is not None:
+            return problem
+    state = directory / TRAINING_STATE_NAME
+    if training_state and state.exists():
+        try:
+            with zipfile.ZipFile(state) as archive:
+                damaged = archive.testzip()  # checks every member's CRC
+        except (zipfile.BadZipFile, OSError, EOFError) as error:
+            return f"{state} is damaged or truncated ({error})"
+        if damaged is not None:
+            return f"{state} is damaged: {damaged} fails its checksum"
+    return None
+
+
+def _safetensors_problem(path: Path) -> str | None:
+    """A safetensors file is an 8-byte header length, a JSON header giving each tensor's byte range, then
+    the data (https://huggingface.co/docs/safetensors): the file must be as long as the header says."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as file:
+            raw = file.read(8)
+            if len(raw) < 8:
+                return f"{path} is truncated ({size} bytes, not even a header)"
+            (header_len,) = struct.unpack("<Q", raw)
+            if 8 + header_len > size:
+                return f"{path} is truncated ({size} bytes; its header alone needs {8 + header_len})"
+            header = json.loads(file.read(header_len))
+    except FileNotFoundError:
+        return f"{path} is missing"
+    except (OSError, ValueError) as error:
+        return f"{path} is not a readable safetensors file ({error})"
+    if not isinstance(header, dict):
+        return f"{path} is not a safetensors file (its header is not a JSON object)"
+    entries = [entry for key, entry in header.items() if key != "__metadata__" and isinstance(entry, dict)]
+    end = max((entry["data_offsets"][1] for entry in entries), default=0)
+    if 8 + header_len + end > size:
+        return f"{path} is truncated ({size} bytes; its tensors need {8 + header_len + end})"
+    return None
+
+
 # ---------------------------------------------------------------------------------------- rotation
 
 
@@ -326,6 +398,19 @@ class CheckpointManager:
         """The checkpoint with the highest step, or None when there is none."""
         checkpoints = self.checkpoints()
         return checkpoints[-1] if checkpoints else None
+
+    def latest_intact(
+        self, on_damaged: Callable[[Path, str], None] | None = None, training_state: bool = True
+    ) -> Path | None:
+        """The newest checkpoint that `checkpoint_problem` finds intact (None when there is none);
+        `on_damaged(path, problem)` hears of every newer one skipped."""
+        for path in reversed(self.checkpoints()):
+            problem = checkpoint_problem(path, training_state)
+            if problem is None:
+                return path
+            if on_damaged is not None:
+                on_damaged(path, problem)
+        return None
 
     def _prune(self, keep: Path) -> None:
         for entry in self.root.iterdir():

@@ -106,6 +106,7 @@ class TrainResult:
     step: int
     history: list[dict[str, Any]]  # this rank's per-step records (the last HISTORY_LENGTH)
     checkpoints: list[Path]  # written by this rank (only rank 0 writes)
+    stopped_by: str = ""  # "max_steps", "epochs" or "interrupted": which limit ended the run
 
 
 def move_to(batch: Any, device: torch.device) -> Any:
@@ -172,6 +173,7 @@ class Trainer:
         self.ema = WeightAverage(model, settings.ema_decay) if settings.ema_decay is not None else None
         self._resume_dir: Path | None = None
         self._stop_requested = False
+        self.stopped_by = ""
 
     @property
     def ema_model(self) -> nn.Module | None:
@@ -206,7 +208,8 @@ class Trainer:
         self._resume_dir = directory
 
     def fit(self) -> TrainResult:
-        """Train until `max_steps` or `epochs`; saves every `save_every_n_steps` and at the end."""
+        """Train until `max_steps` or `epochs`, whichever comes first (`epochs=None`: until `max_steps`);
+        saves every `save_every_n_steps` and at the end."""
         settings, ctx = self.settings, self.ctx
         model = self._prepare_model()
         self.model.train()
@@ -243,7 +246,7 @@ class Trainer:
             if logger is not None:
                 logger.close()
         barrier(ctx)
-        return TrainResult(self.model, self.step, list(self.history), self.checkpoints)
+        return TrainResult(self.model, self.step, list(self.history), self.checkpoints, self.stopped_by)
 
     # ------------------------------------------------------------------------------------------ the loop
 
@@ -302,9 +305,11 @@ class Trainer:
 
     def _loop(self, model: nn.Module, logger: RunLogger | None, bar: tqdm) -> None:
         settings, ga = self.settings, self.settings.ga_steps
+        self.stopped_by = "max_steps"
         if settings.max_steps is not None and self.step >= settings.max_steps:
             return  # resumed from a run that already got there
-        while self.epoch < settings.epochs:
+        while settings.epochs is None or self.epoch < settings.epochs:
+            step_before = self.step
             window: list[float] = []
             ids: list[Tensor] = []
             samples = 0
@@ -337,7 +342,10 @@ class Trainer:
                 window, ids, samples = [], [], 0
                 if settings.max_steps is not None and self.step >= settings.max_steps:
                     return
+            if self.step == step_before and self.samples_in_epoch == 0:
+                raise ValueError(f"epoch {self.epoch} of the data yielded no batch: is the dataset empty?")
             self.epoch, self.samples_in_epoch = self.epoch + 1, 0
+        self.stopped_by = "epochs"
 
     def _micro_step(self, model: nn.Module, batch: Any, sync: bool) -> tuple[float, dict[str, float]]:
         """Forward and backward of one micro-batch; returns its loss (NaN/inf kept) and extra values."""

@@ -1,0 +1,1 @@
+"""Converters from other checkpoint formats (the original DALLE-pytorch scripts) to model folders."""
