@@ -10,8 +10,9 @@ import zipfile
 import pytest
 import torch
 
-from dalle_pytorch.io import safe_pickle
-from dalle_pytorch.io.safe_pickle import CheckpointFormatError, load_torch_file
+from dalle_pytorch.io import safe_pickle, torch_files
+from dalle_pytorch.io.safe_pickle import CheckpointFormatError
+from dalle_pytorch.io.torch_files import load_torch_file
 
 
 def _binunicode(text: str) -> bytes:
@@ -155,7 +156,7 @@ def test_error_message_of_shared_references_is_short_and_fast(tmp_path):
 def test_huge_length_in_a_legacy_pickle_reads_only_what_is_there(tmp_path):
     # A BINBYTES8 opcode claiming 2**40 bytes after a valid legacy header.
     path = tmp_path / "legacy.pt"
-    header = b"".join(pickle.dumps(x, protocol=2) for x in (safe_pickle._LEGACY_MAGIC_NUMBER, 1001, {}))
+    header = b"".join(pickle.dumps(x, protocol=2) for x in (torch_files._LEGACY_MAGIC_NUMBER, 1001, {}))
     path.write_bytes(header + b"\x80\x04\x8e" + (2**40).to_bytes(8, "little") + b"abc")
     with pytest.raises(CheckpointFormatError):
         load_torch_file(path)

@@ -87,6 +87,12 @@ def test_no_tool_writes_into_a_folder_holding_another_run(env, tmp_path, capsys)
     with pytest.raises(SystemExit):
         generate.main(["--dalle_path", str(a), "--text", "a red square", "--outputs_dir", str(b), "--device", "cpu"])
     assert "holds a dalle-train run" in capsys.readouterr().err
+    # while an earlier dalle-generate output folder is fine to generate into again
+    generated = tmp_path / "generated"
+    for _ in range(2):
+        generate.main(["--dalle_path", str(a), "--text", "a red square", "--num_images", "1",
+                       "--outputs_dir", str(generated), "--device", "cpu"])  # fmt: skip
+    assert (generated / "a_red_square" / "0.png").is_file()
     assert hashes(a) == before_a and hashes(b) == before_b
 
     # resuming A into an empty folder branches the run there; A stays as it was

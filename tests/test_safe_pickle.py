@@ -16,9 +16,9 @@ from dalle_pytorch.io.safe_pickle import (
     CheckpointFormatError,
     PickledObject,
     load_tensors_strict,
-    load_torch_file,
     pickled_module_tensors,
 )
+from dalle_pytorch.io.torch_files import load_torch_file
 
 FORMATS = {"zip": {}, "legacy": {"_use_new_zipfile_serialization": False}}
 

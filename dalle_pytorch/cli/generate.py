@@ -43,7 +43,7 @@ from dalle_pytorch.cli.common import (
     tokenizer_spec_for,
     write_args_json,
 )
-from dalle_pytorch.cli.runs import describe_run, run_contents
+from dalle_pytorch.cli.runs import ARGS_NAME, describe_run, run_contents, run_tool
 from dalle_pytorch.data.images import image_grid, load_image, save_image
 from dalle_pytorch.generation.clip_guided import clip_guided_generate
 from dalle_pytorch.io.atomic import atomic_write_file
@@ -203,7 +203,7 @@ def run(argv: list[str] | None = None) -> list[Path]:
     prompts = read_prompts(args)
     device = resolve_device(args.device)
     outputs_dir = Path(args.outputs_dir)
-    if run_contents(outputs_dir):
+    if holds_training_run(outputs_dir):
         raise ValueError(f"--outputs_dir {outputs_dir} holds a {describe_run(outputs_dir)}; give another folder")
     if args.method == "clip-guided":
         return run_clip_guided(args, prompts, device)
@@ -269,6 +269,13 @@ def run(argv: list[str] | None = None) -> list[Path]:
         folders.append(folder)
         print(f"{PROG}: {len(order)} images of {prompt!r}, grid.png and metadata.json -> {folder}")
     return folders
+
+
+def holds_training_run(folder: Path) -> bool:
+    """True when `folder` holds a training run (checkpoints, metrics, or an args.json of a training tool); the
+    args.json of an earlier dalle-generate run there is fine."""
+    contents = run_contents(folder)
+    return any(name != ARGS_NAME for name in contents) or run_tool(folder) not in (None, PROG)
 
 
 def check_guidance(cond_scale: float, checkpoint: Path) -> None:

@@ -31,6 +31,9 @@ MODEL_FLAGS = {
     "OpenAIDiscreteVAE": "--vae_path",
     "VQGanVAE": "--vae_path",
     "CLIP": "--clip_path",
+    "DiffusionPrior": "--prior_path",
+    "Decoder": "--decoder_path",
+    "DALLE2": "--dalle2_path",
 }
 
 

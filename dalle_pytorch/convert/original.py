@@ -37,7 +37,8 @@ import torch
 from torch import nn
 
 from dalle_pytorch.io.checkpoint import CheckpointError, PretrainedMixin
-from dalle_pytorch.io.safe_pickle import CheckpointFormatError, load_torch_file
+from dalle_pytorch.io.safe_pickle import CheckpointFormatError
+from dalle_pytorch.io.torch_files import load_torch_file
 from dalle_pytorch.models.dalle import DALLE
 from dalle_pytorch.models.dalle_config import DALLEConfig
 from dalle_pytorch.models.vae import DiscreteVAE

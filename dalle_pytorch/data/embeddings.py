@@ -35,7 +35,7 @@ from torch.utils.data import Dataset, IterableDataset
 
 from dalle_pytorch.io.atomic import atomic_write_file
 
-__all__ = ["INDEX_NAME", "ClipEmbeddingsDataset", "precompute_clip_embeddings", "read_index"]
+__all__ = ["INDEX_NAME", "ClipEmbeddingsDataset", "WithImageEmbeddings", "precompute_clip_embeddings", "read_index"]
 
 INDEX_NAME = "index.json"
 FORMAT_NAME = "dalle_pytorch.clip_embeddings"
@@ -240,3 +240,24 @@ class ClipEmbeddingsDataset(Dataset):
         while len(self._cache) > self.cache_shards:
             self._cache.popitem(last=False)
         return tensors
+
+
+class WithImageEmbeddings(Dataset):
+    """`(text, image)` pairs of `dataset` with the stored CLIP image embedding of the same sample appended:
+    `(text, image, image_embed (d,))`, for training the decoder without running CLIP. Sample i of `dataset`
+    must be the one embedded as pair i (the same folder `dalle2-embed` read, read in the same order)."""
+
+    def __init__(self, dataset: Dataset, embeddings: ClipEmbeddingsDataset):
+        if len(dataset) != len(embeddings):
+            raise ValueError(
+                f"the images have {len(dataset)} samples but the embeddings {len(embeddings)} pairs: embed the same "
+                "folder with dalle2-embed"
+            )
+        self.dataset, self.embeddings = dataset, embeddings
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor, Tensor]:
+        text, image = self.dataset[index]
+        return text, image, self.embeddings[index]["image_embed"]

@@ -27,9 +27,9 @@ from dalle_pytorch.io.safe_pickle import (
     CheckpointFormatError,
     PickledObject,
     describe,
-    load_torch_file,
     pickled_module_tensors,
 )
+from dalle_pytorch.io.torch_files import load_torch_file
 
 __all__ = [
     "GROUP_COUNT",

@@ -25,7 +25,8 @@ import yaml
 from einops import rearrange
 from torch import nn
 
-from dalle_pytorch.io.safe_pickle import CheckpointFormatError, describe, load_torch_file
+from dalle_pytorch.io.safe_pickle import CheckpointFormatError, describe
+from dalle_pytorch.io.torch_files import load_torch_file
 
 __all__ = ["VQGAN", "read_vqgan_checkpoint", "read_vqgan_yaml", "validate_vqgan_config"]
 

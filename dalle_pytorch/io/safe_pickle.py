@@ -12,13 +12,10 @@ both kinds with a restricted unpickler:
 
 Nothing a file does outlives its own load: the `BUILD` opcode (set an object's state) applies only to the
 records and `OrderedDict`s this load created, never to the objects standing for allowed names. Memory and
-time are bounded by the file: storages must have exactly the size their tensors declare, compressed zip
-entries may expand at most `MAX_COMPRESSION_RATIO` times, every storage of a legacy file must be filled from
-it, and error messages show at most a short summary of values taken from the file.
+time are bounded by the file: storages must have exactly the size their tensors declare, and error messages
+show at most a short summary of values taken from the file.
 
-Both container formats are read: the zip format (PyTorch >= 1.6; `archive/data.pkl` + `archive/data/<key>`,
-storages memory-mapped so unused tensors, e.g. optimizer states, are never read) and the legacy format
-(magic number, protocol, system info, pickle, storage keys, then raw storages).
+The containers around the pickle (zip and legacy formats) are read by `dalle_pytorch.io.torch_files`.
 Format references: https://docs.python.org/3/library/pickle.html#restricting-globals and
 https://github.com/pytorch/pytorch/blob/main/torch/serialization.py (file layout facts only).
 """
@@ -26,14 +23,9 @@ https://github.com/pytorch/pytorch/blob/main/torch/serialization.py (file layout
 from __future__ import annotations
 
 import collections
-import io
-import mmap
-import os
 import pickle
 import reprlib
 import struct
-import zipfile
-import zlib
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -42,17 +34,13 @@ import torch
 from torch import nn
 
 __all__ = [
-    "MAX_COMPRESSION_RATIO",
     "CheckpointFormatError",
     "describe",
     "PickledObject",
-    "load_torch_file",
+    "unpickle_restricted",
     "pickled_module_tensors",
     "load_tensors_strict",
 ]
-
-_LEGACY_MAGIC_NUMBER = 0x1950A86A20F9469CFC6C
-_LEGACY_PROTOCOL_VERSION = 1001
 
 # Storage classes named in torch.save files (`torch.FloatStorage`, ...) and the element type they hold.
 _STORAGE_DTYPES = {
@@ -72,9 +60,6 @@ _STORAGE_DTYPES = {
 }
 _DTYPES_BY_NAME = {str(dtype).removeprefix("torch."): dtype for dtype in _STORAGE_DTYPES.values()}
 
-# Compressed zip entries may expand at most this many times (torch.save stores entries uncompressed; a
-# deflated entry of zeros can reach ~1000x, the size of a zip bomb). Raise it to read re-zipped files.
-MAX_COMPRESSION_RATIO = 50
 _SUMMARY = reprlib.Repr()
 _SUMMARY.maxlevel, _SUMMARY.maxstring, _SUMMARY.maxother = 3, 60, 60
 _SUMMARY.maxlist = _SUMMARY.maxtuple = _SUMMARY.maxdict = _SUMMARY.maxset = _SUMMARY.maxfrozenset = 4
@@ -137,14 +122,14 @@ class PickledObject:
         return f"PickledObject({self.qualified_name()})"
 
 
-class _Storage:
+class Storage:
     """A flat tensor standing for one torch storage (all tensors viewing it share its memory)."""
 
     def __init__(self, flat: torch.Tensor) -> None:
         self.flat = flat
 
 
-class _StorageType:
+class StorageType:
     """Marker for a `torch.<X>Storage` class named in the file: only says which dtype the bytes hold.
 
     Shared by every load, so it is immutable (and `BUILD` never reaches it anyway).
@@ -169,7 +154,7 @@ def _as_shape(value: Any, what: str) -> tuple[int, ...]:
 
 
 def _rebuild_tensor(storage: Any, storage_offset: Any, size: Any, stride: Any, *_ignored: Any) -> torch.Tensor:
-    if not isinstance(storage, _Storage):
+    if not isinstance(storage, Storage):
         raise CheckpointFormatError(f"tensor data must come from a storage record, got {describe(storage)}")
     if not isinstance(storage_offset, int) or storage_offset < 0:
         raise CheckpointFormatError(f"tensor storage offset must be an int >= 0, got {describe(storage_offset)}")
@@ -193,8 +178,8 @@ def _rebuild_tensor_v3(
     dtype: Any,
     *_ignored: Any,
 ) -> torch.Tensor:
-    if isinstance(storage, _Storage) and isinstance(dtype, torch.dtype) and storage.flat.dtype != dtype:
-        storage = _Storage(storage.flat.view(dtype))  # an untyped (byte) storage viewed as `dtype`
+    if isinstance(storage, Storage) and isinstance(dtype, torch.dtype) and storage.flat.dtype != dtype:
+        storage = Storage(storage.flat.view(dtype))  # an untyped (byte) storage viewed as `dtype`
     return _rebuild_tensor(storage, storage_offset, size, stride)
 
 
@@ -232,7 +217,7 @@ _ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
     ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
     ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
     ("torch._tensor", "_rebuild_from_type_v2"): _rebuild_from_type,
-    **{("torch", name): _StorageType(dtype) for name, dtype in _STORAGE_DTYPES.items()},
+    **{("torch", name): StorageType(dtype) for name, dtype in _STORAGE_DTYPES.items()},
     **{("torch", name): dtype for name, dtype in _DTYPES_BY_NAME.items()},
 }
 _PYTHON2_MODULE_NAMES = {"__builtin__": "builtins", "copy_reg": "copyreg"}
@@ -245,7 +230,7 @@ class _RestrictedUnpickler(pickle._Unpickler):
     `_load_build`), which the C unpickler does not allow.
     """
 
-    def __init__(self, file: Any, load_storage: Callable[[tuple], _Storage]) -> None:
+    def __init__(self, file: Any, load_storage: Callable[[tuple], Storage]) -> None:
         super().__init__(file)
         self._load_storage = load_storage
         self._record_classes: dict[tuple[str, str], type] = {}
@@ -293,192 +278,7 @@ class _RestrictedUnpickler(pickle._Unpickler):
     dispatch[pickle.BUILD[0]] = _load_build
 
 
-class _BoundedReader:
-    """A file object that never reads past `end`, so a length in the pickle can only claim what is there."""
-
-    def __init__(self, file: Any, end: int) -> None:
-        self._file, self._end = file, end
-
-    def _left(self) -> int:
-        return max(0, self._end - self._file.tell())
-
-    def read(self, size: int = -1) -> bytes:
-        left = self._left()
-        return self._file.read(left if size is None or size < 0 or size > left else size)
-
-    def readline(self, size: int = -1) -> bytes:
-        left = self._left()
-        return self._file.readline(left if size is None or size < 0 or size > left else size)
-
-    def readinto(self, buffer: Any) -> int:
-        view = memoryview(buffer)
-        return self._file.readinto(view[: self._left()])
-
-
-def _storage_dtype(storage_type: Any) -> torch.dtype:
-    if isinstance(storage_type, _StorageType):
-        return storage_type.dtype
-    if isinstance(storage_type, torch.dtype):
-        return storage_type
-    raise CheckpointFormatError(f"unknown storage type {describe(storage_type)}")
-
-
-def _element_size(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
-
-
-def _storage_bytes(pid: tuple, path: Path) -> tuple[torch.dtype, int]:
-    """dtype and byte size of the storage a persistent id declares (checked to be a sane int)."""
-    _, storage_type, _key, _location, numel = pid[:5]
-    dtype = _storage_dtype(storage_type)
-    if type(numel) is not int or numel < 0:
-        raise CheckpointFormatError(f"{path}: invalid storage size {describe(numel)}")
-    return dtype, numel * _element_size(dtype)
-
-
-def _load_zip(path: Path) -> Any:
-    try:
-        archive = zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError) as error:
-        raise CheckpointFormatError(f"{path} is truncated or not a PyTorch zip checkpoint: {error}") from error
-    with archive, open(path, "rb") as raw:
-        pickles = [name for name in archive.namelist() if name.endswith("data.pkl") and name.count("/") == 1]
-        if len(pickles) != 1:
-            raise CheckpointFormatError(f"{path} holds no single '<archive>/data.pkl': not a torch.save file")
-        prefix = pickles[0].removesuffix("data.pkl")
-        byteorder = archive.NameToInfo.get(prefix + "byteorder")
-        if byteorder is not None and _read_zip_member(archive, byteorder, path) != b"little":
-            raise CheckpointFormatError(f"{path} was written on a big-endian machine; not supported")
-        file_size = os.fstat(raw.fileno()).st_size
-        mapped = mmap.mmap(raw.fileno(), 0, access=mmap.ACCESS_COPY) if file_size else None
-        storages: dict[str, _Storage] = {}
-
-        def load_storage(pid: tuple) -> _Storage:
-            key = pid[2]
-            if not isinstance(key, str):
-                raise CheckpointFormatError(f"{path}: storage key should be a string, got {describe(key)}")
-            if key not in storages:
-                dtype, nbytes = _storage_bytes(pid, path)
-                flat = _read_zip_storage(archive, mapped, f"{prefix}data/{key}", dtype, nbytes, path)
-                storages[key] = _Storage(flat)
-            return storages[key]
-
-        data = _read_zip_member(archive, archive.getinfo(pickles[0]), path)
-        return _unpickle(io.BytesIO(data), load_storage, path)
-
-
-def _read_zip_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, path: Path) -> bytes:
-    """An entry's bytes, refusing before decompressing when it would expand more than allowed."""
-    if info.compress_type != zipfile.ZIP_STORED and info.file_size > MAX_COMPRESSION_RATIO * max(info.compress_size, 1):
-        raise CheckpointFormatError(
-            f"{path}: entry {info.filename} expands from {info.compress_size} to {info.file_size} bytes, more "
-            f"than {MAX_COMPRESSION_RATIO}x (a zip bomb?); see dalle_pytorch.io.safe_pickle.MAX_COMPRESSION_RATIO"
-        )
-    try:
-        return archive.read(info)
-    except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as error:
-        raise CheckpointFormatError(f"{path}: entry {info.filename} is unreadable: {error}") from error
-
-
-def _read_zip_storage(
-    archive: zipfile.ZipFile, mapped: mmap.mmap | None, name: str, dtype: torch.dtype, nbytes: int, path: Path
-) -> torch.Tensor:
-    try:
-        info = archive.getinfo(name)
-    except KeyError as error:
-        raise CheckpointFormatError(f"{path}: storage {name} is missing from the archive") from error
-    # The size the pickle declares and the size the archive declares must agree before anything is read.
-    if info.file_size != nbytes:
-        raise CheckpointFormatError(
-            f"{path}: storage {name} holds {info.file_size} bytes, but its tensors declare {nbytes} bytes"
-        )
-    if info.compress_type == zipfile.ZIP_STORED and mapped is not None:
-        # Local header: 30 fixed bytes, then the file name and an extra field whose lengths it records.
-        header = mapped[info.header_offset : info.header_offset + 30]
-        if len(header) == 30:
-            name_length, extra_length = struct.unpack("<HH", header[26:30])
-            start = info.header_offset + 30 + name_length + extra_length
-            if start + nbytes <= len(mapped) and start % _element_size(dtype) == 0:
-                return torch.frombuffer(mapped, dtype=dtype, count=nbytes // _element_size(dtype), offset=start)
-    data = _read_zip_member(archive, info, path)
-    if len(data) != nbytes:
-        raise CheckpointFormatError(f"{path}: storage {name} is truncated")
-    return torch.frombuffer(bytearray(data), dtype=dtype) if nbytes else torch.empty(0, dtype=dtype)
-
-
-def _load_legacy(path: Path) -> Any:
-    with open(path, "rb") as raw:
-        file_size = os.fstat(raw.fileno()).st_size
-        file = _BoundedReader(raw, file_size)
-
-        def no_storage(pid: tuple) -> _Storage:
-            raise CheckpointFormatError("unexpected storage in the file header")
-
-        magic = _unpickle(file, no_storage, path)
-        if magic != _LEGACY_MAGIC_NUMBER:
-            raise CheckpointFormatError(f"{path} is not a PyTorch checkpoint (bad magic number)")
-        if _unpickle(file, no_storage, path) != _LEGACY_PROTOCOL_VERSION:
-            raise CheckpointFormatError(f"{path} uses an unsupported legacy protocol version")
-        system_info = _unpickle(file, no_storage, path)
-        if isinstance(system_info, dict) and system_info.get("little_endian") is False:
-            raise CheckpointFormatError(f"{path} was written on a big-endian machine; not supported")
-
-        storages: dict[str, _Storage] = {}
-        declared = 0
-
-        def load_storage(pid: tuple) -> _Storage:
-            nonlocal declared
-            key = pid[2]
-            if not isinstance(key, str):
-                raise CheckpointFormatError(f"{path}: storage key should be a string, got {describe(key)}")
-            if key not in storages:  # filled below: the raw bytes follow the pickle
-                dtype, nbytes = _storage_bytes(pid, path)
-                # All storages follow in this file: claims beyond its size are a truncated or forged file.
-                declared += nbytes
-                if declared > file_size:
-                    raise CheckpointFormatError(f"{path}: storages declare more bytes than the file holds")
-                storages[key] = _Storage(torch.empty(nbytes // _element_size(dtype), dtype=dtype))
-            view_metadata = pid[5] if len(pid) > 5 else None
-            if view_metadata is not None:  # (view_key, offset, size) of a storage slice, torch < 1.x
-                if not (isinstance(view_metadata, tuple) and len(view_metadata) == 3):
-                    raise CheckpointFormatError(f"{path}: invalid storage view {describe(view_metadata)}")
-                _view_key, offset, size = view_metadata
-                flat = storages[key].flat
-                if type(offset) is not int or type(size) is not int or not 0 <= offset <= offset + size <= len(flat):
-                    raise CheckpointFormatError(f"{path}: storage view {describe(view_metadata)} is out of range")
-                return _Storage(flat[offset : offset + size])
-            return storages[key]
-
-        result = _unpickle(file, load_storage, path)
-        keys = _unpickle(file, no_storage, path)
-        if not isinstance(keys, list):
-            raise CheckpointFormatError(f"{path} has no storage key list: not a PyTorch checkpoint")
-        filled: set[str] = set()
-        for key in keys:
-            storage = storages.get(key) if isinstance(key, str) else None
-            if storage is None:
-                raise CheckpointFormatError(f"{path} lists storage {describe(key)} that no tensor uses")
-            if key in filled:
-                raise CheckpointFormatError(f"{path} lists storage {describe(key)} twice")
-            header = file.read(8)
-            expected_bytes = storage.flat.numel() * storage.flat.element_size()
-            data = file.read(expected_bytes) if len(header) == 8 else b""
-            if len(data) != expected_bytes or struct.unpack("<q", header)[0] != storage.flat.numel():
-                raise CheckpointFormatError(f"{path} is truncated (storage {describe(key)} incomplete)")
-            if expected_bytes:
-                storage.flat.copy_(torch.frombuffer(bytearray(data), dtype=storage.flat.dtype))
-            filled.add(key)
-        # A storage the pickle uses but the key list never fills would hand out uninitialised memory.
-        unfilled = sorted(set(storages) - filled)
-        if unfilled:
-            raise CheckpointFormatError(
-                f"{path}: storage {describe(unfilled[0])} is used by a tensor but its data is not in the file"
-                f"{f' ({len(unfilled)} storages missing)' if len(unfilled) > 1 else ''}"
-            )
-        return result
-
-
-def _unpickle(file: Any, load_storage: Callable[[tuple], _Storage], path: Path) -> Any:
+def unpickle_restricted(file: Any, load_storage: Callable[[tuple], Storage], path: Path) -> Any:
     try:
         return _RestrictedUnpickler(file, load_storage).load()
     except CheckpointFormatError:
@@ -499,25 +299,6 @@ def _unpickle(file: Any, load_storage: Callable[[tuple], _Storage], path: Path) 
         detail = str(error)
         detail = detail if len(detail) <= 300 else detail[:297] + "..."
         raise CheckpointFormatError(f"{path} is truncated or not a PyTorch checkpoint: {detail}") from None
-
-
-def load_torch_file(path: str | os.PathLike) -> Any:
-    """Read a `torch.save` file (zip or legacy format) without importing or calling anything it names.
-
-    Returns the saved object with tensors rebuilt (CPU, zip storages memory-mapped copy-on-write), plain
-    containers as usual, and every other object as an inert `PickledObject` record.
-    Raises `CheckpointFormatError` (a ValueError) for truncated files or files that are not checkpoints.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint file not found: {path}")
-    with open(path, "rb") as file:
-        head = file.read(4)
-    if head.startswith(b"PK\x03\x04"):
-        return _load_zip(path)
-    if head[:1] == b"\x80":  # a pickle protocol opcode: the legacy format starts with a pickled int
-        return _load_legacy(path)
-    raise CheckpointFormatError(f"{path} is not a PyTorch checkpoint (starts with {head!r})")
 
 
 def pickled_module_tensors(record: Any, prefix: str = "") -> dict[str, torch.Tensor]:
