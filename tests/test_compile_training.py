@@ -11,7 +11,7 @@ import torch
 from conftest import NUM_TEXT_TOKENS, TEXT_SEQ_LEN, make_dalle, random_images
 from torch.utils.data import TensorDataset
 
-from dalle_pytorch.cli import train_clip, train_dalle, train_vae
+from dalle_pytorch.cli import train_clip, train_dalle, train_decoder, train_prior, train_vae
 from dalle_pytorch.io.checkpoint import load_pretrained
 from dalle_pytorch.training.data_order import IndexedBatches
 from dalle_pytorch.training.distributed import DistributedContext
@@ -93,12 +93,12 @@ def test_compile_setting_picks_the_backend_and_rejects_bad_values(tmp_path):
         TrainingSettings(output_dir=tmp_path, compile=True, deepspeed=True)
 
 
-@pytest.mark.parametrize("tool", [train_vae, train_dalle, train_clip])
+@pytest.mark.parametrize("tool", [train_vae, train_dalle, train_clip, train_prior, train_decoder])
 def test_every_training_cli_has_the_compile_flag(tool, tmp_path):
     parser = tool.build_parser()
     base = ["--output_dir", str(tmp_path)]
     folder = {train_vae: "--image_folder"}.get(tool, "--image_text_folder")
-    extra = [folder, str(tmp_path)]
+    extra = [folder, str(tmp_path)] + (["--unet_number", "1"] if tool is train_decoder else [])
     assert parser.parse_known_args(base + extra)[0].compile is False
     assert parser.parse_known_args(base + extra + ["--compile"])[0].compile is True
     assert parser.parse_known_args(base + extra + ["--compile", CHEAP])[0].compile == CHEAP
