@@ -56,6 +56,9 @@ def derive(name: str, result: dict, earlier: dict[str, dict]) -> dict:
                 # roofline: a step takes at least its matmul time and at least the time to read its bytes
                 out[f"step_roofline_ms{suffix}"] = max(out[f"step_matmul_ms{suffix}"], step_bytes / bandwidth / 1e6)
                 out[f"x_step_roofline{suffix}"] = out[ms] / out[f"step_roofline_ms{suffix}"]
+    eager_train = earlier.get("dalle_train_full", {})
+    if name == "dalle_train_compiled" and eager_train.get("median_s") and median:
+        out["speedup_vs_eager"] = eager_train["median_s"] / median
     full = earlier.get("long_full", {})
     if name.startswith("long_") and full.get("median_s") and median:
         out["speedup_vs_full"] = full["median_s"] / median

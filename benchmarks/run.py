@@ -77,10 +77,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     # imported here so --help stays fast; loaded once so that the forked children start without importing
     import dalle_pytorch  # noqa: F401
-    from benchmarks import cases, decoder_cases, prior_cases, report
+    from benchmarks import cases, compile_cases, decoder_cases, prior_cases, report
     from benchmarks.harness import pick_device, run_isolated
 
-    registry = {**cases.registry(args.quick), **decoder_cases.registry(args.quick), **prior_cases.registry(args.quick)}
+    registry = {
+        **cases.registry(args.quick),
+        **decoder_cases.registry(args.quick),
+        **prior_cases.registry(args.quick),
+        **compile_cases.registry(args.quick),
+    }
     if args.list:
         print("\n".join(registry))
         return 0

@@ -244,6 +244,16 @@ def add_training_args(
     )
     add_arg(
         group,
+        "--compile",
+        nargs="?",
+        const=True,
+        default=False,
+        metavar="BACKEND",
+        help="torch.compile the training step (slow to start, faster steps); optionally a backend name "
+        "(default backend: inductor)",
+    )
+    add_arg(
+        group,
         "--resume",
         nargs="?",
         const="latest",

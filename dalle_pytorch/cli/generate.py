@@ -137,7 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_arg(
         parser, "--batch_size", type=int, default=4, help="images generated at once; does not change them (default: 4)"
     )
-    add_option_flags(parser, GenerationOptions, flags=OPTION_FLAGS, defaults={"filter_thres": 0.9}, skip=NOT_FLAGS)
+    add_option_flags(parser, GenerationOptions, flags=OPTION_FLAGS, defaults={"filter_thres": 0.9}, skip=NOT_FLAGS,
+                     parsers={"compile": str})
     add_arg(parser, "--seed", type=int, default=0, help="image n of each prompt uses seed + n (default: 0)")
     add_arg(
         parser,

@@ -11,7 +11,7 @@ Shape letters: b batch, n positions, d model dim.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from dalle_pytorch.models.options import collect_options, option, options_signature
 from dalle_pytorch.models.sampling import Generators, check_generation_args, filter_logits, guide, sample
+from dalle_pytorch.models.static_decoding import check_static_decoding, compiled_step_fn, prepare_cache, shift_sources
 from dalle_pytorch.models.transformer import DecodingCache
 
 
@@ -37,6 +38,11 @@ class GenerationOptions:
         None, help="when priming with an image (img): how many of its codes are kept (default: 14/32 of the grid)"
     )
     use_cache: bool = option(True, help="decode with a KV cache (same result, much faster)")
+    compile: bool | str | Callable | None = option(
+        None,
+        help="torch.compile the decoding step with this backend (True: inductor); compiling takes a while once per "
+        "model and batch size, then every step is faster (needs use_cache)",
+    )
     truncate_text: bool = option(False, help="cut text longer than text_seq_len instead of raising")
     generator: Generators = option(None, help="a torch.Generator, or a list with one per sample")
 
@@ -46,6 +52,14 @@ class GenerationOptions:
             raise ValueError(f"filter_thres must be in [0, 1), got {self.filter_thres}")
         if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.compile is True:
+            self.compile = "inductor"
+        if self.compile is False or self.compile == "":
+            self.compile = None
+        if self.compile is not None and not (isinstance(self.compile, str) or callable(self.compile)):
+            raise TypeError(f"compile must be True, a torch.compile backend name or callable, got {self.compile!r}")
+        if self.compile is not None and not self.use_cache:
+            raise ValueError("compile needs use_cache=True (the compiled step is the cached step)")
 
 
 @contextlib.contextmanager
@@ -131,12 +145,17 @@ class GenerationMixin:
 
         # guidance runs the conditional and the null-text branch as one batch: rows [cond; null]
         branch_text = torch.cat((text_ids, self._null_text(batch))) if guided else text_ids
+        if opts.compile is not None:
+            check_static_decoding(self.transformer)
         with evaluating(self):
             cache = DecodingCache(self.seq_len) if opts.use_cache else None
             x = torch.cat((self._embed_text(branch_text), self._embed_branches(codes, 0, guided)), dim=1)
             h = self.transformer(x, cache)
+            logits = self._image_logits(h[:, -1])  # (b or 2b, num_image_tokens)
+            if opts.compile is not None:
+                prepare_cache(cache)
+                step, sources = compiled_step_fn(opts.compile), shift_sources(self.transformer)
             while True:
-                logits = self._image_logits(h[:, -1])  # (b or 2b, num_image_tokens)
                 if guided:
                     logits = guide(logits[:batch], logits[batch:], opts.cond_scale)
                 if step_logits is not None:
@@ -146,11 +165,16 @@ class GenerationMixin:
                 codes = torch.cat((codes, new), dim=1)
                 if codes.shape[1] == self.image_seq_len:
                     return codes
+                if opts.compile is not None:
+                    grid = torch.full((1,), codes.shape[1] - 1, device=self.device)
+                    logits = step(self, new, grid, cache._buffers, grid + self.text_len, sources, guided)
+                    continue
                 if opts.use_cache:
                     h = self.transformer(self._embed_branches(new, codes.shape[1] - 1, guided), cache)
                 else:
                     x = torch.cat((self._embed_text(branch_text), self._embed_branches(codes, 0, guided)), dim=1)
                     h = self.transformer(x)
+                logits = self._image_logits(h[:, -1])
 
     def _embed_branches(self, codes: Tensor, start: int, guided: bool) -> Tensor:
         x = self._embed_image(codes, start)

@@ -159,7 +159,9 @@ def wrap_ddp(
 
 
 def no_sync(model: nn.Module, skip_sync: bool):
-    """DDP's `no_sync` while accumulating gradients (no all-reduce until the last micro-batch)."""
+    """DDP's `no_sync` while accumulating gradients (no all-reduce until the last micro-batch); `model` may be
+    a DDP module compiled by torch.compile."""
+    model = getattr(model, "_orig_mod", model)
     if skip_sync and isinstance(model, nn.parallel.DistributedDataParallel):
         return model.no_sync()
     return contextlib.nullcontext()

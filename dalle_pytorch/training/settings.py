@@ -58,6 +58,7 @@ class TrainingSettings:
     powersgd_start_iter: int = 10
     find_unused_parameters: bool = False
     ema_decay: float | None = None  # keep an exponential moving average of the weights (e.g. 0.999); None: off
+    compile: bool | str = False  # torch.compile the training forward; a string names the backend (True: inductor)
     run_config: dict[str, Any] = field(default_factory=dict)  # shown in W&B
 
     def __post_init__(self) -> None:
@@ -90,8 +91,19 @@ class TrainingSettings:
             raise ValueError(f"ema_decay must be in (0, 1) (or not given), got {self.ema_decay}")
         if self.ema_decay is not None and self.deepspeed and self.zero_stage >= 3:
             raise ValueError("ema_decay does not work with DeepSpeed ZeRO stage 3 (the weights are partitioned)")
+        if not isinstance(self.compile, bool | str) or self.compile == "":
+            raise TypeError(f"compile must be a bool or a backend name such as 'inductor', got {self.compile!r}")
+        if self.compile and self.deepspeed:
+            raise ValueError("compile does not work together with deepspeed (DeepSpeed wraps the model itself)")
         if self.clip_grad_norm is not None and self.clip_grad_norm <= 0:
             raise ValueError(f"clip_grad_norm must be > 0, got {self.clip_grad_norm}")
+
+    @property
+    def compile_backend(self) -> str | None:
+        """The torch.compile backend to train with, or None for eager."""
+        if self.compile is True:
+            return "inductor"
+        return self.compile or None
 
     @classmethod
     def from_args(cls, args: Any, **overrides: Any) -> TrainingSettings:

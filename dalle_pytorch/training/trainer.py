@@ -12,6 +12,10 @@ With `settings.ema_decay`, a moving average of the weights (`dalle_pytorch.train
 every optimizer step that was not skipped, saved as the model directory `ema/` inside each checkpoint and
 restored on resume.
 
+With `settings.compile`, the module the loss function receives is `torch.compile`d
+(https://pytorch.org/docs/stable/generated/torch.compile.html); checkpoints, EMA and sampling use the
+original module, so a compiled run writes the same checkpoints as an eager one and either can resume the other.
+
 Settings and the learning-rate schedule: `dalle_pytorch.training.settings`.
 """
 
@@ -272,7 +276,7 @@ class Trainer:
     def _prepare_model(self) -> nn.Module:
         settings = self.settings
         if not settings.deepspeed:
-            return wrap_ddp(
+            model = wrap_ddp(
                 self.model,
                 self.ctx,
                 powersgd=settings.powersgd,
@@ -280,6 +284,9 @@ class Trainer:
                 powersgd_start_iter=settings.powersgd_start_iter,
                 find_unused_parameters=settings.find_unused_parameters,
             )
+            # the compiled wrapper only runs the steps; self.model (its weights are shared) is what gets saved
+            backend = settings.compile_backend
+            return model if backend is None else torch.compile(model, backend=backend)
         config = deepspeed_config(
             batch_size=settings.batch_size,
             ga_steps=settings.ga_steps,

@@ -1,0 +1,97 @@
+"""torch.compile against eager: the DALLE training step and the cached decoding step.
+
+Each function is ``(device, quick, **params) -> dict`` and runs in its own process (see ``run.py``), like
+the cases in ``cases.py``. Compilation happens in the first call, which is timed apart (``compile_s``: the
+first call's time minus a steady call's); the repeats then time steady steps. Eager figures come from the
+same process and model, so the ratios compare like with like on a shared machine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import statistics
+import time
+
+import torch
+
+from benchmarks import model_flops
+from benchmarks.cases import (
+    BUDGET_S,
+    COND_SCALE,
+    GEN_BATCH,
+    TRAIN_BATCH,
+    TRAIN_STEP,
+    StepClock,
+    _dalle,
+    _EnoughSteps,
+    _seeded,
+    _text_and_codes,
+    _train_step,
+)
+from benchmarks.harness import synchronize, time_repeats
+
+COMPILE_GEN_TOKENS = {False: 256, True: 16}
+
+
+def _timed(fn, device: torch.device) -> float:
+    start = time.perf_counter()
+    fn()
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+def dalle_train_compiled(device: torch.device, quick: bool, backend: str = "inductor") -> dict:
+    """The ``dalle_train_full`` step with the model compiled (as ``Trainer(compile=...)`` does)."""
+    generator = _seeded()
+    model, config = _dalle(quick, device, attn_types=("full",))
+    batch = TRAIN_BATCH[quick]
+    text, codes = _text_and_codes(model, batch, generator, device)
+    compiled = torch.compile(model, backend=backend)
+    step, _ = _train_step(model, lambda: compiled(text, codes, return_loss=True))
+    first_s = _timed(step, device)
+    stats = time_repeats(step, device=device, budget_s=BUDGET_S[quick])
+    tokens = batch * (model.text_seq_len + model.image_seq_len)
+    return {**stats, "config": {**config, "batch": batch, "backend": backend, "step": TRAIN_STEP},
+            "compile_s": first_s - stats["median_s"],
+            "train_flops": model_flops.DalleFlops(model).train_step(batch), "flops_formula": model_flops.TRAIN_FORMULA,
+            "items": tokens, "item_name": "tokens"}  # fmt: skip
+
+
+def gen_compiled(device: torch.device, quick: bool, backend: str = "inductor") -> dict:
+    """Cached decoding, batch 4 with guidance, eager and compiled steps of the same model and text."""
+    tokens = COMPILE_GEN_TOKENS[quick]
+    generator = _seeded()
+    model, config = _dalle(quick, device, grid=int(tokens**0.5), attn_types=("full",))
+    text, _ = _text_and_codes(model, GEN_BATCH, generator, device)
+
+    def run(compile: str | None) -> tuple[float, float]:
+        """(total seconds, median decode step ms) of one generation."""
+        clock = StepClock(device=device)
+        start = time.perf_counter()
+        with contextlib.suppress(_EnoughSteps):
+            model.generate_image_codes(text, generator=torch.Generator().manual_seed(0), step_logits=clock,
+                                       cond_scale=COND_SCALE, compile=compile)  # fmt: skip
+        total = time.perf_counter() - start
+        steps = [b - a for a, b in zip(clock.times, clock.times[1:])]
+        return total, 1000 * statistics.median(steps)
+
+    run(None)  # warm-up
+    eager = [run(None) for _ in range(2)]
+    first_compiled_s, _ = run(backend)
+    compiled = [run(backend) for _ in range(2)]
+    eager_s, compiled_s = statistics.median(t for t, _ in eager), statistics.median(t for t, _ in compiled)
+    eager_ms, compiled_ms = statistics.median(m for _, m in eager), statistics.median(m for _, m in compiled)
+    compile_s = first_compiled_s - compiled_s
+    saved_per_image = (eager_s - compiled_s) / GEN_BATCH
+    return {"median_s": compiled_s, "min_s": min(t for t, _ in compiled), "max_s": max(t for t, _ in compiled),
+            "repeats": len(compiled),
+            "config": {**config, "batch": GEN_BATCH, "cond_scale": COND_SCALE, "backend": backend},
+            "image_tokens": tokens, "eager_ms_per_token_step": eager_ms, "ms_per_token_step": compiled_ms,
+            "step_speedup": eager_ms / compiled_ms, "eager_s_per_run": eager_s, "compile_s": compile_s,
+            "break_even_images": compile_s / saved_per_image if saved_per_image > 0 else None,
+            "break_even_definition": "images until the faster runs repay compile_s"}  # fmt: skip
+
+
+def registry(quick: bool) -> dict[str, tuple]:
+    """name -> (function, params) of the compiled-vs-eager measurements (eager training: dalle_train_full)."""
+    return {"dalle_train_compiled": (dalle_train_compiled, {}), "gen_full_compiled": (gen_compiled, {})}

@@ -1,0 +1,128 @@
+"""A static-shape decoding step for `torch.compile`: one compiled graph serves every position of a run.
+
+The eager step (:class:`~dalle_pytorch.models.transformer.DecodingCache`) slices its buffers, masks, rotary
+tables and token-shift sources with Python ints, so a compiler would specialise on the position and compile
+again at every token. Here the position is a 0-dim tensor: the new keys, values and token-shift history are
+written with ``index_copy_`` into the full ``max_len`` buffers the prompt pass allocated, and the new query
+attends to all ``max_len`` keys under the pattern's mask row at that position (keys after it are hidden,
+their buffer entries zeroed). The arithmetic is the eager step's; only the length of the masked reduction
+differs, so the logits agree to float rounding.
+
+torch.compile: https://pytorch.org/docs/stable/generated/torch.compile.html
+
+Shape letters: b batch (both guidance branches), h heads, L max_len positions, d model dim, e head dim.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+
+from dalle_pytorch.attention.layer import Attention, rotate
+from dalle_pytorch.models.transformer import DecodingCache, Transformer, token_shift_source
+
+
+def check_static_decoding(transformer: nn.Module) -> None:
+    """ValueError unless the static step can run this transformer (the built-in, non-reversible one)."""
+    if type(transformer) is not Transformer:
+        raise ValueError(f"compiled decoding needs dalle_pytorch's Transformer, got {type(transformer).__name__}")
+    if transformer.reversible:
+        raise ValueError("compiled decoding does not support reversible=True yet; decode eagerly (compile=None)")
+
+
+def shift_sources(transformer: Transformer) -> Tensor:
+    """(L, 2) long: per position, the two token-shift source positions (-1 = zeros), as token_shift_source."""
+    return torch.tensor(
+        [token_shift_source(p, transformer.text_len, transformer.fmap) for p in range(transformer.seq_len)],
+        device=transformer.pattern_masks.device,
+    )
+
+
+def prepare_cache(cache: DecodingCache) -> None:
+    """Zero the unwritten tail of every buffer: masked keys get zero weight, and 0 * garbage could be NaN."""
+    for buffer in cache._buffers.values():
+        buffer[..., cache.offset :, :].zero_()
+
+
+def _shift(history: Tensor, own: Tensor, sources: Tensor) -> Tensor:
+    """Token shift of one new position: history (b, L, d) already holding it, own (b, 1, d), sources (2,)."""
+    group = own.shape[-1] // 4
+    picked = history.index_select(1, sources.clamp(min=0))  # (b, 2, d)
+    valid = (sources >= 0).to(own.dtype)[None, :, None]  # (1, 2, 1)
+    picked = picked * valid
+    return torch.cat((picked[:, :1, :group], picked[:, 1:, group : 2 * group], own[..., 2 * group :]), dim=-1)
+
+
+def _attend(attn: Attention, x: Tensor, k_buf: Tensor, v_buf: Tensor, mask_row: Tensor, rotary, pos: Tensor):
+    """One query x (b, 1, dim) -> (b, 1, dim); its key and value written at ``pos`` of the (b, h, L, e) buffers."""
+    qkv = rearrange(attn.to_qkv(x), "b n (three h e) -> three b h n e", three=3, h=attn.heads)
+    if rotary is not None:
+        q, k = rotate(qkv[:2], *rotary).unbind(0)
+    else:
+        q, k = qkv[0], qkv[1]
+    k_buf.index_copy_(2, pos, k)
+    v_buf.index_copy_(2, pos, qkv[2])
+    scale = None
+    if attn.stable:  # as Attention.forward
+        alpha = 32.0
+        q = q / alpha
+        scale = alpha / attn.dim_head**0.5
+    mask_row = mask_row[:, : k_buf.shape[2]]  # the cache may be shorter than the model's sequence
+    out = F.scaled_dot_product_attention(q, k_buf, v_buf, attn_mask=mask_row, scale=scale)  # (b, h, 1, e)
+    return attn.to_out(rearrange(out, "b h n e -> b n (h e)"))
+
+
+def static_step(transformer: Transformer, x: Tensor, buffers: dict, pos: Tensor, sources: Tensor) -> Tensor:
+    """The transformer on one new position: x (b, 1, d) at position ``pos`` (1,) long -> (b, 1, d).
+
+    ``buffers`` are the prepared :class:`DecodingCache` buffers of the prompt pass (updated in place),
+    ``sources`` the table of :func:`shift_sources`."""
+    rotary = None
+    if transformer.rotary:
+        rotary = (transformer.rotary_cos.index_select(0, pos), transformer.rotary_sin.index_select(0, pos))
+    rows = transformer.pattern_masks.index_select(1, pos)  # (patterns, 1, L); True only up to pos (causal)
+    step_sources = sources.index_select(0, pos)[0]  # (2,)
+    for i, layer in enumerate(transformer.layers):
+        for j, sublayer in enumerate(layer):
+            y = sublayer.norm(x)
+            if sublayer.shift:
+                history = buffers[((i, j), "shift")]
+                history.index_copy_(1, pos, y)
+                y = _shift(history, y, step_sources)
+            if j == 0:
+                row = rows[transformer._pattern_of_layer[i]]
+                y = _attend(sublayer.fn, y, buffers[((i, j), "k")], buffers[((i, j), "v")], row, rotary, pos)
+            else:
+                y = sublayer.fn(y)
+            x = x + sublayer.norm_out(y)
+    return x
+
+
+def image_step(model: Any, codes: Tensor, grid: Tensor, buffers: dict, pos: Tensor, sources: Tensor, guided: bool):
+    """DALLE's decoding step on the static cache: new codes (b, 1) at grid index ``grid`` (1,) long, sequence
+    position ``pos`` (1,) -> image logits (b or 2b, vocab); ``guided`` repeats the rows for the null branch."""
+    x = model.image_emb(codes)
+    if not model.rotary:
+        x = x + model.image_row_emb(grid // model.fmap) + model.image_col_emb(grid % model.fmap)
+    if guided:
+        x = torch.cat((x, x))
+    h = static_step(model.transformer, x, buffers, pos, sources)
+    return model._image_logits(h[:, -1])
+
+
+# backend -> compiled image_step; the model is an argument (not a closure or an attribute of the model) so
+# that models stay copyable and picklable. Dynamo guards on the model and the shapes: each model and batch
+# size compiles once, later runs reuse the graph
+_COMPILED_STEPS: dict[Any, Callable] = {}
+
+
+def compiled_step_fn(backend: str | Callable) -> Callable:
+    """:func:`image_step` compiled with ``backend`` (a torch.compile backend name or callable)."""
+    if backend not in _COMPILED_STEPS:
+        _COMPILED_STEPS[backend] = torch.compile(image_step, backend=backend, fullgraph=True, dynamic=False)
+    return _COMPILED_STEPS[backend]
