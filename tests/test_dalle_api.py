@@ -16,7 +16,7 @@ from torch import nn
 
 from dalle_pytorch import DALLE
 from dalle_pytorch.cli import generate, train_dalle
-from dalle_pytorch.cli.common import options_from_args
+from dalle_pytorch.cli.flags import options_from_args
 from dalle_pytorch.models.dalle import DALLEOutput
 from dalle_pytorch.models.dalle_config import DALLEConfig
 from dalle_pytorch.models.generation import GenerationOptions

@@ -15,7 +15,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from dalle_pytorch.cli.common import add_arg, add_vae_args, load_vae, run_main
+from dalle_pytorch.cli.common import add_vae_args, load_vae, run_main
+from dalle_pytorch.cli.flags import add_arg
 from dalle_pytorch.cli.runs import run_contents
 from dalle_pytorch.convert.original import load_original, read_original
 

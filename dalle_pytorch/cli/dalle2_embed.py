@@ -17,7 +17,6 @@ import argparse
 from pathlib import Path
 
 from dalle_pytorch.cli.common import (
-    add_arg,
     add_tokenizer_args,
     build_tokenizer,
     check_tokenizer_fits,
@@ -26,6 +25,7 @@ from dalle_pytorch.cli.common import (
     tokenizer_spec_for,
     write_args_json,
 )
+from dalle_pytorch.cli.flags import add_arg
 from dalle_pytorch.data.embeddings import precompute_clip_embeddings
 from dalle_pytorch.data.text_image import TextImageDataset
 from dalle_pytorch.models.clip import CLIP

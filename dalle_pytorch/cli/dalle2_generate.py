@@ -26,15 +26,9 @@ from typing import Any
 
 import torch
 
-from dalle_pytorch.cli.common import (
-    add_arg,
-    add_switch,
-    add_tokenizer_args,
-    build_tokenizer,
-    run_main,
-    write_args_json,
-)
+from dalle_pytorch.cli.common import add_tokenizer_args, build_tokenizer, run_main, write_args_json
 from dalle_pytorch.cli.dalle2_options import tokenizer_spec_near, weights_folder
+from dalle_pytorch.cli.flags import add_arg, add_switch
 from dalle_pytorch.cli.generate import prompt_folder, read_prompts
 from dalle_pytorch.cli.runs import describe_run, run_contents, run_tool
 from dalle_pytorch.data.images import image_grid, load_image, save_image

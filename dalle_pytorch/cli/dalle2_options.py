@@ -9,13 +9,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from dalle_pytorch.cli.common import (
-    add_arg,
-    build_tokenizer,
-    check_tokenizer_fits,
-    resolve_checkpoint,
-    tokenizer_spec_for,
-)
+from dalle_pytorch.cli.common import build_tokenizer, check_tokenizer_fits, resolve_checkpoint, tokenizer_spec_for
+from dalle_pytorch.cli.flags import add_arg
 from dalle_pytorch.models.clip import CLIP
 from dalle_pytorch.training.state import EMA_DIR_NAME
 

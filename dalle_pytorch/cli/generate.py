@@ -30,19 +30,17 @@ import torch
 import torch.nn.functional as F
 
 from dalle_pytorch.cli.common import (
-    add_arg,
-    add_option_flags,
     add_tokenizer_args,
     build_tokenizer,
     check_tokenizer_fits,
     load_model,
-    options_from_args,
     read_args_json,
     resolve_checkpoint,
     run_main,
     tokenizer_spec_for,
     write_args_json,
 )
+from dalle_pytorch.cli.flags import add_arg, add_option_flags, options_from_args
 from dalle_pytorch.cli.runs import ARGS_NAME, describe_run, run_contents, run_tool
 from dalle_pytorch.data.images import image_grid, load_image, save_image
 from dalle_pytorch.generation.clip_guided import clip_guided_generate
@@ -137,8 +135,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_arg(
         parser, "--batch_size", type=int, default=4, help="images generated at once; does not change them (default: 4)"
     )
-    add_option_flags(parser, GenerationOptions, flags=OPTION_FLAGS, defaults={"filter_thres": 0.9}, skip=NOT_FLAGS,
-                     parsers={"compile": str})
+    add_option_flags(
+        parser,
+        GenerationOptions,
+        flags=OPTION_FLAGS,
+        defaults={"filter_thres": 0.9},
+        skip=NOT_FLAGS,
+        parsers={"compile": str},
+    )
     add_arg(parser, "--seed", type=int, default=0, help="image n of each prompt uses seed + n (default: 0)")
     add_arg(
         parser,

@@ -18,9 +18,7 @@ import torch
 from torch import nn
 
 from dalle_pytorch.cli.common import (
-    add_arg,
     add_tokenizer_args,
-    add_training_args,
     build_tokenizer,
     choose_seed,
     fit,
@@ -30,6 +28,7 @@ from dalle_pytorch.cli.common import (
     seed_everything,
     tokenizer_spec_for,
 )
+from dalle_pytorch.cli.flags import add_arg, add_training_args
 from dalle_pytorch.cli.runs import settle_output_dir
 from dalle_pytorch.data.text_image import TextImageDataset
 from dalle_pytorch.models.clip import CLIP

@@ -23,23 +23,20 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from dalle_pytorch.cli.common import (
-    add_arg,
-    add_option_flags,
     add_tokenizer_args,
-    add_training_args,
     add_vae_args,
     build_tokenizer,
     choose_seed,
     fit,
     load_model,
     load_vae,
-    options_from_args,
     resolve_checkpoint,
     resume_dir,
     run_main,
     seed_everything,
     tokenizer_spec_for,
 )
+from dalle_pytorch.cli.flags import add_arg, add_option_flags, add_training_args, options_from_args
 from dalle_pytorch.cli.runs import settle_output_dir
 from dalle_pytorch.data.text_image import TextImageDataset
 from dalle_pytorch.models.dalle import DALLE

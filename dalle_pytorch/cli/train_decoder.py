@@ -27,10 +27,7 @@ import torch
 from torch import nn
 
 from dalle_pytorch.cli.common import (
-    add_arg,
-    add_switch,
     add_tokenizer_args,
-    add_training_args,
     build_tokenizer,
     choose_seed,
     fit,
@@ -47,6 +44,7 @@ from dalle_pytorch.cli.dalle2_options import (
     parse_with_config,
     tokenizer_spec_near,
 )
+from dalle_pytorch.cli.flags import add_arg, add_switch, add_training_args
 from dalle_pytorch.cli.runs import settle_output_dir
 from dalle_pytorch.data.embeddings import ClipEmbeddingsDataset, WithImageEmbeddings
 from dalle_pytorch.data.text_image import TextImageDataset

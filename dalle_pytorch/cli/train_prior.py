@@ -21,18 +21,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from dalle_pytorch.cli.common import (
-    add_arg,
-    add_switch,
-    add_tokenizer_args,
-    add_training_args,
-    choose_seed,
-    fit,
-    resume_dir,
-    run_main,
-    seed_everything,
-)
+from dalle_pytorch.cli.common import add_tokenizer_args, choose_seed, fit, resume_dir, run_main, seed_everything
 from dalle_pytorch.cli.dalle2_options import add_config_arg, load_clip, parse_with_config
+from dalle_pytorch.cli.flags import add_arg, add_switch, add_training_args
 from dalle_pytorch.cli.runs import settle_output_dir
 from dalle_pytorch.data.embeddings import ClipEmbeddingsDataset
 from dalle_pytorch.data.text_image import TextImageDataset

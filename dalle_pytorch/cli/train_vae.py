@@ -23,15 +23,8 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from dalle_pytorch.cli.common import (
-    add_arg,
-    add_training_args,
-    choose_seed,
-    fit,
-    resume_dir,
-    run_main,
-    seed_everything,
-)
+from dalle_pytorch.cli.common import choose_seed, fit, resume_dir, run_main, seed_everything
+from dalle_pytorch.cli.flags import add_arg, add_training_args
 from dalle_pytorch.cli.runs import settle_output_dir
 from dalle_pytorch.data.text_image import (
     IMAGE_EXTENSIONS,

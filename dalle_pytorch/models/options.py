@@ -3,7 +3,7 @@
 A model's constructor or a method takes the fields of such a dataclass as keyword arguments (or a whole
 instance); :func:`collect_options` builds the instance from what was passed, and :func:`options_signature`
 lists the fields in the callable's signature so ``help()`` and editors show them. The command-line tools
-make their flags from the same fields (``dalle_pytorch.cli.common.add_option_flags``).
+make their flags from the same fields (``dalle_pytorch.cli.flags.add_option_flags``).
 """
 
 from __future__ import annotations
