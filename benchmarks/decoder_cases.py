@@ -11,13 +11,11 @@ so their ratio comes from one run on one machine state.
 
 from __future__ import annotations
 
-import time
-
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks.cases import BUDGET_S, TRAIN_STEP, _seeded, _train_step
-from benchmarks.harness import synchronize, time_repeats
+from benchmarks.harness import time_ddpm_vs_ddim, time_repeats
 
 # a two-stage cascade at the demo's 32 px: a 16 px base U-Net and a 16 -> 32 px super-resolution U-Net
 DECODER_SIZES = {
@@ -72,20 +70,14 @@ def decoder_sampling(device: torch.device, quick: bool) -> dict:
     decoder.eval()
     embed = torch.randn(SAMPLE_BATCH, config["embed_dim"], generator=torch.Generator().manual_seed(1)).to(device)
 
-    def run(steps: int | None) -> float:
-        start = time.perf_counter()
+    def sample(steps: int | None) -> None:
         decoder.sample(embed, sample_steps=steps, generator=torch.Generator().manual_seed(0), stop_at_unet_number=1)
-        synchronize(device)
-        return time.perf_counter() - start
 
-    run(ddim_steps)  # warm-up: first-call allocations and kernel selection
-    ddim = time_repeats(lambda: run(ddim_steps), device=device, warmup=0, repeats=5, budget_s=BUDGET_S[quick])
-    ddpm_s = run(None)  # one run: 20x the work of a DDIM run, long enough to be steady
-    return {"median_s": ddpm_s, "min_s": ddpm_s, "max_s": ddpm_s, "repeats": 1,
-            "config": {**config, "batch": SAMPLE_BATCH, "unet": 1, "cond_scale": 1.0, "ddim_eta": 0.0},
+    timed = time_ddpm_vs_ddim(sample, ddim_steps, device, BUDGET_S[quick])
+    return {**timed, "config": {**config, "batch": SAMPLE_BATCH, "unet": 1, "cond_scale": 1.0, "ddim_eta": 0.0},
             "ddpm_steps": timesteps, "ddim_steps": ddim_steps,
-            "ddpm_s_per_image": ddpm_s / SAMPLE_BATCH, "ddim_s_per_image": ddim["median_s"] / SAMPLE_BATCH,
-            "ddim_runs": ddim["repeats"], "ddim_speedup": ddpm_s / ddim["median_s"]}  # fmt: skip
+            "ddpm_s_per_image": timed["median_s"] / SAMPLE_BATCH,
+            "ddim_s_per_image": timed["ddim_s"] / SAMPLE_BATCH}  # fmt: skip
 
 
 def registry(quick: bool) -> dict[str, tuple]:

@@ -236,3 +236,23 @@ def run_isolated(
         return {"error": f"child process died with exit code {process.exitcode}"}
     status, payload = outcome
     return payload if status == "ok" else {"error": payload}
+
+
+def time_ddpm_vs_ddim(sample: Callable[[int | None], None], ddim_steps: int, device: torch.device,
+                      budget_s: float) -> dict:
+    """Time one sampler run over every timestep (DDPM, ``sample(None)``) against ``sample(ddim_steps)`` (DDIM).
+
+    DDIM is warmed up once and repeated; DDPM runs once (many times the work, long enough to be steady).
+    Returns the DDPM run as the case's time plus the DDIM median and the speed-up of one over the other."""  # fmt: skip
+
+    def run(steps: int | None) -> float:
+        start = time.perf_counter()
+        sample(steps)
+        synchronize(device)
+        return time.perf_counter() - start
+
+    run(ddim_steps)  # warm-up: first-call allocations and kernel selection
+    ddim = time_repeats(lambda: run(ddim_steps), device=device, warmup=0, repeats=5, budget_s=budget_s)
+    ddpm_s = run(None)
+    return {"median_s": ddpm_s, "min_s": ddpm_s, "max_s": ddpm_s, "repeats": 1, "ddim_s": ddim["median_s"],
+            "ddim_runs": ddim["repeats"], "ddim_speedup": ddpm_s / ddim["median_s"]}  # fmt: skip

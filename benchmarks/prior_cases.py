@@ -8,12 +8,10 @@ against the run's matmul throughput.
 
 from __future__ import annotations
 
-import time
-
 import torch
 
 from benchmarks.cases import BUDGET_S, TRAIN_STEP, _seeded, _train_step
-from benchmarks.harness import synchronize, time_repeats
+from benchmarks.harness import time_ddpm_vs_ddim, time_repeats
 from benchmarks.model_flops import linear_weights
 
 # the demo's CLIP latent width (64) with a text of 16 tokens
@@ -81,21 +79,15 @@ def prior_sampling(device: torch.device, quick: bool) -> dict:
     prior.eval()
     conditions = _conditions(config, SAMPLE_BATCH, torch.Generator().manual_seed(1), device)
 
-    def run(steps: int | None) -> float:
-        start = time.perf_counter()
+    def sample(steps: int | None) -> None:
         prior.sample(**conditions, num_samples_per_batch=2, cond_scale=2.0, sample_steps=steps,
                      generator=torch.Generator().manual_seed(0))  # fmt: skip
-        synchronize(device)
-        return time.perf_counter() - start
 
-    run(ddim_steps)  # warm-up
-    ddim = time_repeats(lambda: run(ddim_steps), device=device, warmup=0, repeats=5, budget_s=BUDGET_S[quick])
-    ddpm_s = run(None)
-    return {"median_s": ddpm_s, "min_s": ddpm_s, "max_s": ddpm_s, "repeats": 1,
-            "config": {**config, "batch": SAMPLE_BATCH, "candidates": 2, "cond_scale": 2.0, "ddim_eta": 0.0},
+    timed = time_ddpm_vs_ddim(sample, ddim_steps, device, BUDGET_S[quick])
+    return {**timed, "config": {**config, "batch": SAMPLE_BATCH, "candidates": 2, "cond_scale": 2.0, "ddim_eta": 0.0},
             "ddpm_steps": timesteps, "ddim_steps": ddim_steps,
-            "ddpm_s_per_embedding": ddpm_s / SAMPLE_BATCH, "ddim_s_per_embedding": ddim["median_s"] / SAMPLE_BATCH,
-            "ddim_runs": ddim["repeats"], "ddim_speedup": ddpm_s / ddim["median_s"]}  # fmt: skip
+            "ddpm_s_per_embedding": timed["median_s"] / SAMPLE_BATCH,
+            "ddim_s_per_embedding": timed["ddim_s"] / SAMPLE_BATCH}  # fmt: skip
 
 
 def registry(quick: bool) -> dict[str, tuple]:
