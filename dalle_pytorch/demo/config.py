@@ -48,6 +48,8 @@ class DemoConfig:
     dalle2_unet_dim: int = 16
     dalle2_unet_mults: tuple[int, ...] = (1, 2, 4)
     dalle2_predict_x0: bool = True
+    dalle2_decoder_reads_text: bool = True
+    dalle2_decoder_text_drop_prob: float = 0.5
     dalle2_decoder_steps: int = 1500
     dalle2_decoder_learning_rate: float = 2e-3
     dalle2_batch_size: int = 32

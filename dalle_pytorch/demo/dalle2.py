@@ -95,16 +95,19 @@ class _PriorSamples(Dataset):
 
 
 class _DecoderSamples(Dataset):
-    """Sample i: its image (3, s, s) and the image's CLIP embedding (d,)."""
+    """Sample i: its image (3, s, s), the image's CLIP embedding (d,), and the text encodings (l, e) and mask
+    (l,) of one random phrasing of its caption."""
 
-    def __init__(self, images: Tensor, image_embed: Tensor):
-        self.images, self.image_embed = images, image_embed
+    def __init__(self, images: Tensor, embeds: ClipEmbeddings):
+        self.images, self.embeds = images, embeds
 
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
-        return self.images[index], self.image_embed[index]
+    def __getitem__(self, index: int) -> tuple[Tensor, ...]:
+        e = self.embeds
+        phrasing = int(torch.randint(0, e.text_encodings.shape[1], ()))  # drawn from the RNG the data order seeds
+        return self.images[index], e.image_embed[index], e.text_encodings[index, phrasing], e.text_mask[index, phrasing]
 
 
 def _build(clip: CLIP, config: DemoConfig) -> tuple[DiffusionPrior, Decoder]:
@@ -120,11 +123,13 @@ def _build(clip: CLIP, config: DemoConfig) -> tuple[DiffusionPrior, Decoder]:
     )  # fmt: skip
     unet = Unet(
         dim=config.dalle2_unet_dim, image_embed_dim=clip_dim, channels=3, dim_mults=config.dalle2_unet_mults,
-        predict_x0=config.dalle2_predict_x0,
+        predict_x0=config.dalle2_predict_x0, cond_on_text_encodings=config.dalle2_decoder_reads_text,
+        text_embed_dim=text_dim,
     )  # fmt: skip
     decoder = Decoder(
         unet=unet, image_sizes=(config.image_size,), timesteps=config.dalle2_timesteps,
-        sample_timesteps=config.dalle2_sample_steps, image_cond_drop_prob=0.1, text_cond_drop_prob=0.5,
+        sample_timesteps=config.dalle2_sample_steps, image_cond_drop_prob=0.1,
+        text_cond_drop_prob=config.dalle2_decoder_text_drop_prob,
     )  # fmt: skip
     return prior.to(next(clip.parameters()).device), decoder.to(next(clip.parameters()).device)
 
@@ -152,8 +157,8 @@ def train_dalle2(
         return model(text_embed=text_embed, text_encodings=encodings, text_mask=mask, image_embed=image_embed)
 
     def decoder_loss(model: nn.Module, batch: list[Tensor], step: int) -> Tensor:
-        batch_images, image_embed = (item.to(images.device) for item in batch)
-        return model(batch_images, image_embed=image_embed)
+        batch_images, image_embed, encodings, mask = (item.to(images.device) for item in batch)
+        return model(batch_images, image_embed=image_embed, text_encodings=encodings, text_mask=mask)
 
     losses = {}
     with timer("prior"):
@@ -165,7 +170,7 @@ def train_dalle2(
         )  # fmt: skip
     with timer("decoder"):
         losses["decoder"] = fit_model(
-            decoder, _DecoderSamples(images.cpu(), embeds.image_embed), decoder_loss,
+            decoder, _DecoderSamples(images.cpu(), embeds), decoder_loss,
             steps=config.dalle2_decoder_steps, batch_size=config.dalle2_batch_size,
             learning_rate=config.dalle2_decoder_learning_rate, seed=config.seed + 6, label="decoder",
             progress=progress, log_dir=None if log_dir is None else log_dir / "decoder",
@@ -219,18 +224,25 @@ def variations_and_inpainting(
     """Variations of real images (k, 3, s, s) (one each, from their CLIP image embeddings), and inpainting: the
     centre of ``real[0]`` masked and redrawn for each caption of ``text`` (m, l).
     Returns (variations (k, 3, s, s), masked original (3, s, s), inpainted (m, 3, s, s)), all in [0, 1]."""
-    device = dalle2.device
-    variations = dalle2.decoder.variations(
-        real.to(device), cond_scale=config.dalle2_cond_scale, generator=_generators(config.seed + 7, range(len(real)))
+    device, decoder = dalle2.device, dalle2.decoder
+    k, m = len(real), len(text)
+    no_text = {}
+    if decoder.unets[0].cond_on_text_encodings:  # variations read no caption: the decoder's null text condition
+        width = decoder.unets[0].text_embed_dim
+        no_text = dict(text_encodings=torch.zeros(k, 1, width, device=device),
+                       text_mask=torch.zeros(k, 1, dtype=torch.bool, device=device))  # fmt: skip
+    variations = decoder.variations(
+        real.to(device), cond_scale=config.dalle2_cond_scale, generator=_generators(config.seed + 7, range(k)),
+        **no_text,
     ).clamp(0, 1).cpu()  # fmt: skip
-    m = len(text)
     image_embed = dalle2.prior.sample(
         text.to(device), cond_scale=config.dalle2_prior_cond_scale, generator=_generators(config.seed + 8, range(m))
     )  # fmt: skip
     mask = centre_mask(real.shape[-1])
-    inpainted = dalle2.decoder.sample(
-        image_embed, cond_scale=config.dalle2_cond_scale, inpaint_image=real[:1].expand(m, -1, -1, -1).to(device),
-        inpaint_mask=mask.expand(m, -1, -1).to(device), generator=_generators(config.seed + 9, range(m)),
+    inpainted = decoder.sample(
+        image_embed, text=text.to(device), cond_scale=config.dalle2_cond_scale,
+        inpaint_image=real[:1].expand(m, -1, -1, -1).to(device), inpaint_mask=mask.expand(m, -1, -1).to(device),
+        generator=_generators(config.seed + 9, range(m)),
     ).clamp(0, 1).cpu()  # fmt: skip
     return variations, real[0] * mask, inpainted
 
