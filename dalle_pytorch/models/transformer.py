@@ -11,6 +11,8 @@ cached decoding and is the reference everywhere. A pattern whose mask is the cau
 kernel; a pass over positions [0, n) without a cache (training) runs a pattern with a fast path through the
 kernels of :mod:`dalle_pytorch.kernels.sparse_attention`, once its tile plan is checked to cover exactly its
 mask (``fast_path=False`` keeps the dense masks throughout). Layers receive a :class:`LayerInputs`.
+The token shift (:mod:`dalle_pytorch.models.token_shift`) and the rotary angles come in two styles: this
+library's and the original DALLE-pytorch's (``shift_tokens_style`` / ``rotary_emb_style`` = ``"original"``).
 
 Shape letters: b batch, n positions, d model dim.
 """
@@ -197,6 +199,8 @@ class Transformer(nn.Module):
     DALLE's keywords such as ``conv_kernel_size``), :class:`~dalle_pytorch.attention.pattern.AttentionPattern`
     instances or ``{"pattern": name, ...}`` dicts. ``feed_forward_class`` builds each feed-forward block as
     ``cls(dim, ff_mult, ff_dropout)`` (a module mapping (b, n, d) to (b, n, d)); a subclass may set its own.
+    ``shift_tokens_style`` (:data:`~dalle_pytorch.models.token_shift.SHIFT_STYLES`) and ``rotary_emb_style``
+    (:func:`rotary_angles`): ``"default"`` or ``"original"``, as DALLE's options of those names.
     """
 
     feed_forward_class: type[nn.Module] = FeedForward
