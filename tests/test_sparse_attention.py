@@ -265,6 +265,9 @@ DALLE_CONFIGS = {
     "sparse": dict(attn_types=("sparse",), sparse_block_size=4, sparse_num_local_blocks=2),
     "mixed_stable": dict(depth=4, attn_types=("full", "axial_row", "axial_col", "sparse"), stable=True),
     "reversible": dict(reversible=True, attn_types=("conv_like", "axial_col"), conv_dilation=2),
+    "original_variants": dict(
+        attn_types=("conv_like_corner", "axial_row"), shift_tokens_style="original", rotary_emb_style="original"
+    ),
 }
 
 
