@@ -157,6 +157,8 @@ def test_config_validation():
         dataclasses.replace(FAST_CONFIG, clip_steps=0, candidates_per_sample=2)
     with pytest.raises(ValueError, match="null_cond_prob"):
         dataclasses.replace(FAST_CONFIG, null_cond_prob=0.0, cond_scale=3.0)
+    with pytest.raises(ValueError, match="dalle2_decoder_text_drop_prob"):
+        dataclasses.replace(FAST_CONFIG, dalle2_decoder_text_drop_prob=1.0)
     assert resolve_device("cpu") == torch.device("cpu")
     with pytest.raises(ValueError, match="device"):
         resolve_device("toaster")

@@ -22,8 +22,8 @@ TINY = dataclasses.replace(
     FAST_CONFIG, num_train_images=64, vae_num_tokens=16, vae_hidden_dim=8, vae_codebook_dim=8, vae_steps=2,
     dalle_dim=16, dalle_depth=1, dalle_heads=2, dalle_steps=2, clip_dim=16, dalle2_clip_steps=2,
     dalle2_prior_dim=16, dalle2_prior_depth=1, dalle2_prior_steps=2, dalle2_unet_dim=8, dalle2_unet_mults=(1, 2),
-    dalle2_decoder_steps=2, dalle2_batch_size=8, dalle2_timesteps=50, dalle2_sample_steps=2, classifier_steps=2,
-    samples_per_prompt=1, clip_guided_samples=1, clip_guided_steps=2,
+    dalle2_decoder_steps=2, dalle2_batch_size=8, dalle2_decoder_batch_size=8, dalle2_timesteps=50,
+    dalle2_sample_steps=2, classifier_steps=2, samples_per_prompt=1, clip_guided_samples=1, clip_guided_steps=2,
 )  # fmt: skip
 
 
@@ -63,6 +63,24 @@ def test_dalle2_demo_writes_the_side_by_side_report(dalle2_run):
     assert {"prior", "decoder", "dalle2_generation"} <= set(report["seconds"])
     loaded = DALLE2.from_pretrained(tmp_path / "dalle2")
     assert loaded.decoder.clip is loaded.prior.clip
+    assert loaded.decoder.unets[0].cond_on_text_encodings  # the decoder reads the caption as well
+
+
+def test_the_decoder_reads_the_caption(dalle2_run):
+    """Sampling from one image embedding with two captions differs only through the text condition."""
+    dalle2 = DALLE2.from_pretrained(dalle2_run[0] / "dalle2").eval()
+    text = torch.tensor([[2, 3, 4], [5, 6, 7]])
+    embed = dalle2.prior.sample(text[:1], generator=torch.Generator().manual_seed(0)).expand(2, -1)
+
+    def draw(**text_kwargs):
+        generators = [torch.Generator().manual_seed(1) for _ in range(2)]  # the same noise for both rows
+        return dalle2.decoder.sample(embed, sample_steps=2, generator=generators, **text_kwargs)
+
+    captioned = draw(text=text)
+    assert not torch.allclose(captioned[0], captioned[1])
+    width = dalle2.decoder.unets[0].text_embed_dim
+    no_text = draw(text_encodings=torch.zeros(2, 1, width), text_mask=torch.zeros(2, 1, dtype=torch.bool))
+    torch.testing.assert_close(no_text[0], no_text[1])
 
 
 @pytest.mark.filterwarnings("ignore:shape classifier reached only")

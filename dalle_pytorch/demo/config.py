@@ -48,10 +48,13 @@ class DemoConfig:
     dalle2_unet_dim: int = 16
     dalle2_unet_mults: tuple[int, ...] = (1, 2, 4)
     dalle2_predict_x0: bool = True
+    # the decoder also reads the caption's CLIP text encodings (as unCLIP's and GLIDE's do), dropped with this
+    # probability in training for guidance
     dalle2_decoder_reads_text: bool = True
     dalle2_decoder_text_drop_prob: float = 0.5
-    dalle2_decoder_steps: int = 1500
+    dalle2_decoder_steps: int = 2000
     dalle2_decoder_learning_rate: float = 2e-3
+    dalle2_decoder_batch_size: int = 32
     dalle2_batch_size: int = 32
     dalle2_timesteps: int = 1000
     dalle2_sample_steps: int = 25
@@ -83,8 +86,9 @@ class DemoConfig:
                 raise ValueError(f"{field.name} must be >= {minimum}, got {value}")
         if self.clip_steps == 0 and self.candidates_per_sample > 1:
             raise ValueError("candidates_per_sample > 1 needs a CLIP to rank them: set clip_steps > 0")
-        if not 0.0 <= self.null_cond_prob < 1.0:
-            raise ValueError(f"null_cond_prob must be in [0, 1), got {self.null_cond_prob}")
+        for name in ("null_cond_prob", "dalle2_decoder_text_drop_prob"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
         if self.cond_scale != 1.0 and self.null_cond_prob == 0.0:
             raise ValueError("cond_scale != 1 needs a model trained with null_cond_prob > 0")
 
@@ -99,8 +103,8 @@ FAST_CONFIG = dataclasses.replace(
     clip_steps=0,
     candidates_per_sample=1,
     samples_per_prompt=4,
-    dalle2_clip_steps=1200,
+    dalle2_clip_steps=1000,
     dalle2_prior_steps=800,
-    dalle2_decoder_steps=800,
+    dalle2_decoder_steps=1200,
     clip_guided_steps=40,
 )

@@ -171,7 +171,7 @@ def train_dalle2(
     with timer("decoder"):
         losses["decoder"] = fit_model(
             decoder, _DecoderSamples(images.cpu(), embeds), decoder_loss,
-            steps=config.dalle2_decoder_steps, batch_size=config.dalle2_batch_size,
+            steps=config.dalle2_decoder_steps, batch_size=config.dalle2_decoder_batch_size,
             learning_rate=config.dalle2_decoder_learning_rate, seed=config.seed + 6, label="decoder",
             progress=progress, log_dir=None if log_dir is None else log_dir / "decoder",
         )  # fmt: skip
