@@ -28,11 +28,21 @@ from dalle_pytorch.models.transformer import DecodingCache, Transformer, token_s
 
 
 def check_static_decoding(transformer: nn.Module) -> None:
-    """ValueError unless the static step can run this transformer (the built-in, non-reversible one)."""
+    """ValueError unless the static step can run this transformer (the built-in one, plain or reversible)."""
     if type(transformer) is not Transformer:
         raise ValueError(f"compiled decoding needs dalle_pytorch's Transformer, got {type(transformer).__name__}")
-    if transformer.reversible:
-        raise ValueError("compiled decoding does not support reversible=True yet; decode eagerly (compile=None)")
+
+
+def compile_backend(compile: bool | str | Callable | None) -> str | Callable | None:
+    """The torch.compile backend a ``compile=`` argument asks for: True -> "inductor", False/None/"" -> None
+    (eager), a backend name or callable as given; TypeError for anything else."""
+    if compile is True:
+        return "inductor"
+    if compile is None or compile is False or compile == "":
+        return None
+    if not (isinstance(compile, str) or callable(compile)):
+        raise TypeError(f"compile must be True, a torch.compile backend name or callable, got {compile!r}")
+    return compile
 
 
 def shift_sources(transformer: Transformer) -> Tensor:
@@ -77,29 +87,46 @@ def _attend(attn: Attention, x: Tensor, k_buf: Tensor, v_buf: Tensor, mask_row: 
     return attn.to_out(rearrange(out, "b h n e -> b n (h e)"))
 
 
+def _sublayer(sublayer: nn.Module, x: Tensor, key: tuple, buffers: dict, pos: Tensor, step: tuple) -> Tensor:
+    """One sublayer (as ``Sublayer.forward``) on the new position; ``step`` = (mask rows, rotary, shift sources)."""
+    rows, rotary, sources = step
+    y = sublayer.norm(x)
+    if sublayer.shift:
+        history = buffers[(key, "shift")]
+        history.index_copy_(1, pos, y)
+        y = _shift(history, y, sources)
+    if key[1] == 0:  # the attention sublayer; rows holds the mask row of its pattern
+        y = _attend(sublayer.fn, y, buffers[(key, "k")], buffers[(key, "v")], rows, rotary, pos)
+    else:
+        y = sublayer.fn(y)
+    return sublayer.norm_out(y)
+
+
 def static_step(transformer: Transformer, x: Tensor, buffers: dict, pos: Tensor, sources: Tensor) -> Tensor:
     """The transformer on one new position: x (b, 1, d) at position ``pos`` (1,) long -> (b, 1, d).
 
     ``buffers`` are the prepared :class:`DecodingCache` buffers of the prompt pass (updated in place),
-    ``sources`` the table of :func:`shift_sources`."""
+    ``sources`` the table of :func:`shift_sources`. A reversible transformer runs its couplings on two
+    copies of x and returns their mean, as ``ReversibleSequence`` does without gradients."""
     rotary = None
     if transformer.rotary:
         rotary = (transformer.rotary_cos.index_select(0, pos), transformer.rotary_sin.index_select(0, pos))
     rows = transformer.pattern_masks.index_select(1, pos)  # (patterns, 1, L); True only up to pos (causal)
     step_sources = sources.index_select(0, pos)[0]  # (2,)
-    for i, layer in enumerate(transformer.layers):
-        for j, sublayer in enumerate(layer):
-            y = sublayer.norm(x)
-            if sublayer.shift:
-                history = buffers[((i, j), "shift")]
-                history.index_copy_(1, pos, y)
-                y = _shift(history, y, step_sources)
-            if j == 0:
-                row = rows[transformer._pattern_of_layer[i]]
-                y = _attend(sublayer.fn, y, buffers[((i, j), "k")], buffers[((i, j), "v")], row, rotary, pos)
-            else:
-                y = sublayer.fn(y)
-            x = x + sublayer.norm_out(y)
+
+    def run(i: int, j: int, y: Tensor) -> Tensor:
+        step = (rows[transformer._pattern_of_layer[i]], rotary, step_sources)
+        return _sublayer(transformer.layers[i][j], y, (i, j), buffers, pos, step)
+
+    if transformer.reversible:
+        x1 = x2 = x
+        for i in range(len(transformer.layers)):
+            x1 = x1 + run(i, 0, x2)
+            x2 = x2 + run(i, 1, x1)
+        return (x1 + x2) / 2
+    for i in range(len(transformer.layers)):
+        x = x + run(i, 0, x)
+        x = x + run(i, 1, x)
     return x
 
 
@@ -115,14 +142,25 @@ def image_step(model: Any, codes: Tensor, grid: Tensor, buffers: dict, pos: Tens
     return model._image_logits(h[:, -1])
 
 
-# backend -> compiled image_step; the model is an argument (not a closure or an attribute of the model) so
+def text_step(model: Any, tokens: Tensor, buffers: dict, pos: Tensor, sources: Tensor) -> Tensor:
+    """DALLE's text decoding step on the static cache: new text ids (b, 1) at sequence position ``pos`` (1,)
+    -> text logits (b, num_text_tokens + text_seq_len)."""
+    x = model.text_emb(tokens)
+    if not model.rotary:
+        x = x + model.text_pos_emb(pos)
+    h = static_step(model.transformer, x, buffers, pos, sources)
+    return model._text_logits(h[:, -1])
+
+
+# (step, backend) -> compiled step; the model is an argument (not a closure or an attribute of the model) so
 # that models stay copyable and picklable. Dynamo guards on the model and the shapes: each model and batch
 # size compiles once, later runs reuse the graph
 _COMPILED_STEPS: dict[Any, Callable] = {}
 
 
-def compiled_step_fn(backend: str | Callable) -> Callable:
-    """:func:`image_step` compiled with ``backend`` (a torch.compile backend name or callable)."""
-    if backend not in _COMPILED_STEPS:
-        _COMPILED_STEPS[backend] = torch.compile(image_step, backend=backend, fullgraph=True, dynamic=False)
-    return _COMPILED_STEPS[backend]
+def compiled_step_fn(backend: str | Callable, step: Callable = image_step) -> Callable:
+    """``step`` (:func:`image_step` or :func:`text_step`) compiled with ``backend`` (a torch.compile backend
+    name or callable)."""
+    if (step, backend) not in _COMPILED_STEPS:
+        _COMPILED_STEPS[step, backend] = torch.compile(step, backend=backend, fullgraph=True, dynamic=False)
+    return _COMPILED_STEPS[step, backend]
