@@ -195,4 +195,5 @@ def test_compiled_and_bf16_training_cases_report_ratios_in_one_process():
     assert "vs fp32" in report.headline(report.derive("dalle_train_bf16", bf16, {}))
     decoding = {"ms_per_token_step": 1.0, "eager_ms_per_token_step": 2.5, "step_speedup": 2.5, "compile_s": 40.0,
                 "break_even_images": 12.0}  # fmt: skip
-    assert "(eager 2.5 ms/step: x2.5), compile 40 s, break-even 12 images" in report.headline(decoding)
+    assert "eager 2.5 ms/step, x2.5 vs eager, break-even 12 images; compile 40 s" in report.headline(decoding)
+    assert report.headline({"ms_per_token_step": 1.0, "extrapolated": True}).endswith("extrapolated (see JSON)")
