@@ -154,3 +154,19 @@ def test_inductor_decoding_equals_eager():
     print(f"inductor: compiling and decoding with a tiny DALLE took {time.perf_counter() - started:.1f} s")
     torch.testing.assert_close(logits, eager_logits, rtol=1e-4, atol=1e-4)
     assert torch.equal(codes, eager_codes)
+
+
+@pytest.mark.slow
+def test_inductor_reversible_and_text_decoding_equal_eager():
+    dalle = make_dalle(reversible=True, attn_types=("full", "axial_col")).eval()
+    eager_codes, eager_logits = _decode(dalle, _text())
+    started = time.perf_counter()
+    codes, logits = _decode(dalle, _text(), compile=True)
+    texts = _texts(dalle, "3 4", compile=True)
+    print(f"inductor: compiling and decoding images and text with a tiny reversible DALLE took "
+          f"{time.perf_counter() - started:.1f} s")  # fmt: skip
+    torch.testing.assert_close(logits, eager_logits, rtol=1e-4, atol=1e-4)
+    assert torch.equal(codes, eager_codes)
+    eager_texts = _texts(dalle, "3 4")
+    torch.testing.assert_close(texts[2], eager_texts[2], rtol=1e-4, atol=1e-4)
+    assert torch.equal(texts[0], eager_texts[0])
