@@ -6,7 +6,8 @@ again at every token. Here the position is a 0-dim tensor: the new keys, values 
 written with ``index_copy_`` into the full ``max_len`` buffers the prompt pass allocated, and the new query
 attends to all ``max_len`` keys under the pattern's mask row at that position (keys after it are hidden,
 their buffer entries zeroed). The arithmetic is the eager step's; only the length of the masked reduction
-differs, so the logits agree to float rounding.
+differs, so the logits agree to float rounding. The same step decodes image codes (:func:`image_step`) and
+text (:func:`text_step`), for plain and reversible transformers.
 
 torch.compile: https://pytorch.org/docs/stable/generated/torch.compile.html
 
