@@ -54,6 +54,12 @@ CASES = {
         dict(reversible=True, attn_types=("full", "axial_col"), depth=3, shared_attn_ids=(0, 1, 0), sandwich_norm=True),
         3.0,
     ),
+    "the original's shift, rotary and conv-like window, guided": (
+        dict(
+            dim=30, attn_types=("full", "conv_like_corner"), shift_tokens_style="original", rotary_emb_style="original"
+        ),
+        3.0,
+    ),
 }
 
 
@@ -124,7 +130,13 @@ def _texts(dalle, prompt, compile=None, seed=0):
 
 
 @pytest.mark.parametrize(
-    "config", [{}, dict(rotary_emb=False, reversible=True, attn_types=("axial_row", "full"))], ids=["rotary", "other"]
+    "config",
+    [
+        {},
+        dict(rotary_emb=False, reversible=True, attn_types=("axial_row", "full")),
+        dict(dim=30, shift_tokens_style="original", rotary_emb_style="original"),
+    ],
+    ids=["rotary", "learned positions, reversible, axial", "the original's shift and rotary"],
 )
 def test_compiled_text_generation_equals_eager_and_compiles_once(config):
     dalle = make_dalle(**config).eval()
