@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from dalle_pytorch.training.settings import PRECISIONS
+
 __all__ = ["DEFAULT_CONFIG", "FAST_CONFIG", "DemoConfig"]
 
 
@@ -73,6 +75,9 @@ class DemoConfig:
     temperature: float = 0.7
     filter_thres: float = 0.5
     seed: int = 0
+    # training precision of every model the demo trains (the judge's classifier excepted): "fp32", or "bf16" /
+    # "fp16" autocast, as the Trainer's precision
+    precision: str = "fp32"
 
     def __post_init__(self) -> None:
         # report.json stores the tuple as a list; read back, it is a tuple again
@@ -89,6 +94,8 @@ class DemoConfig:
         for name in ("null_cond_prob", "dalle2_decoder_text_drop_prob"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {self.precision!r}")
         if self.cond_scale != 1.0 and self.null_cond_prob == 0.0:
             raise ValueError("cond_scale != 1 needs a model trained with null_cond_prob > 0")
 
