@@ -231,6 +231,20 @@ def test_variations_are_samples_of_the_images_embedding():
     torch.testing.assert_close(out, expected)
 
 
+def test_variations_of_a_text_reading_decoder_use_the_null_text():
+    decoder = make_decoder(text=True)
+    images, text = random_images(2), random_text(2)
+    embed = decoder.clip.embed_image(images)
+    out = decoder.variations(images, sample_steps=2, generator=generators(2))
+    # any encodings with every token masked out are the null text condition of a dropped caption
+    masked = decoder.sample(embed, text_encodings=torch.randn(2, 3, TEXT_DIM), text_mask=torch.zeros(2, 3).bool(),
+                            sample_steps=2, generator=generators(2))  # fmt: skip
+    torch.testing.assert_close(out, masked, atol=1e-4, rtol=1e-3)  # masked keys of another length: rounding
+    captioned = decoder.variations(images, text=text, sample_steps=2, generator=generators(2))
+    torch.testing.assert_close(captioned, decoder.sample(embed, text=text, sample_steps=2, generator=generators(2)))
+    assert not torch.allclose(captioned, out)
+
+
 def test_save_and_load_give_the_same_samples(tmp_path):
     vae = make_vae()
     unets = (make_unet(cond_on_text_encodings=True, text_embed_dim=TEXT_DIM), make_unet(lowres_cond=True, channels=16),

@@ -119,7 +119,7 @@ def test_run_demo_rejects_an_unknown_model(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(2400)  # about 6-8 minutes on 2 idle cores; far longer on a shared machine
+@pytest.mark.timeout(2400)  # about 7-8 minutes on 1 idle core; far longer on a shared machine
 def test_fast_dalle2_demo_end_to_end(tmp_path):
     out_dir = tmp_path / "demo"
     assert main(["--fast", "--model", "dalle2", "--out_dir", str(out_dir), "--quiet"]) == 0
@@ -127,8 +127,8 @@ def test_fast_dalle2_demo_end_to_end(tmp_path):
     fidelity = report["systems"]["dalle2"]["fidelity"]
     chance = fidelity["chance"]["both_match"]  # 1/35
     assert report["shape_classifier_accuracy"] >= 0.98
-    # measured once (1 thread, loaded machine): colour 100% on seen and held-out pairs, colour and shape 38%
-    # seen and 29% held out (the shape is limited by how little of it the fast budget's CLIP encodes)
+    # measured once (1 thread, loaded machine): colour 100% on seen and held-out pairs, colour and shape 45%
+    # seen and 36% held out (the decoder's training budget limits the shapes; chance is 3%)
     for group in ("seen", "heldout"):
         assert fidelity[group]["colour_match"] >= 0.8  # chance 1/7
-        assert fidelity[group]["both_match"] > 4 * chance
+        assert fidelity[group]["both_match"] >= 0.2 > 6 * chance

@@ -226,14 +226,8 @@ def variations_and_inpainting(
     Returns (variations (k, 3, s, s), masked original (3, s, s), inpainted (m, 3, s, s)), all in [0, 1]."""
     device, decoder = dalle2.device, dalle2.decoder
     k, m = len(real), len(text)
-    no_text = {}
-    if decoder.unets[0].cond_on_text_encodings:  # variations read no caption: the decoder's null text condition
-        width = decoder.unets[0].text_embed_dim
-        no_text = dict(text_encodings=torch.zeros(k, 1, width, device=device),
-                       text_mask=torch.zeros(k, 1, dtype=torch.bool, device=device))  # fmt: skip
-    variations = decoder.variations(
-        real.to(device), cond_scale=config.dalle2_cond_scale, generator=_generators(config.seed + 7, range(k)),
-        **no_text,
+    variations = decoder.variations(  # no caption: a decoder that reads text gets its null text condition
+        real.to(device), cond_scale=config.dalle2_cond_scale, generator=_generators(config.seed + 7, range(k))
     ).clamp(0, 1).cpu()  # fmt: skip
     image_embed = dalle2.prior.sample(
         text.to(device), cond_scale=config.dalle2_prior_cond_scale, generator=_generators(config.seed + 8, range(m))

@@ -388,5 +388,13 @@ class Decoder(PretrainedMixin, nn.Module):
 
     @torch.no_grad()
     def variations(self, images: Tensor, **sample_kwargs: Any) -> Tensor:
-        """New images sharing the CLIP image embedding of images (b, 3, s, s) in [0, 1]; arguments as ``sample``."""
+        """New images sharing the CLIP image embedding of images (b, 3, s, s) in [0, 1]; arguments as ``sample``.
+
+        U-Nets that read text get the null text condition (as for captions dropped in training) unless
+        ``text`` or ``text_encodings`` is given."""
+        readers = [u for u in self.unets if u.cond_on_text_encodings]
+        if readers and sample_kwargs.get("text") is None and sample_kwargs.get("text_encodings") is None:
+            b, device = images.shape[0], images.device
+            sample_kwargs["text_encodings"] = torch.zeros(b, 1, readers[0].text_embed_dim, device=device)
+            sample_kwargs["text_mask"] = torch.zeros(b, 1, dtype=torch.bool, device=device)
         return self.sample(self.embed_images(images), **sample_kwargs)
