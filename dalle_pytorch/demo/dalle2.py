@@ -3,7 +3,8 @@
 unCLIP (Ramesh et al. 2022, https://arxiv.org/abs/2204.06125) in its smallest form, on the shapes dataset:
 
     CLIP (trained by the demo) -> CLIP embeddings of every training image and every phrasing (computed once)
-    -> DiffusionPrior: text embedding -> image embedding;  Decoder (one U-Net): image embedding -> 32x32 image
+    -> DiffusionPrior: text embedding -> image embedding;  Decoder (one U-Net): image embedding and the
+       caption's text encodings (as in unCLIP and GLIDE; ``dalle2_decoder_reads_text``) -> 32x32 image
     -> generate for every colour x shape prompt, image variations, inpainting
 
 Both diffusion models train through the library's Trainer (``dalle_pytorch.demo.training``), on embeddings
