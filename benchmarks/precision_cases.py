@@ -26,10 +26,10 @@ from benchmarks import model_flops
 from benchmarks.cases import COND_SCALE, GEN_BATCH, QUICKSTART_WINDOW, _dalle, _seeded, _text_and_codes
 from benchmarks.harness import synchronize
 from dalle_pytorch.kernels.int8_linear import Int8Linear
+from dalle_pytorch.models.precision import DECODING_PRECISIONS as PRECISIONS
 from dalle_pytorch.models.sampling import filter_logits, guide, sample
 from dalle_pytorch.models.transformer import DecodingCache
 
-PRECISIONS = ("fp32", "bf16", "int8")
 FLOOR_FORMULA = (
     "(bytes of the matmul weights of the transformer and image logit head, in their stored dtype (int8 +"
     " per-channel scales) + 2 * rows * inner * element size of the cache * sum_layers(keys the new query"

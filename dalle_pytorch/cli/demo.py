@@ -25,7 +25,7 @@ import torch
 from dalle_pytorch.demo.comparison import format_comparison
 from dalle_pytorch.demo.pipeline import DEFAULT_CONFIG, FAST_CONFIG, MODELS, run_demo
 from dalle_pytorch.demo.report import format_report
-from dalle_pytorch.models.precision import PRECISIONS
+from dalle_pytorch.models.precision import DECODING_PRECISIONS
 
 STEP_KEYS = {
     "vae": "vae_steps",
@@ -54,8 +54,8 @@ def _step_override(text: str) -> tuple[str, int]:
 
 def _precisions(text: str) -> tuple[str, ...]:
     names = tuple(name.strip() for name in text.split(",") if name.strip())
-    if not names or any(name not in PRECISIONS for name in names):
-        raise argparse.ArgumentTypeError(f"expected comma-separated names out of {PRECISIONS}, got {text!r}")
+    if not names or any(name not in DECODING_PRECISIONS for name in names):
+        raise argparse.ArgumentTypeError(f"expected comma-separated names out of {DECODING_PRECISIONS}, got {text!r}")
     return names
 
 

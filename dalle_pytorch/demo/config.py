@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from dalle_pytorch.models.precision import PRECISIONS
+from dalle_pytorch.models.precision import DECODING_PRECISIONS
 
 __all__ = ["DEFAULT_CONFIG", "FAST_CONFIG", "DemoConfig"]
 
@@ -81,8 +81,8 @@ class DemoConfig:
             raise TypeError(f"decode_precisions must be a tuple of names, got the str {self.decode_precisions!r}")
         object.__setattr__(self, "decode_precisions", tuple(self.decode_precisions))
         names = self.decode_precisions
-        if any(name not in PRECISIONS for name in names) or len(set(names)) != len(names):
-            raise ValueError(f"decode_precisions must be distinct names out of {PRECISIONS}, got {names}")
+        if any(name not in DECODING_PRECISIONS for name in names) or len(set(names)) != len(names):
+            raise ValueError(f"decode_precisions must be distinct names out of {DECODING_PRECISIONS}, got {names}")
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
             if field.type == "int" and (not isinstance(value, int) or isinstance(value, bool)):

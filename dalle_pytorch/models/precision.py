@@ -25,15 +25,16 @@ from torch import nn
 
 from dalle_pytorch.kernels.int8_linear import Int8Linear
 
-PRECISIONS = ("fp32", "bf16", "int8")
+DECODING_PRECISIONS = ("fp32", "bf16", "int8")
 _ALIASES = {torch.float32: "fp32", torch.bfloat16: "bf16", "float32": "fp32", "bfloat16": "bf16"}
 
 
 def precision_name(precision: str | torch.dtype) -> str:
     """``"fp32"``, ``"bf16"`` or ``"int8"`` for a name or a torch dtype (torch.float32, torch.bfloat16)."""
     name = _ALIASES.get(precision, precision) if isinstance(precision, str | torch.dtype) else precision
-    if name not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS} (or torch.float32, torch.bfloat16), got {precision!r}")
+    if name not in DECODING_PRECISIONS:
+        choices = f"{DECODING_PRECISIONS} (or torch.float32, torch.bfloat16)"
+        raise ValueError(f"precision must be one of {choices}, got {precision!r}")
     return name
 
 
