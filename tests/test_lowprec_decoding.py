@@ -17,6 +17,8 @@ from dalle_pytorch.models.precision import decoding_copy, precision_name, quanti
 from dalle_pytorch.models.sampling import guide
 from dalle_pytorch.models.transformer import DecodingCache
 
+pytestmark = pytest.mark.usefixtures("one_thread_per_module")
+
 # The stated tolerance: an unguided image logit (of magnitude up to ~5, std ~1 in these models) may differ
 # from fp32 by 0.03, about 4 bf16 steps at that magnitude (int8 weights with one scale per channel err about
 # as much). Guidance s * cond + (1 - s) * null multiplies the error by at most |s| + |1 - s|.
