@@ -127,8 +127,9 @@ def headline(result: dict) -> str:
         parts.append(f"{_fmt(result[per_s])} {result['item_name']}/s, MFU {100 * result['mfu']:.1f}%"
                      f" ({', '.join(variants)})")  # fmt: skip
     if "ddim_speedup" in result:
-        parts.append(f"DDPM {result['ddpm_steps']} steps {_fmt(result['ddpm_s_per_image'])} s/image, DDIM"
-                     f" {result['ddim_steps']} steps {_fmt(result['ddim_s_per_image'])} s/image:"
+        unit = "image" if "ddpm_s_per_image" in result else "embedding"
+        parts.append(f"DDPM {result['ddpm_steps']} steps {_fmt(result[f'ddpm_s_per_{unit}'])} s/{unit}, DDIM"
+                     f" {result['ddim_steps']} steps {_fmt(result[f'ddim_s_per_{unit}'])} s/{unit}:"
                      f" x{_fmt(result['ddim_speedup'])}")  # fmt: skip
     if "speedup_vs_full" in result:
         best, cpu = _fmt(result.get("speedup_vs_full_best")), _fmt(result.get("speedup_vs_full_cpu"))
@@ -146,9 +147,16 @@ def headline(result: dict) -> str:
                      f" end x{_fmt(result.get('x_memory_floor_window_end'))})")  # fmt: skip
         if "ms_per_token_step_cpu" in result:
             step += f" (CPU time {_fmt(result['ms_per_token_step_cpu'])} ms/step)"
-        parts.append(f"{step}; prefill {_fmt(result['prefill_s'])} s" if "prefill_s" in result else step)
-        if result.get("extrapolated"):
-            parts.append("extrapolated (see JSON)")
+        if "prefill_s" in result:
+            step += f"; prefill {_fmt(result['prefill_s'])} s"
+        if "step_speedup" in result:
+            step += (f"; eager {_fmt(result['eager_ms_per_token_step'])} ms/step, x{_fmt(result['step_speedup'])}"
+                     f" vs eager, break-even {_fmt(result.get('break_even_images'))} images")  # fmt: skip
+        parts.append(step)
+    if "compile_s" in result:
+        parts.append(f"compile {_fmt(result['compile_s'])} s")
+    if result.get("extrapolated"):
+        parts.append("extrapolated (see JSON)")
     return "; ".join(parts)
 
 
