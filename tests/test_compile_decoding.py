@@ -116,3 +116,17 @@ def test_inductor_decoding_equals_eager():
     print(f"inductor: compiling and decoding with a tiny DALLE took {time.perf_counter() - started:.1f} s")
     torch.testing.assert_close(logits, eager_logits, rtol=1e-4, atol=1e-4)
     assert torch.equal(codes, eager_codes)
+    # the weights stay inputs of the frozen graph: a model changed after compiling decodes with its new
+    # weights, in place and as a changed copy
+    with torch.no_grad():
+        for parameter in dalle.parameters():
+            parameter.mul_(0.5)
+    changed = deepcopy(dalle)
+    with torch.no_grad():
+        for parameter in changed.parameters():
+            parameter.mul_(3.0)
+    for model in (dalle, changed):
+        codes, logits = _decode(model, _text(), compile=True, cond_scale=3.0)
+        eager_codes, eager_logits = _decode(model, _text(), cond_scale=3.0)
+        torch.testing.assert_close(logits, eager_logits, rtol=1e-4, atol=1e-4)
+        assert torch.equal(codes, eager_codes)
