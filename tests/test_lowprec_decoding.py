@@ -225,3 +225,13 @@ def test_int8_copy_of_a_model_with_shared_layers_decodes():
     text = random_text(2)
     codes, logits = _decode(low, text, cond_scale=COND_SCALE)
     _close(logits, teacher_forced(model, text, codes, COND_SCALE), GUIDED_ATOL)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("precision", ["bf16", "int8"])
+def test_inductor_low_precision_decoding_follows_eager(precision):
+    # inductor lowers the int8 kernel itself: its scales must reach it as a buffer, not a converted tensor
+    model = make_dalle(attn_types=("full", "axial_row"), depth=2).decoding_copy(precision)
+    text = random_text(2)
+    codes, logits = _decode(model, text, cond_scale=COND_SCALE, compile=True)
+    _close(logits, teacher_forced(model, text, codes, COND_SCALE), GUIDED_ATOL)

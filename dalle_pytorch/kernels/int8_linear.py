@@ -43,8 +43,8 @@ def quantize_per_channel(weight: Tensor) -> tuple[Tensor, Tensor]:
 class Int8Linear(nn.Module):
     """``nn.Linear`` with its weight stored as int8 per output channel (see the module docstring).
 
-    The int8 weight and its scales are buffers: ``.to(dtype)`` converts the scales and the bias (the
-    activation dtype), never the int8 weight. Made from a trained layer with :meth:`from_linear`; for
+    The int8 weight and its scales are buffers (the scales in ``compute_dtype``); ``.to(dtype)`` converts
+    the scales and the bias, never the int8 weight. Made from a trained layer with :meth:`from_linear`; for
     inference only (no gradient reaches the weight).
     """
 
@@ -67,7 +67,8 @@ class Int8Linear(nn.Module):
         layer = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, compute_dtype=compute_dtype)
         q, scale = quantize_per_channel(linear.weight)
         layer.weight_int8 = q
-        layer.scale = scale.to(linear.weight.dtype)
+        # kept in the kernel's dtype: no conversion per call, and a compiler's lowering of the kernel sees a buffer
+        layer.scale = scale.to(compute_dtype or linear.weight.dtype)
         if linear.bias is not None:
             layer.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
         return layer
@@ -85,7 +86,8 @@ class Int8Linear(nn.Module):
             return F.linear(x, self.dequantized_weight().to(x.dtype), bias)
         compute = self.compute_dtype or x.dtype
         rows = x.reshape(-1, self.in_features).to(compute).contiguous()
-        out = torch.ops.aten._weight_int8pack_mm(rows, self.weight_int8, self.scale.to(compute)).to(x.dtype)
+        scale = self.scale if self.scale.dtype == compute else self.scale.to(compute)
+        out = torch.ops.aten._weight_int8pack_mm(rows, self.weight_int8, scale).to(x.dtype)
         if bias is not None:
             out = out + bias
         return out.reshape(*x.shape[:-1], self.out_features)

@@ -84,6 +84,8 @@ def weights_dtype(model: nn.Module, skip: tuple[nn.Module, ...] = ()) -> torch.d
     """The one floating dtype of the parameters and buffers of ``model`` outside the modules ``skip``; a
     TypeError naming two tensors when they differ (a model converted in part would fail deep inside a matmul)."""
     skipped = {id(p) for module in skip for p in (*module.parameters(), *module.buffers())}
+    # the scales of int8 layers are in the dtype their kernel computes in, whatever the activations'
+    skipped |= {id(m.scale) for m in model.modules() if isinstance(m, Int8Linear)}
     first: tuple[str, torch.dtype] | None = None
     for tensor_name, tensor in (*model.named_parameters(), *model.named_buffers()):
         if id(tensor) in skipped or not tensor.is_floating_point():
