@@ -23,11 +23,12 @@ import torch
 from torch import nn
 
 from benchmarks import model_flops
-from benchmarks.cases import COND_SCALE, GEN_BATCH, QUICKSTART_WINDOW, _dalle, _seeded, _text_and_codes
+from benchmarks.cases import COND_SCALE, GEN_BATCH, QUICKSTART_WINDOW, _dalle, _seeded
 from benchmarks.harness import synchronize
 from dalle_pytorch.kernels.int8_linear import Int8Linear
 from dalle_pytorch.models.precision import DECODING_PRECISIONS as PRECISIONS
 from dalle_pytorch.models.sampling import filter_logits, guide, sample
+from dalle_pytorch.models.static_decoding import compiled_step_fn, shift_sources
 from dalle_pytorch.models.transformer import DecodingCache
 
 FLOOR_FORMULA = (
@@ -65,12 +66,26 @@ def _random_cache(model, new: torch.Tensor, grid: int, generator: torch.Generato
     return cache
 
 
-def gen_precision(device: torch.device, quick: bool, precision: str) -> dict:
-    """The cached decoding step of the README's full-size model, batch 4 with guidance, in ``precision``."""
+def _step_fn(model, compile: str | None):
+    """``step(new, grid, cache) -> logits``: the generation loop's cached step (eager, or compiled as
+    ``generate_image_codes(compile=...)`` compiles it)."""
+    if compile is None:
+        return lambda new, grid, cache: model._decode_step(new, grid, True, cache)
+    compiled, sources = compiled_step_fn(compile), shift_sources(model.transformer)
+
+    def step(new, grid, cache):
+        position = torch.full((1,), grid, device=new.device)
+        return compiled(model, new, position, cache._buffers, position + model.text_len, sources, True).float()
+
+    return step
+
+
+def gen_precision(device: torch.device, quick: bool, precision: str, compile: str | None = None) -> dict:
+    """The cached decoding step of the README's full-size model, batch 4 with guidance, in ``precision``;
+    with ``compile`` (a torch.compile backend) the compiled static-cache step, its compile time apart."""
     generator = _seeded()
     window = QUICKSTART_WINDOW[quick]
     model, config = _dalle(quick, device, quickstart=True)
-    text, _ = _text_and_codes(model, GEN_BATCH, generator, device)
     counter = model_flops.DalleFlops(model)
     started = time.perf_counter()
     if precision != "fp32":
@@ -79,10 +94,10 @@ def gen_precision(device: torch.device, quick: bool, precision: str) -> dict:
     prepare_s = time.perf_counter() - started
     weight_bytes = matmul_weight_bytes([model.transformer.layers, model.to_image_logits])
     cache_dtype = model.text_emb.weight.dtype
-    rows = 2 * GEN_BATCH
     n = model.image_seq_len
     positions = {"start": 1, "middle": n // 2, "end": n - 1}
-    step_ms, step_bytes = {}, {}
+    step_ms, step_bytes, first_ms = {}, {}, []
+    decode = _step_fn(model, compile)
     with torch.no_grad():
         for label, grid in positions.items():
             new = torch.randint(0, model.num_image_tokens, (GEN_BATCH, 1), generator=generator).to(device)
@@ -91,28 +106,31 @@ def gen_precision(device: torch.device, quick: bool, precision: str) -> dict:
 
             def step(new=new, grid=grid, cache=cache, sampler=sampler):
                 cache.offset = model.text_len + grid - 1
-                logits = model._decode_step(new, grid - 1, True, cache)
+                logits = decode(new, grid - 1, cache)
                 logits = guide(logits[:GEN_BATCH], logits[GEN_BATCH:], COND_SCALE)
                 return sample(filter_logits(logits, filter_thres=0.9), 1.0, sampler)
 
             times = []
-            for _ in range(window + 1):  # the first is a warm-up
+            for _ in range(window + 1):  # the first is a warm-up (and compiles, the first time)
                 start = time.perf_counter()
                 step()
                 synchronize(device)
                 times.append(time.perf_counter() - start)
+            first_ms.append(1000 * times[0])
             step_ms[label] = 1000 * statistics.median(times[1:])
             kv = counter.step_cache_values(GEN_BATCH, guided=True, token=grid)
             step_bytes[label] = weight_bytes + kv * torch.finfo(cache_dtype).bits / 8
             del cache
     flops = counter.generation_steps(GEN_BATCH, guided=True, cached=True)
     middle = positions["middle"]
+    compiled = {"compile_s": (first_ms[0] - step_ms["start"]) / 1000} if compile is not None else {}
     return {"median_s": step_ms["middle"] / 1000, "min_s": None, "max_s": None, "repeats": window,
             "config": {**config, "batch": GEN_BATCH, "cond_scale": COND_SCALE, "precision": precision,
-                       "cache_dtype": str(cache_dtype).replace("torch.", ""), "positions": positions},
-            "prepare_s": prepare_s, "ms_per_token_step": step_ms["middle"],
+                       "compile": compile, "cache_dtype": str(cache_dtype).replace("torch.", ""),
+                       "positions": positions},
+            "prepare_s": prepare_s, **compiled, "ms_per_token_step": step_ms["middle"],
             "ms_step_window_start": step_ms["start"], "ms_step_window_end": step_ms["end"],
-            "weight_bytes": weight_bytes, "kv_bytes": step_bytes["middle"] - weight_bytes, "rows": rows,
+            "weight_bytes": weight_bytes, "kv_bytes": step_bytes["middle"] - weight_bytes, "rows": 2 * GEN_BATCH,
             "step_bytes": step_bytes["middle"], "step_bytes_window_start": step_bytes["start"],
             "step_bytes_window_end": step_bytes["end"], "step_matmul_flops": flops[middle],
             "step_matmul_flops_window_start": flops[positions["start"]],
@@ -124,4 +142,10 @@ def gen_precision(device: torch.device, quick: bool, precision: str) -> dict:
 
 def registry(quick: bool) -> dict[str, tuple]:
     """name -> (function, params) of the lower-precision decoding measurements."""
-    return {f"gen_quickstart_precision_{p}": (gen_precision, {"precision": p}) for p in PRECISIONS}
+    cases = {f"gen_quickstart_precision_{p}": (gen_precision, {"precision": p}) for p in PRECISIONS}
+    # the compiled step, as generate_image_codes(compile=True) runs it; --quick only checks that it runs
+    # (aot_eager: inductor's tuned compilation would take minutes even at the tiny size)
+    backend = "aot_eager" if quick else "inductor"
+    for p in PRECISIONS:
+        cases[f"gen_quickstart_precision_{p}_compiled"] = (gen_precision, {"precision": p, "compile": backend})
+    return cases

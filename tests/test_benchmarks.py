@@ -193,21 +193,23 @@ def test_memory_floor_of_the_precision_cases():
     assert "x1.5 memory floor (20 ms" in report.headline(gen)
     met = {row["case"]: row["met"] for row in report.check_targets({"gen_quickstart_precision_bf16": gen})}
     assert met["gen_quickstart_precision_bf16"] is True and met["gen_quickstart_precision_int8"] is None
-    # weight bytes as stored: fp32, bf16 (half), int8 (a quarter, plus one fp32 scale per output channel)
+    # weight bytes as stored: fp32, bf16 (half), int8 (a quarter, plus one scale per output channel)
     model = _tiny_dalle()
     sizes = {p: precision_cases.matmul_weight_bytes([model.decoding_copy(p).transformer.layers])
              for p in ("fp32", "bf16", "int8")}  # fmt: skip
     channels = sum(m.out_features for m in model.transformer.layers.modules() if isinstance(m, torch.nn.Linear))
     assert sizes["fp32"] == 4 * model_flops.linear_weights([model.transformer.layers]) == 2 * sizes["bf16"]
-    assert sizes["int8"] == sizes["fp32"] // 4 + 4 * channels
+    assert sizes["int8"] == sizes["fp32"] // 4 + 2 * channels  # the scales in bf16, the kernel's dtype
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "int8"])
+@pytest.mark.parametrize("compile", [None, "aot_eager"])
 @pytest.mark.usefixtures("one_thread_per_module")
-def test_precision_case_runs_at_quick_sizes(precision):
+def test_precision_case_runs_at_quick_sizes(precision, compile):
     from benchmarks import precision_cases
 
-    result = precision_cases.gen_precision(torch.device("cpu"), quick=True, precision=precision)
+    result = precision_cases.gen_precision(torch.device("cpu"), quick=True, precision=precision, compile=compile)
     assert result["ms_per_token_step"] > 0 and result["config"]["precision"] == precision
+    assert ("compile_s" in result) == (compile is not None)
     assert result["step_bytes_window_start"] < result["step_bytes"] < result["step_bytes_window_end"]
     assert result["config"]["cache_dtype"] == ("bfloat16" if precision == "bf16" else "float32")
