@@ -351,6 +351,9 @@ def test_demo_end_to_end_with_tiny_budget(tmp_path):
         points = 100 * (result["both_match"]["overall"] - report["fidelity"]["overall"]["both_match"])
         assert result["points_vs_fp32"]["overall"] == pytest.approx(points)
         assert 0.0 <= result["identical_to_fp32"] <= 1.0 and result["generation_seconds"] >= 0
+    noise = report["decode_precision"]["noise"]  # fp32 with other seeds: what sampling alone changes
+    assert noise["identical_to_fp32"] < 1.0 and set(noise["points_vs_fp32"]) == set(groups)
+    assert "generation_fp32_other_seeds" in report["seconds"] and "fp32, other seeds" in format_report(report)
     drops = [-r["points_vs_fp32"]["overall"] for r in precisions.values()]
     assert report["decode_precision"]["met"] == (max(drops) <= report["decode_precision"]["max_drop_points"])
     assert {"generation_bf16", "generation_int8"} <= set(report["seconds"])

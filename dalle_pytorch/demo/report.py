@@ -294,11 +294,12 @@ def format_report(report: dict) -> str:
 
 
 def format_precisions(decode_precision: dict) -> str:
-    """The printed table of ``report["decode_precision"]``: per decoding precision, the samples showing both
-    colour and shape, the difference to fp32 in points and the generation seconds."""
+    """The printed table of ``report["decode_precision"]``: per decoding precision (and for fp32 with other
+    seeds), the samples showing both colour and shape, the difference to fp32 in points and the seconds."""
     lines = [f"{'decoding precision':<20}{'seen':>8}{'held out':>10}{'all':>8}{'vs fp32 (points)':>18}"
              f"{'identical':>11}{'seconds':>9}"]  # fmt: skip
-    for name, result in decode_precision["precisions"].items():
+    rows = [*decode_precision["precisions"].items(), ("fp32, other seeds", decode_precision["noise"])]
+    for name, result in rows:
         both, points = result["both_match"], result["points_vs_fp32"]
         seconds = result["generation_seconds"]
         lines.append(
@@ -307,5 +308,6 @@ def format_precisions(decode_precision: dict) -> str:
             f"{'-' if seconds is None else f'{seconds:.0f}':>9}"
         )
     verdict = "met" if decode_precision["met"] else "NOT met"
+    lines.append("(fp32 with other seeds: how much sampling alone moves the rates)")
     lines.append(f"target (all pairs within {decode_precision['max_drop_points']:g} points of fp32): {verdict}")
     return "\n".join(lines)
