@@ -13,7 +13,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from dalle_pytorch.attention import AttentionPattern, AxialCol, AxialRow, BlockSparse, ConvLike, Full
+from dalle_pytorch.attention import AttentionPattern, AxialCol, AxialRow, BlockSparse, ConvLike, ConvLikeCorner, Full
 
 PICTURES: dict[str, AttentionPattern] = {
     "full": Full(),
@@ -22,6 +22,7 @@ PICTURES: dict[str, AttentionPattern] = {
     "conv_like": ConvLike(kernel_size=3),
     "conv_like_dilated": ConvLike(kernel_size=3, dilation=2),
     "sparse": BlockSparse(block_size=4, num_local_blocks=2, num_random_blocks=1),
+    "conv_like_corner": ConvLikeCorner(kernel_size=3),
 }
 TEXT_KEY, IMAGE_KEY, LINE, BACKGROUND = (66, 110, 200), (20, 20, 20), (200, 200, 200), (255, 255, 255)
 

@@ -2,7 +2,8 @@
 
 - :func:`reference_attention_mask`: the attention masks as one function of the type name, frozen as they
   were before patterns became classes; every built-in pattern's mask must equal it bit for bit.
-- :func:`shift_tokens` with :func:`token_shift_sources`: token shift as an explicit gather.
+- :func:`shift_tokens` with :func:`token_shift_sources`: token shift as an explicit gather;
+  :func:`original_shift_tokens`: the original DALLE-pytorch's token shift, on the 2-D image grid.
 - :func:`apply_rotary` with :func:`rotate_half`: rotary embeddings from the angles, by definition.
 """
 
@@ -164,3 +165,28 @@ def shift_tokens(history: Tensor, sources: Tensor) -> Tensor:
         values = history[:, src.clamp(min=0), g * group : (g + 1) * group]
         gathered.append(values * (src >= 0)[None, :, None].to(values.dtype))
     return torch.cat((*gathered, own[..., 2 * group :]), dim=-1)
+
+
+def original_shift_tokens(x: Tensor, text_len: int, fmap: int) -> Tensor:
+    """The original DALLE-pytorch's token shift of x (b, n, d), n <= text_len + fmap ** 2, by its definition:
+    text tokens take the first half of their channels (``chunk(2)``: rounded up) from the previous text token;
+    on the image grid, the first quarter (``chunk(4)``: rounded up) comes from the row above and the second
+    from the column to the left; zeros where there is no such token."""
+    b, n, d = x.shape
+    text, image = x[:, :text_len], x[:, text_len:]
+    half = -(-d // 2)
+    text = torch.cat((torch.nn.functional.pad(text[:, :-1, :half], (0, 0, 1, 0)), text[:, :, half:]), dim=-1)
+    if image.shape[1] == 0:
+        return text
+    grid = torch.zeros(b, fmap * fmap, d, dtype=x.dtype)
+    grid[:, : image.shape[1]] = image
+    grid = rearrange(grid, "b (h w) d -> b h w d", h=fmap)
+    quarter = -(-d // 4)
+    shifted = grid.clone()
+    shifted[:, :, :, :quarter] = 0
+    shifted[:, 1:, :, :quarter] = grid[:, :-1, :, :quarter]  # from above
+    left = slice(quarter, min(2 * quarter, d))
+    shifted[:, :, :, left] = 0
+    shifted[:, :, 1:, left] = grid[:, :, :-1, left]  # from the left
+    image = rearrange(shifted, "b h w d -> b (h w) d")[:, : image.shape[1]]
+    return torch.cat((text, image), dim=1)

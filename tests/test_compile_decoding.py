@@ -49,6 +49,12 @@ CASES = {
         3.0,
     ),
     "learned positions, no shift, guided": (dict(rotary_emb=False, shift_tokens=False), 3.0),
+    "the original's shift, rotary and conv-like window, guided": (
+        dict(
+            dim=30, attn_types=("full", "conv_like_corner"), shift_tokens_style="original", rotary_emb_style="original"
+        ),
+        3.0,
+    ),
 }
 
 

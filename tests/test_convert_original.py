@@ -20,7 +20,8 @@ from dalle_pytorch.convert.original import convert_original, load_original
 from dalle_pytorch.io.checkpoint import CheckpointError
 
 FIXTURES = Path(__file__).parent / "fixtures" / "original"
-EQUAL = ["full", "axial", "reversible", "stable"]
+# every attention kind but DeepSpeed's sparse, reversible, stable, token shift and rotary embeddings
+EQUAL = ["full", "axial", "reversible", "stable", "conv_like", "shift_rotary", "rotary_axial", "uneven_reversible"]
 
 
 def original_logits(name: str) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
@@ -66,20 +67,47 @@ def test_a_dalle_pt_converts_to_equal_logits(name, tmp_path):
     dalle = DALLE.from_pretrained(folder)
     assert_same_logits(dalle, name)
     hparams = load_original(FIXTURES / f"{name}.dalle.pt").config
-    assert dalle.config == hparams and dalle.config["dim"] == 8
+    saved = torch.load(FIXTURES / f"{name}.dalle.pt", weights_only=True)["hparams"]
+    assert dalle.config == hparams and dalle.config["dim"] == saved["dim"]
+
+
+def test_the_original_variants_are_chosen_and_the_converted_model_decodes_with_its_cache(tmp_path):
+    dalle = DALLE.from_pretrained(convert_original(FIXTURES / "uneven_reversible.dalle.pt", tmp_path / "model"))
+    config = json.loads((tmp_path / "model" / "config.json").read_text())["config"]
+    assert config["attn_types"] == ["conv_like_corner", "axial_col"] and config["dim"] == 10
+    assert config["shift_tokens"] and config["shift_tokens_style"] == "original"
+    assert config["rotary_emb"] and config["rotary_emb_style"] == "original"
+    plain = load_original(FIXTURES / "full.dalle.pt").config  # options that are off keep this library's styles
+    assert not plain["shift_tokens"] and plain["shift_tokens_style"] == "default"
+    text = original_logits("uneven_reversible")[0]["text"]
+    codes = [dalle.generate_image_codes(text, use_cache=cache, generator=torch.Generator().manual_seed(0))
+             for cache in (True, False)]  # fmt: skip
+    assert torch.equal(*codes)
+
+
+def test_rotary_angles_of_another_kind_in_the_file_are_refused(tmp_path):
+    saved = torch.load(FIXTURES / "shift_rotary.dalle.pt", weights_only=True)
+    saved["weights"]["transformer.pos_emb"][..., :4] *= 2  # text frequencies that are not 1.6.6's
+    torch.save(saved, tmp_path / "dalle.pt")
+    with pytest.raises(CheckpointError, match="rotary angles stored in the file.*differ"):
+        load_original(tmp_path / "dalle.pt")
 
 
 @pytest.mark.parametrize(
-    "name, options",
+    "name, change, options",
     [
-        ("shift_rotary", "shift_tokens, rotary_emb"),
-        ("conv_like", "conv_like"),
-        ("shared_emb", "share_input_output_emb"),
+        ("shared_emb", {}, "share_input_output_emb"),
+        ("full", dict(attn_types=("full", "sparse")), "sparse"),
+        ("full", dict(sparse_attn=True, attn_types=None), "sparse"),
+        ("full", dict(shared_attn_ids=(0, 0)), "shared_ids"),
     ],
 )
-def test_options_that_compute_a_different_function_are_refused_with_the_reason(name, options):
+def test_options_that_compute_a_different_function_are_refused_with_the_reason(name, change, options, tmp_path):
+    saved = torch.load(FIXTURES / f"{name}.dalle.pt", weights_only=True)
+    saved["hparams"].update(change)
+    torch.save(saved, tmp_path / "dalle.pt")
     with pytest.raises(CheckpointError, match=rf"cannot be converted to an equal model \({options}\)"):
-        load_original(FIXTURES / f"{name}.dalle.pt")
+        load_original(tmp_path / "dalle.pt")
 
 
 def test_shared_input_output_embeddings_convert_when_the_output_bias_is_zero(tmp_path):
@@ -144,9 +172,9 @@ def test_dalle_convert_cli_and_the_tools_take_the_file_directly(tmp_path, capsys
         convert.main([str(FIXTURES / "full.dalle.pt"), str(out)])
     assert exit_info.value.code == 2 and "is not empty" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        convert.main([str(FIXTURES / "conv_like.dalle.pt"), str(tmp_path / "refused")])
+        convert.main([str(FIXTURES / "shared_emb.dalle.pt"), str(tmp_path / "refused")])
     err = capsys.readouterr().err.strip()
-    assert "\n" not in err and "cannot be converted to an equal model (conv_like)" in err
+    assert "\n" not in err and "cannot be converted to an equal model (share_input_output_emb)" in err
 
     # dalle-generate with the original's dalle.pt as --dalle_path: same images as with the converted folder
     prompt = ["--text", "x", "--num_images", "2", "--device", "cpu", "--bpe_path", str(write_vocab(tmp_path))]

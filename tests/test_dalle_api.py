@@ -65,6 +65,8 @@ def test_bad_arguments_are_type_errors_naming_them(vae):
         DALLE(vae=vae, config=dict(dim=32, depth=1))
     with pytest.raises(ValueError, match="num_text_tokens and text_seq_len must be >= 1"):
         DALLE(vae=vae, dim=32, depth=1, text_seq_len=0)
+    with pytest.raises(ValueError, match="rotary_emb_style must be one of \\('default', 'original'\\), got 'new'"):
+        DALLE(vae=vae, dim=32, depth=1, rotary_emb_style="new")
 
 
 def test_optimize_for_inference_is_deprecated_and_ignored():
@@ -363,12 +365,13 @@ def test_dalle_train_flags_come_from_the_config():
     args = parser.parse_args(
         ["--image_text_folder", "x", "--dim", "32", "--depth", "3", "--heads", "2", "--dim_head", "16",
          "--text_seq_len", str(TEXT_SEQ_LEN), "--attn_types", "full, axial_row", "--stable_softmax",
-         "--no_rotary_emb", "--shared_ff_ids", "0,0,1", "--conv_kernel_size", "3"]
+         "--no_rotary_emb", "--shared_ff_ids", "0,0,1", "--conv_kernel_size", "3", "--shift_tokens_style", "original"]
     )  # fmt: skip
     dalle = train_dalle.build_dalle(args, make_vae(), NUM_TEXT_TOKENS)
     expected = DALLEConfig(
         dim=32, depth=3, heads=2, dim_head=16, num_text_tokens=NUM_TEXT_TOKENS, text_seq_len=TEXT_SEQ_LEN,
         attn_types=("full", "axial_row"), stable=True, rotary_emb=False, shared_ff_ids=(0, 0, 1), conv_kernel_size=3,
+        shift_tokens_style="original",
     )  # fmt: skip
     assert dalle.dalle_config == expected
     sparse = parser.parse_args(["--image_text_folder", "x", "--sparse_attn", "--dim", "32"])

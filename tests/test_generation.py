@@ -14,6 +14,21 @@ CONFIGS = {
     "reversible": dict(reversible=True, attn_types=("full", "sparse"), sparse_block_size=4),
     "no_rotary_no_shift": dict(rotary_emb=False, shift_tokens=False),
     "stable_sandwich_tied": dict(stable=True, sandwich_norm=True, share_input_output_emb=True),
+    # the original DALLE-pytorch's variants, on a width its token shift splits unevenly (groups of 8, 7, 1)
+    "original": dict(
+        dim=30,
+        depth=3,
+        attn_types=("full", "conv_like_corner", "axial_col"),
+        conv_kernel_size=3,
+        shift_tokens_style="original",
+        rotary_emb_style="original",
+    ),
+    "original_reversible": dict(
+        reversible=True,
+        attn_types=("conv_like_corner", "axial_row"),
+        shift_tokens_style="original",
+        rotary_emb_style="original",
+    ),
 }
 
 

@@ -16,6 +16,7 @@ from dalle_pytorch.attention import (
     AxialRow,
     BlockSparse,
     ConvLike,
+    ConvLikeCorner,
     Full,
     attention_mask,
     causal_mask,
@@ -73,6 +74,26 @@ def test_names_map_to_classes_and_dalle_options_configure_them():
         ConvLike(kernel_size=4)
     with pytest.raises(ValueError, match="sparse_block_size"):
         BlockSparse(block_size=0)
+
+
+def test_the_corner_conv_like_window_ends_at_the_query():
+    # one text position, a 4 x 4 grid: image token (r, c) is position 1 + 4 r + c
+    mask = ConvLikeCorner(kernel_size=3).mask(1, 4)
+    seen = {(int(j) - 1) // 4 * 10 + (int(j) - 1) % 4 for j in mask[1 + 4 * 2 + 2].nonzero() if j > 0}
+    assert seen == {0, 1, 2, 10, 11, 12, 20, 21, 22}  # (as 10 r + c) rows 0-2 and columns 0-2: the 3 x 3 square
+    assert mask[1 + 4 * 2 + 2, 0]  # and the text
+    mask = ConvLikeCorner(kernel_size=3, dilation=2).mask(1, 4)
+    seen = {(int(j) - 1) // 4 * 10 + (int(j) - 1) % 4 for j in mask[1 + 4 * 2 + 3].nonzero() if j > 0}
+    assert seen == {1, 3, 21, 23}  # every second row and column, up to 2 * 2 back
+    # the 5 x 5 corner window on a 4 x 4 grid: every earlier row and column
+    row, col = (torch.arange(17) - 1) // 4, (torch.arange(17) - 1) % 4
+    image = torch.arange(17) > 0
+    expected = causal_mask(17) & (~image[None] | ((row[:, None] >= row) & (col[:, None] >= col)))
+    assert torch.equal(ConvLikeCorner().mask(1, 4), expected)
+    assert build_pattern("conv_like_corner", dict(conv_kernel_size=3)) == ConvLikeCorner(3) != ConvLike(3)
+    assert build_pattern(ConvLikeCorner(3).to_config()) == ConvLikeCorner(3)
+    with pytest.raises(ValueError, match="kernel_size"):
+        ConvLikeCorner(kernel_size=2)
 
 
 def test_instances_names_and_mixtures_build_the_same_dalle():

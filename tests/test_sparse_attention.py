@@ -5,7 +5,15 @@ from conftest import make_dalle, random_images, random_text
 
 from dalle_pytorch.attention.layer import Attention
 from dalle_pytorch.attention.pattern import fast_plan
-from dalle_pytorch.attention.patterns import AxialCol, AxialRow, BlockSparse, ConvLike, Full, pattern_attention
+from dalle_pytorch.attention.patterns import (
+    AxialCol,
+    AxialRow,
+    BlockSparse,
+    ConvLike,
+    ConvLikeCorner,
+    Full,
+    pattern_attention,
+)
 from dalle_pytorch.kernels import sparse_attention
 from dalle_pytorch.kernels.sparse_attention import fast_path_available
 from dalle_pytorch.kernels.tile_plans import Window, axial_plan, conv_like_plan
@@ -16,6 +24,8 @@ CASES = {  # name: a pattern with small options so that tiny grids still have se
     "conv_3x3": ConvLike(kernel_size=3),
     "conv_5x5_dilated": ConvLike(kernel_size=5, dilation=2),
     "conv_1x1": ConvLike(kernel_size=1),
+    "conv_corner_3x3": ConvLikeCorner(kernel_size=3),
+    "conv_corner_5x5_dilated": ConvLikeCorner(kernel_size=5, dilation=2),
     "sparse": BlockSparse(block_size=3, num_local_blocks=2, num_random_blocks=1),
     "sparse_random": BlockSparse(block_size=4, num_local_blocks=1, num_random_blocks=3, seed=5),
 }
@@ -71,7 +81,7 @@ def test_sparse_random_blocks_band_including_queries_without_random_blocks(text_
             torch.testing.assert_close(g, e)
 
 
-@pytest.mark.parametrize("pattern", [AxialRow(), AxialCol(), ConvLike(), BlockSparse(block_size=4)])
+@pytest.mark.parametrize("pattern", [AxialRow(), AxialCol(), ConvLike(), ConvLikeCorner(), BlockSparse(block_size=4)])
 def test_float32_with_a_custom_scale_and_the_dalle_text_length(pattern):
     # 17 text positions (16 tokens + BOS) on a 6 x 6 grid; DALLE's input stops one token short
     text_len, fmap = 17, 6
@@ -255,6 +265,9 @@ DALLE_CONFIGS = {
     "sparse": dict(attn_types=("sparse",), sparse_block_size=4, sparse_num_local_blocks=2),
     "mixed_stable": dict(depth=4, attn_types=("full", "axial_row", "axial_col", "sparse"), stable=True),
     "reversible": dict(reversible=True, attn_types=("conv_like", "axial_col"), conv_dilation=2),
+    "original_variants": dict(
+        attn_types=("conv_like_corner", "axial_row"), shift_tokens_style="original", rotary_emb_style="original"
+    ),
 }
 
 

@@ -7,9 +7,17 @@ from dalle_pytorch.attention.pattern import (
     register_pattern,
     registered_patterns,
 )
-from dalle_pytorch.attention.patterns import AxialCol, AxialRow, BlockSparse, ConvLike, Full, attention_mask
+from dalle_pytorch.attention.patterns import (
+    AxialCol,
+    AxialRow,
+    BlockSparse,
+    ConvLike,
+    ConvLikeCorner,
+    Full,
+    attention_mask,
+)
 
 __all__ = [
-    "AttentionPattern", "AxialCol", "AxialRow", "BlockSparse", "ConvLike", "Full", "attention_mask", "causal_mask",
-    "grid_mask", "register_pattern", "registered_patterns",
+    "AttentionPattern", "AxialCol", "AxialRow", "BlockSparse", "ConvLike", "ConvLikeCorner", "Full", "attention_mask",
+    "causal_mask", "grid_mask", "register_pattern", "registered_patterns",
 ]  # fmt: skip

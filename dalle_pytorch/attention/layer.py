@@ -61,12 +61,18 @@ class Attention(nn.Module):
 
     ``stable`` (CogView, https://arxiv.org/abs/2105.13290) scales queries down before the dot product;
     the kernel subtracts the row maximum itself, which is the other half of the PB-relax trick.
+    ``rotary_values``: rotary embeddings turn the values as well as queries and keys (as the original
+    DALLE-pytorch does; each value then carries its key's angle into the output).
     """
 
-    def __init__(self, dim: int, heads: int = 8, dim_head: int = 64, dropout: float = 0.0, stable: bool = False):
+    def __init__(
+        self, dim: int, heads: int = 8, dim_head: int = 64, dropout: float = 0.0, stable: bool = False, *,
+        rotary_values: bool = False,
+    ):  # fmt: skip
         super().__init__()
         inner = heads * dim_head
         self.heads, self.dim_head, self.dropout, self.stable = heads, dim_head, dropout, stable
+        self.rotary_values = rotary_values
         self.to_qkv = nn.Linear(dim, inner * 3, bias=False)
         self.to_out = nn.Sequential(nn.Linear(inner, dim), nn.Dropout(dropout))
 
@@ -92,7 +98,9 @@ class Attention(nn.Module):
         mask hides; where that kernel cannot run (see ``fast_path_available``), ``mask`` is used.
         """
         qkv = rearrange(self.to_qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.heads)
-        if rotary is not None:
+        if rotary is not None and self.rotary_values:
+            q, k, v = rotate(qkv, *rotary).unbind(0)
+        elif rotary is not None:
             # queries and keys in one go: (2, b, h, n, d)
             q, k = rotate(qkv[:2], *rotary).unbind(0)
             # q and k are new tensors; the attention kernel keeps v for its backward pass, and as a view v would

@@ -5,6 +5,8 @@
   image tokens of the query's row / column.
 - :class:`ConvLike` (``"conv_like"``): all text + the causal half of a ``kernel_size`` x ``kernel_size``
   window (spacing ``dilation``) centred on the query.
+- :class:`ConvLikeCorner` (``"conv_like_corner"``): all text + the ``kernel_size`` x ``kernel_size`` window
+  (spacing ``dilation``) whose bottom-right corner is the query, the original DALLE-pytorch's conv-like window.
 - :class:`BlockSparse` (``"sparse"``): block-sparse over the whole sequence (local blocks, the blocks
   holding text, and random earlier blocks).
 
@@ -145,6 +147,26 @@ class BlockSparse(AttentionPattern):
 
     def tile_plan(self, text_len: int, fmap: int, n: int) -> TilePlan:
         return block_sparse_plan(text_len, n, self.block_size, self.num_local_blocks, self.layout)
+
+
+@register_pattern("conv_like_corner")
+@dataclass(frozen=True)
+class ConvLikeCorner(ConvLike):
+    """Image queries see all text and the ``kernel_size`` x ``kernel_size`` window (every ``dilation``-th token)
+    whose bottom-right corner they are: the tokens up to ``(kernel_size - 1) * dilation`` rows above and columns
+    left of them, never right of their column. The conv-like window of the original DALLE-pytorch."""
+
+    def mask(self, text_len: int, fmap: int) -> Tensor:
+        reach, step = (self.kernel_size - 1) * self.dilation, self.dilation
+
+        def window(q_row, q_col, k_row, k_col):
+            dr, dc = q_row - k_row, q_col - k_col
+            return (dr >= 0) & (dr <= reach) & (dc >= 0) & (dc <= reach) & (dr % step == 0) & (dc % step == 0)
+
+        return grid_mask(text_len, fmap, window)
+
+    def tile_plan(self, text_len: int, fmap: int, n: int) -> TilePlan:
+        return conv_like_plan(text_len, fmap, n, self.kernel_size, self.dilation, corner=True)
 
 
 def attention_mask(

@@ -12,16 +12,19 @@ differences handled here:
   (https://arxiv.org/abs/2103.17239); the factor is folded into the output projection (or the sandwich
   norm), which gives the same outputs up to float rounding;
 - one output projection over text and image tokens is split into the text and the image projection;
-- the VAE's layer indices differ (the original nests each convolution with its ReLU).
+- the VAE's layer indices differ (the original nests each convolution with its ReLU);
+- token shift, rotary embeddings and conv-like attention (`train_dalle.py --shift_tokens / --rotary_emb`,
+  `--attn_types conv_like`) are computed differently by the original: the converted model uses this library's
+  variants that compute them its way (`shift_tokens_style="original"`, `rotary_emb_style="original"`, the
+  `conv_like_corner` attention pattern). The rotary frequencies the file stores are checked against them.
 
 The original's `vae.decode` returns images in the normalized range (its scripts rescale them when saving);
 this library's returns [0, 1]: converted decode = original decode * 0.5 + 0.5.
 
-Refused, with a message saying why (`REFUSED`), where the original computes a different function: token
-shift and rotary embeddings (`train_dalle.py --shift_tokens / --rotary_emb`; both off by default there),
-`conv_like` and `sparse` attention, shared layers, and a VAE without residual blocks whose codebook_dim
-differs from hidden_dim. The optimizer and scheduler states are not carried over: the converted model
-starts a new run (fine-tuning).
+Refused, with a message saying why (`REFUSED`), where the original computes a different function: `sparse`
+attention (DeepSpeed's kernel), shared layers, a shared output projection with a bias, and a VAE without
+residual blocks whose codebook_dim differs from hidden_dim. The optimizer and scheduler states are not carried
+over: the converted model starts a new run (fine-tuning).
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from dalle_pytorch.io.safe_pickle import CheckpointFormatError
 from dalle_pytorch.io.torch_files import load_torch_file
 from dalle_pytorch.models.dalle import DALLE
 from dalle_pytorch.models.dalle_config import DALLEConfig
+from dalle_pytorch.models.transformer import rotary_angles
 from dalle_pytorch.models.vae import DiscreteVAE
 
 __all__ = ["load_original", "convert_original", "is_original_checkpoint", "read_original"]
@@ -49,14 +53,6 @@ PathLike = str | os.PathLike
 
 # why an option of the original cannot be converted to an equal model
 REFUSED = {
-    "shift_tokens": "the original shifts half of a text token's channels from the previous token and takes an "
-    "image token's channels [0, d/4) from above and [d/4, d/2) from the left; this library shifts a quarter of "
-    "a text token's channels and takes [0, d/4) from the left and [d/4, d/2) from above",
-    "rotary_emb": "the original's rotary angles (text at its positions plus a pixel frequency part at -10, image "
-    "tokens at text position 8192 and rows/columns at linspace(-1, 1) with pixel frequencies) differ from this "
-    "library's (text positions, image tokens after the text, rows and columns counted from 1)",
-    "conv_like": "the original's conv_like window is the kernel_size x kernel_size square above and to the left "
-    "of each image token, this library's the causal half of a window centred on it",
     "sparse": "'sparse' is DeepSpeed's block-sparse pattern, which this library does not reproduce",
     "share_input_output_emb": "the original's shared output projection has a bias, this library's has none",
     "shared_ids": "the original keeps a norm and a layer scale per layer around a shared block, this library "
@@ -224,8 +220,7 @@ def _dalle(saved: Mapping, source: Path, vae: nn.Module | None) -> DALLE:
         vae = _discrete_vae(saved["vae_params"], vae_weights, source)
     attn_types = hparams.get("attn_types") or ("full",)
     attn_types = (attn_types,) if isinstance(attn_types, str) else tuple(attn_types)
-    refused = [option for option in ("shift_tokens", "rotary_emb") if hparams.get(option, False)]
-    refused += [kind for kind in ("conv_like", "sparse") if kind in attn_types]
+    refused = ["sparse"] if "sparse" in attn_types else []
     refused += ["sparse"] if hparams.get("sparse_attn") and "sparse" not in refused else []
     refused += (
         ["shared_ids"] if any(hparams.get(name) is not None for name in ("shared_attn_ids", "shared_ff_ids")) else []
@@ -237,8 +232,8 @@ def _dalle(saved: Mapping, source: Path, vae: nn.Module | None) -> DALLE:
         reasons = "; ".join(f"{option}: {REFUSED[option]}" for option in refused)
         raise CheckpointError(
             f"{source} cannot be converted to an equal model ({', '.join(refused)}): {reasons}. Options that "
-            "convert: full, axial_row and axial_col attention, reversible, stable, without token shift and rotary "
-            "embeddings (train_dalle.py's defaults)"
+            "convert: full, axial_row, axial_col and conv_like attention, reversible, stable, shift_tokens, "
+            "rotary_emb, share_input_output_emb with a zero output bias"
         )
     for name in ("sparse_attn", "optimize_for_inference"):  # refused above when on; no effect on outputs
         hparams.pop(name, None)
@@ -246,13 +241,32 @@ def _dalle(saved: Mapping, source: Path, vae: nn.Module | None) -> DALLE:
     unknown = sorted(set(hparams) - known)
     if unknown:
         raise CheckpointError(f"{source}: hparams {unknown} have no counterpart in this library's DALLE")
-    hparams["attn_types"] = attn_types
+    # the original's conv_like window is the square ending at the query (its kernel size and dilation are fixed)
+    hparams["attn_types"] = tuple("conv_like_corner" if kind == "conv_like" else kind for kind in attn_types)
     for option in ("shift_tokens", "rotary_emb"):  # files from before these options existed lack the keys
-        hparams[option] = False
+        hparams[option] = bool(hparams.get(option, False))
+        if hparams[option]:
+            hparams[f"{option}_style"] = "original"
     dalle = DALLE(vae=vae, **hparams)
+    _check_rotary(weights.get("transformer.pos_emb"), dalle, source)
     renamed = _dalle_tensors(weights, dalle, source)
     _load(dalle, renamed, source, skip_prefix="vae.")
     return dalle.eval()
+
+
+def _check_rotary(stored: torch.Tensor | None, dalle: DALLE, source: Path) -> None:
+    """The rotary angles the original stored (1, n, r) must be those rotary_emb_style="original" computes."""
+    if stored is None or not dalle.config["rotary_emb"]:
+        return
+    transformer = dalle.transformer
+    angles = rotary_angles(transformer.text_len, transformer.fmap, dalle.config["dim_head"], style="original")
+    stored = stored.reshape(stored.shape[-2:]).float()
+    if stored.shape != angles.shape or not torch.allclose(stored, angles, rtol=1e-6, atol=1e-6):
+        raise CheckpointError(
+            f"{source}: the rotary angles stored in the file (transformer.pos_emb {tuple(stored.shape)}) differ from "
+            f"those of DALLE-pytorch 1.6.6 ({tuple(angles.shape)}), which the converted model would use; the file "
+            "comes from a version of the original whose rotary embeddings this converter does not know"
+        )
 
 
 def _dalle_tensors(weights: Mapping[str, torch.Tensor], dalle: DALLE, source: Path) -> dict[str, torch.Tensor]:

@@ -113,20 +113,24 @@ def axial_plan(text_len: int, fmap: int, n: int, axis: str) -> TilePlan:
 
 
 @functools.lru_cache(maxsize=64)
-def conv_like_plan(text_len: int, fmap: int, n: int, kernel_size: int = 5, dilation: int = 1) -> TilePlan:
+def conv_like_plan(
+    text_len: int, fmap: int, n: int, kernel_size: int = 5, dilation: int = 1, corner: bool = False
+) -> TilePlan:
     """The conv-like window: a tile per image row; its band is the run of rows from the window's top row to its own
-    (``kernel_size // 2 * dilation + 1`` rows, read in place). The mask keeps the window's rows and columns,
-    and in the own row only the tokens up to the query."""
+    (read in place). The window is centred on the query (``kernel_size // 2 * dilation`` rows above it; the mask
+    keeps the window's rows and columns, and in the own row only the tokens up to the query) or, with ``corner``,
+    the ``kernel_size`` x ``kernel_size`` square whose bottom-right corner is the query (``(kernel_size - 1) *
+    dilation`` rows above it, columns from as far left up to the query's)."""
     if kernel_size < 1 or kernel_size % 2 == 0:
         raise ValueError(f"kernel_size must be a positive odd number, got {kernel_size}")
     if dilation < 1:
         raise ValueError(f"dilation must be >= 1, got {dilation}")
     rows = _rows(text_len, fmap, n)
-    reach = kernel_size // 2 * dilation
+    reach = (kernel_size - 1 if corner else kernel_size // 2) * dilation
     up = reach - torch.arange(reach + 1)  # rows above the query's row, for each row of the band
     col = torch.arange(fmap)
     dc = col[:, None] - col[None, :]  # query column - key column, (c, c)
-    in_window = (dc.abs() <= reach) & (dc % dilation == 0)  # (c, c)
+    in_window = (dc.abs() <= reach) & (dc % dilation == 0) & ((dc >= 0) if corner else True)  # (c, c)
     row_ok = (up % dilation == 0)[:, None, None] & ((up > 0)[:, None, None] | (dc >= 0))  # (rows of band, c, c)
     exists = torch.arange(rows)[:, None] >= up[None, :]  # (t, rows of band): not above the first image row
     mask = rearrange(exists[:, :, None, None] & row_ok & in_window, "t r i j -> t i (r j)")

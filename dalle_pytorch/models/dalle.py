@@ -106,6 +106,7 @@ class DALLE(GenerationMixin, PretrainedMixin, nn.Module):
             dim_head=config.dim_head, attn_dropout=config.attn_dropout, ff_dropout=config.ff_dropout,
             ff_mult=config.ff_mult, attn_types=config.attn_types, reversible=config.reversible, stable=config.stable,
             sandwich_norm=config.sandwich_norm, shift_tokens=config.shift_tokens, rotary_emb=config.rotary_emb,
+            shift_tokens_style=config.shift_tokens_style, rotary_emb_style=config.rotary_emb_style,
             shared_attn_ids=config.shared_attn_ids, shared_ff_ids=config.shared_ff_ids,
             pattern_options=config.pattern_options(),
         )  # fmt: skip

@@ -21,6 +21,9 @@ PATTERN_OPTIONS = (
     "conv_kernel_size", "conv_dilation", "sparse_block_size", "sparse_num_local_blocks", "sparse_num_random_blocks",
 )  # fmt: skip
 
+# the values of shift_tokens_style and rotary_emb_style: this library's, or those of the original DALLE-pytorch
+STYLES = ("default", "original")
+
 # arguments older code passes that no longer do anything: accepted with a DeprecationWarning, then dropped
 DEPRECATED_ARGUMENTS = {
     "optimize_for_inference": "it never changed the model; cached decoding is always on (use_cache=True)",
@@ -43,11 +46,12 @@ class DALLEConfig:
     attn_types: Sequence[str | AttentionPattern] | str | AttentionPattern | None = option(
         None,
         help="attention patterns cycled over the layers (comma-separated as a flag): names among full, sparse, "
-        "axial_row, axial_col, conv_like, or AttentionPattern instances (default: full, or sparse with sparse_attn)",
+        "axial_row, axial_col, conv_like, conv_like_corner (the original's conv-like window), or AttentionPattern "
+        "instances (default: full, or sparse with sparse_attn)",
     )
     sparse_attn: bool = option(False, help="the original's switch for attn_types=('sparse',) when none are given")
-    conv_kernel_size: int = option(5, help="conv_like attention: kernel size (odd)")
-    conv_dilation: int = option(1, help="conv_like attention: dilation")
+    conv_kernel_size: int = option(5, help="conv_like (and conv_like_corner) attention: kernel size (odd)")
+    conv_dilation: int = option(1, help="conv_like (and conv_like_corner) attention: dilation")
     sparse_block_size: int = option(16, help="sparse attention: block size")
     sparse_num_local_blocks: int = option(4, help="sparse attention: local blocks each block attends to")
     sparse_num_random_blocks: int = option(2, help="sparse attention: random blocks each block attends to")
@@ -56,7 +60,20 @@ class DALLEConfig:
     stable: bool = option(False, help="CogView's numerically stable tricks (PB-relax, gradient shrink)")
     sandwich_norm: bool = option(False, help="layer norms after attention and feed-forward as well")
     shift_tokens: bool = option(True, help="token shift along text and image rows")
+    shift_tokens_style: str = option(
+        "default",
+        help="which channels the token shift moves: default (a quarter: a text token's from the previous token, an "
+        "image token's from the left; the next quarter of an image token from above) or original (as "
+        "DALLE-pytorch 1.x: half of a text token's from the previous token; an image token's first quarter from "
+        "above, the next from the left)",
+    )
     rotary_emb: bool = option(True, help="rotary position embeddings (else learned absolute ones)")
+    rotary_emb_style: str = option(
+        "default",
+        help="rotary angles: default (image tokens after the text, rows and columns counted from 1) or original "
+        "(as DALLE-pytorch 1.x: image tokens at text position 8192, rows and columns in [-1, 1] with pixel "
+        "frequencies, text at -10 on them; values are turned as well)",
+    )
     shared_attn_ids: Sequence | None = option(
         None, help="ids cycled over the layers (comma-separated as a flag): layers with one id share attention"
     )
@@ -72,6 +89,9 @@ class DALLEConfig:
         for name in ("shared_attn_ids", "shared_ff_ids"):
             if getattr(self, name) is not None:
                 setattr(self, name, tuple(getattr(self, name)))
+        for name in ("shift_tokens_style", "rotary_emb_style"):
+            if getattr(self, name) not in STYLES:
+                raise ValueError(f"{name} must be one of {STYLES}, got {getattr(self, name)!r}")
         if self.num_text_tokens < 1 or self.text_seq_len < 1:
             raise ValueError(
                 f"num_text_tokens and text_seq_len must be >= 1, got {self.num_text_tokens}, {self.text_seq_len}"

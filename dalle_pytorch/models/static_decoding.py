@@ -23,7 +23,8 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from dalle_pytorch.attention.layer import Attention, rotate
-from dalle_pytorch.models.transformer import DecodingCache, Transformer, token_shift_source
+from dalle_pytorch.models import token_shift
+from dalle_pytorch.models.transformer import DecodingCache, Transformer
 
 
 def check_static_decoding(transformer: nn.Module) -> None:
@@ -35,10 +36,9 @@ def check_static_decoding(transformer: nn.Module) -> None:
 
 
 def shift_sources(transformer: Transformer) -> Tensor:
-    """(L, 2) long: per position, the two token-shift source positions (-1 = zeros), as token_shift_source."""
-    return torch.tensor(
-        [token_shift_source(p, transformer.text_len, transformer.fmap) for p in range(transformer.seq_len)],
-        device=transformer.pattern_masks.device,
+    """(L, groups) long: per position, the token-shift source position of each group (-1 = zeros)."""
+    return token_shift.shift_sources(
+        transformer.text_len, transformer.fmap, transformer.shift_style, transformer.pattern_masks.device
     )
 
 
@@ -48,24 +48,17 @@ def prepare_cache(cache: DecodingCache) -> None:
         buffer[..., cache.offset :, :].zero_()
 
 
-def _shift(history: Tensor, own: Tensor, sources: Tensor) -> Tensor:
-    """Token shift of one new position: history (b, L, d) already holding it, own (b, 1, d), sources (2,)."""
-    group = own.shape[-1] // 4
-    picked = history.index_select(1, sources.clamp(min=0))  # (b, 2, d)
-    valid = (sources >= 0).to(own.dtype)[None, :, None]  # (1, 2, 1)
-    picked = picked * valid
-    return torch.cat((picked[:, :1, :group], picked[:, 1:, group : 2 * group], own[..., 2 * group :]), dim=-1)
-
-
 def _attend(attn: Attention, x: Tensor, k_buf: Tensor, v_buf: Tensor, mask_row: Tensor, rotary, pos: Tensor):
     """One query x (b, 1, dim) -> (b, 1, dim); its key and value written at ``pos`` of the (b, h, L, e) buffers."""
     qkv = rearrange(attn.to_qkv(x), "b n (three h e) -> three b h n e", three=3, h=attn.heads)
-    if rotary is not None:
-        q, k = rotate(qkv[:2], *rotary).unbind(0)
+    if rotary is not None and attn.rotary_values:
+        q, k, v = rotate(qkv, *rotary).unbind(0)
+    elif rotary is not None:
+        (q, k), v = rotate(qkv[:2], *rotary).unbind(0), qkv[2]
     else:
-        q, k = qkv[0], qkv[1]
+        q, k, v = qkv.unbind(0)
     k_buf.index_copy_(2, pos, k)
-    v_buf.index_copy_(2, pos, qkv[2])
+    v_buf.index_copy_(2, pos, v)
     scale = attn.dim_head**-0.5
     if attn.stable:  # as Attention.forward
         alpha = 32.0
@@ -88,14 +81,14 @@ def static_step(transformer: Transformer, x: Tensor, buffers: dict, pos: Tensor,
     if transformer.rotary:
         rotary = (transformer.rotary_cos.index_select(0, pos), transformer.rotary_sin.index_select(0, pos))
     rows = transformer.pattern_masks.index_select(1, pos)  # (patterns, 1, L); True only up to pos (causal)
-    step_sources = sources.index_select(0, pos)[0]  # (2,)
+    step_sources = sources.index_select(0, pos)[0]  # (groups,)
     for i, layer in enumerate(transformer.layers):
         for j, sublayer in enumerate(layer):
             y = sublayer.norm(x)
             if sublayer.shift:
                 history = buffers[((i, j), "shift")]
                 history.index_copy_(1, pos, y)
-                y = _shift(history, y, step_sources)
+                y = token_shift.shift_indexed(history, y, step_sources, transformer.shift_style)
             if j == 0:
                 row = rows[transformer._pattern_of_layer[i]]
                 y = _attend(sublayer.fn, y, buffers[((i, j), "k")], buffers[((i, j), "v")], row, rotary, pos)

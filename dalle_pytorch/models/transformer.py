@@ -11,12 +11,15 @@ cached decoding and is the reference everywhere. A pattern whose mask is the cau
 kernel; a pass over positions [0, n) without a cache (training) runs a pattern with a fast path through the
 kernels of :mod:`dalle_pytorch.kernels.sparse_attention`, once its tile plan is checked to cover exactly its
 mask (``fast_path=False`` keeps the dense masks throughout). Layers receive a :class:`LayerInputs`.
+The token shift (:mod:`dalle_pytorch.models.token_shift`) and the rotary angles come in two styles: this
+library's and the original DALLE-pytorch's (``shift_tokens_style`` / ``rotary_emb_style`` = ``"original"``).
 
 Shape letters: b batch, n positions, d model dim.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -37,6 +40,13 @@ from dalle_pytorch.attention.pattern import (
 from dalle_pytorch.kernels.sparse_attention import fast_path_available
 from dalle_pytorch.kernels.tile_plans import TilePlan
 from dalle_pytorch.models.reversible import ReversibleSequence
+from dalle_pytorch.models.token_shift import (
+    check_shift_style,
+    shift_one_token,
+    shift_sequence,
+    token_shift_source,
+    token_shift_tables,
+)
 
 
 class DecodingCache:
@@ -78,64 +88,21 @@ class FeedForward(nn.Module):
         return self.proj_out(self.dropout(x * F.gelu(gate)))
 
 
-def token_shift_source(position: int, text_len: int, fmap: int) -> tuple[int, int]:
-    """Where position ``position`` takes its two shifted channel groups from (-1 = zeros), as Python ints.
-
-    Text takes group one from the previous token and keeps group two; an image token takes group one from
-    its left neighbour and group two from the token above, so a layer sees the 2-D neighbourhood. The
-    one-token decoding step needs no index tensors (and no device synchronisation to read them)."""
-    grid = position - text_len
-    if grid < 0:
-        return position - 1, position
-    return (position - 1 if grid % fmap > 0 else -1), (position - fmap if grid >= fmap else -1)
+ROTARY_STYLES = ("default", "original")
 
 
-def shift_one_token(history: Tensor, first: int, second: int) -> Tensor:
-    """Token shift of the last position of history (b, end, d) alone, sources from :func:`token_shift_source`:
-    (b, 1, d)."""
-    group = history.shape[-1] // 4
-    own = history[:, -1:]
+def rotary_angles(text_len: int, fmap: int, dim_head: int, theta: float = 10000.0, style: str = "default") -> Tensor:
+    """(n, r) rotary angles: a 1-D part for text order and 2-D axial parts for image rows and columns, each
+    ``(dim_head // 3) // 2 * 2`` features wide.
 
-    def part(source: int, channels: slice) -> Tensor:
-        if source < 0:  # no such neighbour
-            return own.new_zeros(own.shape[0], 1, group)
-        return history[:, source : source + 1, channels]
-
-    return torch.cat((part(first, slice(0, group)), part(second, slice(group, 2 * group)), own[..., 2 * group :]), -1)
-
-
-def token_shift_tables(text_len: int, fmap: int) -> Tensor:
-    """(3, n, 1) float 0/1: whether each position takes group one from the previous position, group two from
-    the position above, and keeps its own group two (see :func:`token_shift_source`).
-
-    These are the only three cases, so over a whole sequence the shift is two constant offsets and masks
-    (:func:`shift_sequence`): cheap slices whose gradient is a slice too, where a gather's is a scatter-add.
+    ``"default"``: image tokens all sit at text position ``text_len`` and text tokens at row = column = 0, image
+    rows and columns counting from 1, so relative angles stay meaningful across the text / image boundary.
+    ``"original"``: the angles of DALLE-pytorch 1.x: image tokens at text position 8192, text tokens at row =
+    column = -10, image rows and columns at ``linspace(-1, 1, fmap)``, with pixel frequencies ``linspace(1, 5)
+    * pi`` for rows and columns and text frequencies over ``dim_head // 3`` features.
     """
-    pos = torch.arange(text_len + fmap * fmap)
-    grid = pos - text_len
-    is_image = grid >= 0
-    from_left = torch.where(is_image, grid % fmap > 0, pos > 0)
-    from_above = is_image & (grid >= fmap)
-    return torch.stack((from_left, from_above, ~is_image))[..., None].float()
-
-
-def shift_sequence(x: Tensor, fmap: int, tables: Tensor) -> Tensor:
-    """Token shift of all positions [0, n) of x (b, n, d), with ``tables[:, :n]`` of :func:`token_shift_tables`:
-    returns (b, n, d)."""
-    n, group = x.shape[1], x.shape[-1] // 4
-    from_left, from_above, keep_own = tables.to(x.dtype)
-    previous = F.pad(x[:, : n - 1, :group], (0, 0, 1, 0))  # position p holds x[p - 1]
-    above = F.pad(x[:, :, group : 2 * group], (0, 0, fmap, 0))[:, :n]  # position p holds x[p - fmap]
-    second = above * from_above + x[:, :, group : 2 * group] * keep_own
-    return torch.cat((previous * from_left, second, x[:, :, 2 * group :]), dim=-1)
-
-
-def rotary_angles(text_len: int, fmap: int, dim_head: int, theta: float = 10000.0) -> Tensor:
-    """(n, r) rotary angles: a 1-D part for text order and 2-D axial parts for image rows and columns.
-
-    Image tokens all sit at text position ``text_len`` and text tokens at row = column = 0, image rows and
-    columns counting from 1, so relative angles stay meaningful across the text / image boundary.
-    """
+    if style not in ROTARY_STYLES:
+        raise ValueError(f"the rotary style must be one of {ROTARY_STYLES}, got {style!r}")
     per_axis = (dim_head // 3) // 2 * 2
     if per_axis < 2:
         raise ValueError(f"rotary_emb needs dim_head >= 6, got {dim_head}")
@@ -143,11 +110,23 @@ def rotary_angles(text_len: int, fmap: int, dim_head: int, theta: float = 10000.
     pos = torch.arange(n)
     grid = pos - text_len
     is_image = grid >= 0
-    text_pos = torch.where(is_image, text_len, pos)
-    row = torch.where(is_image, grid // fmap + 1, 0)
-    col = torch.where(is_image, grid % fmap + 1, 0)
-    inv_freq = 1.0 / theta ** (torch.arange(0, per_axis, 2).float() / per_axis)
-    parts = [(p.float()[:, None] * inv_freq).repeat_interleave(2, dim=-1) for p in (text_pos, row, col)]
+    if style == "default":
+        text_pos = torch.where(is_image, text_len, pos).float()
+        row = torch.where(is_image, grid // fmap + 1, 0).float()
+        col = torch.where(is_image, grid % fmap + 1, 0).float()
+        text_freq = axial_freq = 1.0 / theta ** (torch.arange(0, per_axis, 2).float() / per_axis)
+    else:
+        text_pos = torch.where(is_image, 8192, pos).float()
+        steps = torch.linspace(-1.0, 1.0, fmap)
+        row = torch.where(is_image, steps[(grid // fmap).clamp(min=0)], -10.0)
+        col = torch.where(is_image, steps[(grid % fmap).clamp(min=0)], -10.0)
+        rot_dim = dim_head // 3
+        text_freq = 1.0 / theta ** (torch.arange(0, rot_dim, 2)[: rot_dim // 2].float() / rot_dim)
+        axial_freq = torch.linspace(1.0, 5.0, rot_dim // 2) * math.pi
+    parts = [
+        (p[:, None] * freq).repeat_interleave(2, dim=-1)
+        for p, freq in ((text_pos, text_freq), (row, axial_freq), (col, axial_freq))
+    ]
     return torch.cat(parts, dim=-1)
 
 
@@ -168,8 +147,9 @@ class LayerInputs:
     fmap: int
     cache: DecodingCache | None
     rotary: tuple[Tensor, Tensor] | None  # (cos, sin) tables (end - start, dim_head)
-    shift_tables: Tensor  # (3, end, 1), token_shift_tables of the positions [0, end)
-    shift_step: tuple[int, int] | None  # token_shift_source of the one new position of cached decoding
+    shift_style: str  # the token shift's style (token_shift.SHIFT_STYLES)
+    shift_tables: Tensor  # (terms, end, 1), token_shift_tables of the positions [0, end)
+    shift_step: tuple[int, ...] | None  # token_shift_source of the one new position of cached decoding
     attention: tuple[AttentionInputs, ...]  # one per layer
 
 
@@ -189,9 +169,9 @@ class Sublayer(nn.Module):
         if self.shift:
             history = inputs.cache.append((key, "shift"), x) if inputs.cache is not None else x
             if inputs.shift_step is not None:  # one new position of cached decoding
-                x = shift_one_token(history, *inputs.shift_step)
+                x = shift_one_token(history, *inputs.shift_step, style=inputs.shift_style)
             else:  # from position 0 (training, the prompt of decoding), or several cached positions
-                x = shift_sequence(history, inputs.fmap, inputs.shift_tables)[:, inputs.start :]
+                x = shift_sequence(history, inputs.fmap, inputs.shift_tables, inputs.shift_style)[:, inputs.start :]
         if isinstance(self.fn, Attention):
             attention = inputs.attention[key[0]]
             x = self.fn(
@@ -219,6 +199,8 @@ class Transformer(nn.Module):
     DALLE's keywords such as ``conv_kernel_size``), :class:`~dalle_pytorch.attention.pattern.AttentionPattern`
     instances or ``{"pattern": name, ...}`` dicts. ``feed_forward_class`` builds each feed-forward block as
     ``cls(dim, ff_mult, ff_dropout)`` (a module mapping (b, n, d) to (b, n, d)); a subclass may set its own.
+    ``shift_tokens_style`` (:data:`~dalle_pytorch.models.token_shift.SHIFT_STYLES`) and ``rotary_emb_style``
+    (:func:`rotary_angles`): ``"default"`` or ``"original"``, as DALLE's options of those names.
     """
 
     feed_forward_class: type[nn.Module] = FeedForward
@@ -241,6 +223,8 @@ class Transformer(nn.Module):
         sandwich_norm: bool = False,
         shift_tokens: bool = True,
         rotary_emb: bool = True,
+        shift_tokens_style: str = "default",
+        rotary_emb_style: str = "default",
         shared_attn_ids: Sequence | None = None,
         shared_ff_ids: Sequence | None = None,
         pattern_options: Mapping[str, Any] | None = None,
@@ -254,6 +238,10 @@ class Transformer(nn.Module):
         self.seq_len = text_len + fmap * fmap
         self.reversible = reversible
         self.layer_patterns: list[AttentionPattern] = [patterns[i % len(patterns)] for i in range(depth)]
+        self.shift_style = check_shift_style(shift_tokens_style)
+        if rotary_emb_style not in ROTARY_STYLES:
+            raise ValueError(f"rotary_emb_style must be one of {ROTARY_STYLES}, got {rotary_emb_style!r}")
+        rotary_values = rotary_emb and rotary_emb_style == "original"  # the original rotates values too
 
         attn_ids, ff_ids = (
             _expand(shared_attn_ids, depth, "shared_attn_ids"),
@@ -270,7 +258,8 @@ class Transformer(nn.Module):
                     f"{shared_attn[attn_id][1]!r}, but layer {i} has {pattern!r}"
                 )
             if attn_id not in shared_attn:
-                shared_attn[attn_id] = (Attention(dim, heads, dim_head, attn_dropout, stable), pattern)
+                attention = Attention(dim, heads, dim_head, attn_dropout, stable, rotary_values=rotary_values)
+                shared_attn[attn_id] = (attention, pattern)
             if ff_ids[i] not in shared_ff:
                 shared_ff[ff_ids[i]] = self.feed_forward_class(dim, ff_mult, ff_dropout)
             layers.append(
@@ -301,11 +290,11 @@ class Transformer(nn.Module):
         # a full-sequence pass (training) runs patterns with a checked tile plan through the fast kernels;
         # ``fast_path = False`` keeps the dense masks everywhere (the reference the tests compare with)
         self.fast_path = fast_path
-        self.register_buffer("shift_tables", token_shift_tables(text_len, fmap), persistent=False)
+        self.register_buffer("shift_tables", token_shift_tables(text_len, fmap, shift_tokens_style), persistent=False)
         self.shift = shift_tokens
         self.rotary = rotary_emb
         if rotary_emb:
-            cos, sin = rotary_tables(rotary_angles(text_len, fmap, dim_head), dim_head)
+            cos, sin = rotary_tables(rotary_angles(text_len, fmap, dim_head, style=rotary_emb_style), dim_head)
             self.register_buffer("rotary_cos", cos, persistent=False)
             self.register_buffer("rotary_sin", sin, persistent=False)
 
@@ -341,9 +330,12 @@ class Transformer(nn.Module):
             fmap=self.fmap,
             cache=cache,
             rotary=(self.rotary_cos[start:end], self.rotary_sin[start:end]) if self.rotary else None,
+            shift_style=self.shift_style,
             shift_tables=self.shift_tables[:, :end],
             shift_step=(
-                token_shift_source(start, self.text_len, self.fmap) if cache is not None and end - start == 1 else None
+                token_shift_source(start, self.text_len, self.fmap, self.shift_style)
+                if cache is not None and end - start == 1
+                else None
             ),
             attention=self._attention_inputs(start, end, cached=cache is not None),
         )
