@@ -163,14 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
         default="fp32",
         help="fp32, bf16 or fp16 autocast (default: fp32)",
     )
-    add_arg(
-        parser,
-        "--weights",
-        choices=list(DECODING_PRECISIONS),
-        default="fp32",
-        help="decode with a copy of DALLE whose weights are fp32, bf16 or weight-only int8 (default: fp32); "
-        "lower precision reads fewer bytes per step, which is what bounds large models",
-    )
+    add_arg(parser, "--weights", choices=list(DECODING_PRECISIONS), default="fp32",
+            help="decode with a copy of DALLE with fp32, bf16 or weight-only int8 weights (default: fp32)")  # fmt: skip
     guided = parser.add_argument_group("--method clip-guided")
     add_arg(guided, "--vae_path", default=None, help="a trained VAE: a model folder or a dalle-train-vae output folder")
     add_arg(guided, "--steps", type=int, default=200, help="optimisation steps (default: 200)")
