@@ -204,7 +204,7 @@ def test_memory_floor_of_the_precision_cases():
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "int8"])
 @pytest.mark.parametrize("compile", [None, "aot_eager"])
-@pytest.mark.usefixtures("one_thread_per_module")
+@pytest.mark.usefixtures("one_thread_per_module", "fresh_dynamo")
 def test_precision_case_runs_at_quick_sizes(precision, compile):
     from benchmarks import precision_cases
 

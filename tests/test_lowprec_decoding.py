@@ -121,6 +121,7 @@ class _Words:
 
 
 @pytest.mark.parametrize("precision", ["bf16", "int8"])
+@pytest.mark.usefixtures("fresh_dynamo")
 def test_compiled_low_precision_decoding_equals_eager(precision):
     model = make_dalle(attn_types=("full", "axial_row"), depth=2).decoding_copy(precision)
     text = random_text(2)
@@ -229,6 +230,7 @@ def test_int8_copy_of_a_model_with_shared_layers_decodes():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("precision", ["bf16", "int8"])
+@pytest.mark.usefixtures("fresh_dynamo")
 def test_inductor_low_precision_decoding_follows_eager(precision):
     # inductor lowers the int8 kernel itself: its scales must reach it as a buffer, not a converted tensor
     model = make_dalle(attn_types=("full", "axial_row"), depth=2).decoding_copy(precision)
