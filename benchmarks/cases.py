@@ -15,6 +15,8 @@ import gc
 import math
 import statistics
 import time
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -151,22 +153,39 @@ def matmul(device: torch.device, quick: bool) -> dict:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def vae_train(device: torch.device, quick: bool) -> dict:
+class TrainCase(NamedTuple):
+    """A model, the loss of one fixed batch through a given module (the model, or a compiled wrapper of it),
+    and the result fields the measurement reports besides its timing (config, FLOPs, items)."""
+
+    model: torch.nn.Module
+    loss: Callable[[torch.nn.Module], torch.Tensor]
+    fields: dict
+
+
+def timed_train(case: TrainCase, device: torch.device, quick: bool, module: torch.nn.Module | None = None) -> dict:
+    """Timing statistics of the training step of ``case`` (forward and backward through ``module``, by default
+    the model; AdamW on the model's parameters), with the case's fields."""
+    runs = module if module is not None else case.model
+    step, _ = _train_step(case.model, lambda: case.loss(runs))
+    return {**time_repeats(step, device=device, budget_s=BUDGET_S[quick]), **case.fields}
+
+
+def vae_case(device: torch.device, quick: bool) -> TrainCase:
     generator = _seeded()
     vae, sizes = _vae(quick)
     vae = vae.to(device)
     batch = TRAIN_BATCH[quick]
     images = torch.rand(batch, 3, sizes["image_size"], sizes["image_size"], generator=generator).to(device)
-    step, _ = _train_step(vae, lambda: vae(images, return_loss=True))
     with FlopCounterMode(display=False) as counter:  # convolutions and matmuls, forward + backward
         vae(images, return_loss=True).backward()
-    stats = time_repeats(step, device=device, budget_s=BUDGET_S[quick])
-    return {**stats, "config": {**sizes, "batch": batch, "step": TRAIN_STEP}, "train_flops": counter.get_total_flops(),
-            "flops_formula": "counted by torch.utils.flop_counter on one forward + backward",
-            "items": batch, "item_name": "images"}  # fmt: skip
+    vae.zero_grad(set_to_none=True)
+    return TrainCase(vae, lambda module: module(images, return_loss=True),
+                     {"config": {**sizes, "batch": batch, "step": TRAIN_STEP}, "train_flops": counter.get_total_flops(),
+                      "flops_formula": "counted by torch.utils.flop_counter on one forward + backward",
+                      "items": batch, "item_name": "images"})  # fmt: skip
 
 
-def dalle_train(device: torch.device, quick: bool, variant: str) -> dict:
+def dalle_case(device: torch.device, quick: bool, variant: str = "full") -> TrainCase:
     """variant: ``full`` attention, ``cycled`` (the four sparse types, one per layer) or ``reversible``."""
     options = {
         "full": dict(attn_types=("full",)),
@@ -177,16 +196,15 @@ def dalle_train(device: torch.device, quick: bool, variant: str) -> dict:
     model, config = _dalle(quick, device, **options)
     batch = TRAIN_BATCH[quick]
     text, codes = _text_and_codes(model, batch, generator, device)
-    step, _ = _train_step(model, lambda: model(text, codes, return_loss=True))
-    stats = time_repeats(step, device=device, budget_s=BUDGET_S[quick])
     flops = model_flops.DalleFlops(model)
     tokens = batch * (model.text_seq_len + model.image_seq_len)
-    return {**stats, "config": {**config, "batch": batch, "inputs": "precomputed image codes", "step": TRAIN_STEP},
-            "train_flops": flops.train_step(batch), "flops_formula": model_flops.TRAIN_FORMULA,
-            "items": tokens, "item_name": "tokens"}  # fmt: skip
+    return TrainCase(model, lambda module: module(text, codes, return_loss=True),
+                     {"config": {**config, "batch": batch, "inputs": "precomputed image codes", "step": TRAIN_STEP},
+                      "train_flops": flops.train_step(batch), "flops_formula": model_flops.TRAIN_FORMULA,
+                      "items": tokens, "item_name": "tokens"})  # fmt: skip
 
 
-def clip_train(device: torch.device, quick: bool) -> dict:
+def clip_case(device: torch.device, quick: bool) -> TrainCase:
     from dalle_pytorch import CLIP
 
     generator = _seeded()
@@ -195,12 +213,23 @@ def clip_train(device: torch.device, quick: bool) -> dict:
     batch, side = TRAIN_BATCH[quick], sizes["visual_image_size"]
     text = torch.randint(1, sizes["num_text_tokens"], (batch, sizes["text_seq_len"]), generator=generator).to(device)
     images = torch.rand(batch, 3, side, side, generator=generator).to(device)
-    step, _ = _train_step(clip, lambda: clip(text, images, return_loss=True))
-    stats = time_repeats(step, device=device, budget_s=BUDGET_S[quick])
     tokens = batch * (sizes["text_seq_len"] + (side // sizes["visual_patch_size"]) ** 2)
-    return {**stats, "config": {**sizes, "batch": batch, "step": TRAIN_STEP},
-            "train_flops": model_flops.clip_train_step(clip, batch, sizes["text_seq_len"]),
-            "flops_formula": model_flops.CLIP_FORMULA, "items": tokens, "item_name": "tokens"}  # fmt: skip
+    return TrainCase(clip, lambda module: module(text, images, return_loss=True),
+                     {"config": {**sizes, "batch": batch, "step": TRAIN_STEP},
+                      "train_flops": model_flops.clip_train_step(clip, batch, sizes["text_seq_len"]),
+                      "flops_formula": model_flops.CLIP_FORMULA, "items": tokens, "item_name": "tokens"})  # fmt: skip
+
+
+def vae_train(device: torch.device, quick: bool) -> dict:
+    return timed_train(vae_case(device, quick), device, quick)
+
+
+def dalle_train(device: torch.device, quick: bool, variant: str) -> dict:
+    return timed_train(dalle_case(device, quick, variant), device, quick)
+
+
+def clip_train(device: torch.device, quick: bool) -> dict:
+    return timed_train(clip_case(device, quick), device, quick)
 
 
 # ---------------------------------------------------------------------------------------------------------

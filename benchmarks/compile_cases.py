@@ -1,9 +1,10 @@
-"""torch.compile against eager: the DALLE training step and the cached decoding step.
+"""torch.compile against eager (the DALLE, CLIP and VAE training steps, the cached decoding step) and bf16
+autocast against fp32 (the DALLE training step).
 
 Each function is ``(device, quick, **params) -> dict`` and runs in its own process (see ``run.py``), like
 the cases in ``cases.py``. Compilation happens in the first call, which is timed apart (``compile_s``: the
-first call's time minus a steady call's); the repeats then time steady steps. Eager figures come from the
-same process and model, so the ratios compare like with like on a shared machine.
+first call's time minus a steady call's); the repeats then time steady steps. Eager (and fp32) figures come
+from the same process and model, so the ratios compare like with like on a shared machine.
 """
 
 from __future__ import annotations
@@ -14,19 +15,21 @@ import time
 
 import torch
 
-from benchmarks import model_flops
 from benchmarks.cases import (
     BUDGET_S,
     COND_SCALE,
     GEN_BATCH,
-    TRAIN_BATCH,
-    TRAIN_STEP,
     StepClock,
+    TrainCase,
     _dalle,
     _EnoughSteps,
     _seeded,
     _text_and_codes,
     _train_step,
+    clip_case,
+    dalle_case,
+    timed_train,
+    vae_case,
 )
 from benchmarks.harness import synchronize, time_repeats
 
@@ -47,22 +50,49 @@ def _timed(fn, device: torch.device) -> float:
     return time.perf_counter() - start
 
 
-def dalle_train_compiled(device: torch.device, quick: bool, backend: str = "inductor") -> dict:
-    """The ``dalle_train_full`` step with the model compiled (as ``Trainer(compile=...)`` does)."""
-    generator = _seeded()
-    model, config = _dalle(quick, device, attn_types=("full",))
-    batch = TRAIN_BATCH[quick]
-    text, codes = _text_and_codes(model, batch, generator, device)
-    compiled = torch.compile(model, backend=backend)
-    step, _ = _train_step(model, lambda: compiled(text, codes, return_loss=True))
+def _eager_and_compiled(case: TrainCase, device: torch.device, quick: bool, backend: str) -> dict:
+    """The training step of ``case`` eager, then with the model compiled (as ``Trainer(compile=...)`` does:
+    the forward and backward of the compiled wrapper, AdamW on the original parameters), in this process."""
+    eager = timed_train(case, device, quick)
+    compiled = torch.compile(case.model, backend=backend)
+    step, _ = _train_step(case.model, lambda: case.loss(compiled))
     with _cold_compile_caches():
         first_s = _timed(step, device)
     stats = time_repeats(step, device=device, budget_s=BUDGET_S[quick])
-    tokens = batch * (model.text_seq_len + model.image_seq_len)
-    return {**stats, "config": {**config, "batch": batch, "backend": backend, "step": TRAIN_STEP},
-            "compile_s": first_s - stats["median_s"],
-            "train_flops": model_flops.DalleFlops(model).train_step(batch), "flops_formula": model_flops.TRAIN_FORMULA,
-            "items": tokens, "item_name": "tokens"}  # fmt: skip
+    return {**stats, **case.fields, "config": {**case.fields["config"], "backend": backend},
+            "compile_s": first_s - stats["median_s"], "eager_median_s": eager["median_s"],
+            "speedup_vs_eager": eager["median_s"] / stats["median_s"]}  # fmt: skip
+
+
+def dalle_train_compiled(device: torch.device, quick: bool, backend: str = "inductor") -> dict:
+    """The ``dalle_train_full`` step eager and compiled."""
+    return _eager_and_compiled(dalle_case(device, quick, "full"), device, quick, backend)
+
+
+def clip_train_compiled(device: torch.device, quick: bool, backend: str = "inductor") -> dict:
+    """The ``clip_train`` step eager and compiled."""
+    return _eager_and_compiled(clip_case(device, quick), device, quick, backend)
+
+
+def vae_train_compiled(device: torch.device, quick: bool, backend: str = "inductor") -> dict:
+    """The ``vae_train`` step eager and compiled."""
+    return _eager_and_compiled(vae_case(device, quick), device, quick, backend)
+
+
+def dalle_train_bf16(device: torch.device, quick: bool) -> dict:
+    """The ``dalle_train_full`` step in fp32, then with the forward under bf16 autocast as the Trainer runs
+    ``precision="bf16"`` (backward outside autocast, fp32 weights and AdamW, no loss scaling), in this process."""
+    case = dalle_case(device, quick, "full")
+    fp32 = timed_train(case, device, quick)
+
+    def loss(module: torch.nn.Module) -> torch.Tensor:
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            return case.loss(module)
+
+    bf16 = timed_train(case._replace(loss=loss), device, quick)
+    return {**bf16, "config": {**case.fields["config"], "precision": "bf16 autocast"},
+            "fp32_median_s": fp32["median_s"], "speedup_vs_fp32": fp32["median_s"] / bf16["median_s"],
+            "mfu_reference": "the fp32 matmul rate"}  # fmt: skip
 
 
 def gen_compiled(device: torch.device, quick: bool, backend: str = "inductor") -> dict:
@@ -102,5 +132,7 @@ def gen_compiled(device: torch.device, quick: bool, backend: str = "inductor") -
 
 
 def registry(quick: bool) -> dict[str, tuple]:
-    """name -> (function, params) of the compiled-vs-eager measurements (eager training: dalle_train_full)."""
-    return {"dalle_train_compiled": (dalle_train_compiled, {}), "gen_full_compiled": (gen_compiled, {})}
+    """name -> (function, params) of the compiled-vs-eager and bf16-vs-fp32 measurements."""
+    return {"dalle_train_compiled": (dalle_train_compiled, {}), "clip_train_compiled": (clip_train_compiled, {}),
+            "vae_train_compiled": (vae_train_compiled, {}), "dalle_train_bf16": (dalle_train_bf16, {}),
+            "gen_full_compiled": (gen_compiled, {})}  # fmt: skip

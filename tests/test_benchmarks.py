@@ -213,3 +213,22 @@ def test_precision_case_runs_at_quick_sizes(precision, compile):
     assert ("compile_s" in result) == (compile is not None)
     assert result["step_bytes_window_start"] < result["step_bytes"] < result["step_bytes_window_end"]
     assert result["config"]["cache_dtype"] == ("bfloat16" if precision == "bf16" else "float32")
+
+
+def test_compiled_and_bf16_training_cases_report_ratios_in_one_process():
+    from benchmarks import compile_cases
+
+    cpu = torch.device("cpu")
+    for case in (compile_cases.clip_train_compiled, compile_cases.vae_train_compiled):
+        result = case(cpu, True, backend="aot_eager")  # graph capture without code generation: cheap
+        assert result["speedup_vs_eager"] == pytest.approx(result["eager_median_s"] / result["median_s"])
+        assert result["config"]["backend"] == "aot_eager" and result["train_flops"] > 0 and "compile_s" in result
+        assert " vs eager (" in report.headline(result) and "; compile " in report.headline(result)
+    bf16 = compile_cases.dalle_train_bf16(cpu, True)
+    assert bf16["speedup_vs_fp32"] == pytest.approx(bf16["fp32_median_s"] / bf16["median_s"])
+    assert bf16["config"]["precision"] == "bf16 autocast" and bf16["item_name"] == "tokens"
+    assert "vs fp32" in report.headline(report.derive("dalle_train_bf16", bf16, {}))
+    decoding = {"ms_per_token_step": 1.0, "eager_ms_per_token_step": 2.5, "step_speedup": 2.5, "compile_s": 40.0,
+                "break_even_images": 12.0}  # fmt: skip
+    assert "eager 2.5 ms/step, x2.5 vs eager, break-even 12 images; compile 40 s" in report.headline(decoding)
+    assert report.headline({"ms_per_token_step": 1.0, "extrapolated": True}).endswith("extrapolated (see JSON)")

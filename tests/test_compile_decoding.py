@@ -1,5 +1,5 @@
-"""Compiled decoding (`compile=` of generate_image_codes): one compilation serves every position and every
-later run of the batch size, and the tokens equal eager decoding's for the same generator."""
+"""Compiled decoding (`compile=` of generate_image_codes and generate_texts): one compilation serves every
+position and every later run of the batch size, and the tokens equal eager decoding's for the same generator."""
 
 import time
 from copy import deepcopy
@@ -49,6 +49,11 @@ CASES = {
         3.0,
     ),
     "learned positions, no shift, guided": (dict(rotary_emb=False, shift_tokens=False), 3.0),
+    "reversible": (dict(reversible=True), 1.0),
+    "reversible, mixed patterns, shared layers, guided": (
+        dict(reversible=True, attn_types=("full", "axial_col"), depth=3, shared_attn_ids=(0, 1, 0), sandwich_norm=True),
+        3.0,
+    ),
     "the original's shift, rotary and conv-like window, guided": (
         dict(
             dim=30, attn_types=("full", "conv_like_corner"), shift_tokens_style="original", rotary_emb_style="original"
@@ -102,8 +107,47 @@ def test_compile_option_is_checked():
         dalle.generate_image_codes(_text(), compile="aot_eager", use_cache=False)
     with pytest.raises(TypeError, match="compile must be True, a torch.compile backend name"):
         dalle.generate_image_codes(_text(), compile=3)
-    with pytest.raises(ValueError, match="does not support reversible=True"):
-        check_static_decoding(make_dalle(reversible=True).transformer)
+    with pytest.raises(TypeError, match="compile must be True, a torch.compile backend name"):
+        make_dalle().generate_texts(_DigitTokenizer(), compile=3)
+    with pytest.raises(ValueError, match="needs dalle_pytorch's Transformer"):
+        check_static_decoding(torch.nn.Identity())
+
+
+class _DigitTokenizer:
+    def encode(self, text):
+        return [int(c) + 1 for c in text.split()]
+
+    def decode(self, ids):
+        return " ".join(str(i - 1) for i in ids)
+
+
+def _texts(dalle, prompt, compile=None, seed=0):
+    logits = []
+    ids, texts = dalle.generate_texts(
+        _DigitTokenizer(), prompt, generator=torch.Generator().manual_seed(seed), compile=compile, step_logits=logits
+    )
+    return ids, texts, torch.stack(logits)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        {},
+        dict(rotary_emb=False, reversible=True, attn_types=("axial_row", "full")),
+        dict(dim=30, shift_tokens_style="original", rotary_emb_style="original"),
+    ],
+    ids=["rotary", "learned positions, reversible, axial", "the original's shift and rotary"],
+)
+def test_compiled_text_generation_equals_eager_and_compiles_once(config):
+    dalle = make_dalle(**config).eval()
+    backend = CountingBackend()
+    for prompt, seed in (("3 4", 0), ("", 1), ("7", 2)):  # prompts of several lengths reuse the one graph
+        ids, texts, logits = _texts(dalle, prompt, compile=backend, seed=seed)
+        eager_ids, eager_texts, eager_logits = _texts(dalle, prompt, seed=seed)
+        assert len(logits) == TEXT_SEQ_LEN - len(prompt.split())
+        torch.testing.assert_close(logits, eager_logits, rtol=1e-4, atol=1e-5)
+        assert torch.equal(ids, eager_ids) and texts == eager_texts
+    assert backend.compilations == 1
 
 
 def test_a_model_stays_copyable_after_compiled_decoding():
@@ -136,3 +180,19 @@ def test_inductor_decoding_equals_eager():
         eager_codes, eager_logits = _decode(model, _text(), cond_scale=3.0)
         torch.testing.assert_close(logits, eager_logits, rtol=1e-4, atol=1e-4)
         assert torch.equal(codes, eager_codes)
+
+
+@pytest.mark.slow
+def test_inductor_reversible_and_text_decoding_equal_eager():
+    dalle = make_dalle(reversible=True, attn_types=("full", "axial_col")).eval()
+    eager_codes, eager_logits = _decode(dalle, _text())
+    started = time.perf_counter()
+    codes, logits = _decode(dalle, _text(), compile=True)
+    texts = _texts(dalle, "3 4", compile=True)
+    print(f"inductor: compiling and decoding images and text with a tiny reversible DALLE took "
+          f"{time.perf_counter() - started:.1f} s")  # fmt: skip
+    torch.testing.assert_close(logits, eager_logits, rtol=1e-4, atol=1e-4)
+    assert torch.equal(codes, eager_codes)
+    eager_texts = _texts(dalle, "3 4")
+    torch.testing.assert_close(texts[2], eager_texts[2], rtol=1e-4, atol=1e-4)
+    assert torch.equal(texts[0], eager_texts[0])

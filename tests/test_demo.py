@@ -158,6 +158,8 @@ def test_config_validation():
         dataclasses.replace(FAST_CONFIG, clip_steps=0, candidates_per_sample=2)
     with pytest.raises(ValueError, match="null_cond_prob"):
         dataclasses.replace(FAST_CONFIG, null_cond_prob=0.0, cond_scale=3.0)
+    with pytest.raises(ValueError, match="precision must be one of"):
+        dataclasses.replace(FAST_CONFIG, precision="fp8")
     assert resolve_device("cpu") == torch.device("cpu")
     with pytest.raises(ValueError, match="device"):
         resolve_device("toaster")
@@ -185,6 +187,9 @@ def test_cli_parses_step_overrides():
         build_parser().parse_args(["--steps", "gan=5"])
     with pytest.raises(SystemExit):
         build_parser().parse_args(["--steps", "vae=-1"])
+    assert build_parser().parse_args(["--precision", "bf16"]).precision == "bf16"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--precision", "fp64"])
 
 
 def test_generation_does_not_depend_on_batch_size(tokenizer):
@@ -259,6 +264,12 @@ def test_demo_models_train_through_the_library_trainer(tmp_path):
     for first, second in zip(*runs):
         for (name, a), (_, b) in zip(first.state_dict().items(), second.state_dict().items()):
             assert torch.equal(a, b), name
+    # bf16 autocast: the same run in lower precision, close to fp32 but not the same
+    torch.manual_seed(0)
+    bf16_config = dataclasses.replace(config, precision="bf16")
+    bf16_vae, bf16_loss = train_vae(images, bf16_config, progress=False, log_dir=tmp_path / "bf16" / "vae")
+    assert math.isfinite(bf16_loss) and bf16_loss == pytest.approx(vae_loss, rel=0.1) and bf16_loss != vae_loss
+    assert not torch.equal(bf16_vae.state_dict()["codebook.weight"], runs[0][0].state_dict()["codebook.weight"])
 
 
 @pytest.mark.parametrize(
@@ -333,8 +344,9 @@ def test_demo_end_to_end_with_tiny_budget(tmp_path):
     # the whole --fast pipeline with a few steps of everything: the files, the report and the table; the
     # fidelity of a real --fast run is checked by the slow test below
     extra = ["--steps", "vae=10", "dalle=10", "classifier=10", "--samples", "1", "--train_images", "300",
-             "--decode-precision", "fp32,bf16,int8"]  # fmt: skip
+             "--precision", "bf16", "--decode-precision", "fp32,bf16,int8"]  # fmt: skip
     report = _run_demo(tmp_path, extra, samples=1)
+    assert report["config"]["precision"] == "bf16" and "bf16 training" in format_report(report)
     for group in ("seen", "heldout", "overall"):
         assert 0.0 <= report["fidelity"][group]["both_match"] <= report["fidelity"][group]["colour_match"] <= 1.0
     assert report["config"]["vae_steps"] == 10 and report["config"]["num_train_images"] == 300

@@ -6,6 +6,7 @@
     dalle-demo --model dalle2         # DALL-E 2 instead: CLIP, a diffusion prior and a 32x32 decoder
     dalle-demo --model both --fast    # DALLE, DALLE2 and CLIP-guided VAE codes, judged side by side
     dalle-demo --decode-precision fp32,bf16,int8   # also generate with bf16 and int8 weights, judged beside fp32
+    dalle-demo --precision bf16       # train with bf16 autocast (compare with the fp32 run's report)
 
 Writes grid.png, report.json, tokenizer.json and the trained models into --out_dir and prints, per prompt,
 how often the samples show the colour and the shape that the prompt asked for. See `dalle_pytorch.demo.pipeline`.
@@ -122,6 +123,11 @@ def build_parser() -> argparse.ArgumentParser:
         "precisions (fp32, bf16, int8; e.g. fp32,bf16,int8), reported side by side",
     )
     parser.add_argument(
+        "--precision",
+        choices=("fp32", "bf16", "fp16"),
+        help="training precision of the models: fp32 (default), or bf16 / fp16 autocast as in the training tools",
+    )
+    parser.add_argument(
         "--threads",
         type=int,
         help="torch CPU threads for this run (default: torch's choice, at most the cores idle at the start; "
@@ -140,7 +146,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         overrides["candidates_per_sample"] = 1 if overrides["clip_steps"] == 0 else max(4, config.candidates_per_sample)
     renamed = {"train_images": "num_train_images", "samples": "samples_per_prompt",
                "clip_candidates": "candidates_per_sample"}  # fmt: skip
-    for flag in ("train_images", "samples", "clip_candidates", "cond_scale", "temperature", "filter_thres"):
+    flags = ("train_images", "samples", "clip_candidates", "cond_scale", "temperature", "filter_thres", "precision")
+    for flag in flags:
         if getattr(args, flag) is not None:
             overrides[renamed.get(flag, flag)] = getattr(args, flag)
     if args.decode_precision is not None:

@@ -252,7 +252,9 @@ def run(argv: list[str] | None = None) -> list[Path]:
         drawn = prompt
         if args.gentxt:
             generator = torch.Generator().manual_seed(args.seed)
-            _, texts = dalle.generate_texts(tokenizer, prompt, filter_thres=options.filter_thres, generator=generator)
+            _, texts = dalle.generate_texts(
+                tokenizer, prompt, filter_thres=options.filter_thres, generator=generator, compile=options.compile
+            )
             drawn = texts[0]
         if len(tokenizer.encode(drawn)) > dalle.text_seq_len:
             print(f"{PROG}: note: prompt {drawn[:40]!r} is cut to {dalle.text_seq_len} tokens", file=sys.stderr)

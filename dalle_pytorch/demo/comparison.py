@@ -107,6 +107,7 @@ def format_comparison(report: dict) -> str:
         f"on seen pairs, >= {report['targets']['heldout_both_match']:.0%} on held-out pairs",
         f"shape judge accuracy on unseen ground truth: {report['shape_classifier_accuracy']:.1%}",
         "seconds (wall / CPU): " + ", ".join(f"{name} {value:.0f}/{cpu[name]:.0f}" for name, value in seconds.items())
-        + f" ({report['torch_threads']} torch threads, {report['device']})",
+        + f" ({report['torch_threads']} torch threads, {report['device']}, "
+        f"{report['config'].get('precision', 'fp32')} training)",
     ]  # fmt: skip
     return "\n".join(lines)

@@ -6,6 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from dalle_pytorch.models.precision import DECODING_PRECISIONS
+from dalle_pytorch.training.settings import PRECISIONS
 
 __all__ = ["DEFAULT_CONFIG", "FAST_CONFIG", "DemoConfig"]
 
@@ -70,9 +71,12 @@ class DemoConfig:
     temperature: float = 0.7
     filter_thres: float = 0.5
     seed: int = 0
-    # after generating with the trained (fp32) model, generate and judge again with each of these decoding
+    # after generating with the trained model (fp32 weights), generate and judge again with each of these decoding
     # precisions ("fp32", "bf16", "int8"; DALLE.decoding_copy), reported side by side
     decode_precisions: tuple[str, ...] = ()
+    # training precision of every model the demo trains (the judge's classifier excepted): "fp32", or "bf16" /
+    # "fp16" autocast, as the Trainer's precision
+    precision: str = "fp32"
 
     def __post_init__(self) -> None:
         # report.json stores the tuple as a list; read back, it is a tuple again
@@ -94,6 +98,8 @@ class DemoConfig:
             raise ValueError("candidates_per_sample > 1 needs a CLIP to rank them: set clip_steps > 0")
         if not 0.0 <= self.null_cond_prob < 1.0:
             raise ValueError(f"null_cond_prob must be in [0, 1), got {self.null_cond_prob}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {self.precision!r}")
         if self.cond_scale != 1.0 and self.null_cond_prob == 0.0:
             raise ValueError("cond_scale != 1 needs a model trained with null_cond_prob > 0")
 

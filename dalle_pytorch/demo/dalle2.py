@@ -161,14 +161,14 @@ def train_dalle2(
             prior, _PriorSamples(embeds), prior_loss, steps=config.dalle2_prior_steps,
             batch_size=config.dalle2_batch_size, learning_rate=config.dalle2_prior_learning_rate,
             seed=config.seed + 5, label="prior", progress=progress,
-            log_dir=None if log_dir is None else log_dir / "prior",
+            log_dir=None if log_dir is None else log_dir / "prior", precision=config.precision,
         )  # fmt: skip
     with timer("decoder"):
         losses["decoder"] = fit_model(
             decoder, _DecoderSamples(images.cpu(), embeds.image_embed), decoder_loss,
             steps=config.dalle2_decoder_steps, batch_size=config.dalle2_batch_size,
             learning_rate=config.dalle2_decoder_learning_rate, seed=config.seed + 6, label="decoder",
-            progress=progress, log_dir=None if log_dir is None else log_dir / "decoder",
+            progress=progress, log_dir=None if log_dir is None else log_dir / "decoder", precision=config.precision,
         )  # fmt: skip
     dalle2 = DALLE2(prior=prior, decoder=decoder).eval()
     return dalle2, losses

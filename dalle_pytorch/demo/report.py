@@ -286,7 +286,8 @@ def format_report(report: dict) -> str:
         f"judge on VAE reconstructions of ground truth: colour {rate(recon['colour_match'])}, "
         f"shape {rate(recon['shape_match'])}, both {rate(recon['both_match'])}",
         "seconds (wall / CPU): " + ", ".join(f"{name} {value:.0f}/{cpu[name]:.0f}" for name, value in seconds.items())
-        + f" ({report['torch_threads']} torch threads, {report['device']})",
+        + f" ({report['torch_threads']} torch threads, {report['device']}, "
+        f"{report['config'].get('precision', 'fp32')} training)",
     ]  # fmt: skip
     if "decode_precision" in report:
         lines += ["", format_precisions(report["decode_precision"])]

@@ -68,10 +68,12 @@ def fit_model(
     log_dir: str | Path | None,
     weight_decay: float = 0.0,
     clip_grad_norm: float | None = 1.0,
+    precision: str = "fp32",
 ) -> float:
-    """``steps`` Trainer steps of AdamW with warm-up + cosine decay over ``dataset`` (reshuffled every epoch);
-    the model ends in eval mode. Returns the loss smoothed over the last steps. The Trainer's metrics go to
-    ``log_dir`` (discarded when None); no checkpoints are written."""
+    """``steps`` Trainer steps of AdamW with warm-up + cosine decay over ``dataset`` (reshuffled every epoch)
+    in ``precision`` (the Trainer's: fp32, or bf16 / fp16 autocast); the model ends in eval mode. Returns the
+    loss smoothed over the last steps. The Trainer's metrics go to ``log_dir`` (discarded when None); no
+    checkpoints are written."""
     device = next(model.parameters()).device
     with contextlib.ExitStack() as stack:
         if log_dir is None:
@@ -84,7 +86,7 @@ def fit_model(
             epochs=math.ceil(steps / data.batches_per_epoch), learning_rate=learning_rate,
             weight_decay=weight_decay, adam_betas=ADAM_BETAS, clip_grad_norm=clip_grad_norm, lr_schedule="cosine",
             warmup_steps=max(1, round(WARMUP_FRACTION * steps)), seed=seed, progress=progress,
-            save_checkpoints=False, sample_every_n_steps=steps,
+            save_checkpoints=False, sample_every_n_steps=steps, precision=precision,
         )  # fmt: skip
         result = Trainer(model, data, loss_fn, settings, ctx, description=label).fit()
     model.eval()
@@ -115,7 +117,7 @@ def train_vae(
     final_loss = fit_model(
         vae, TensorDataset(images.cpu()), loss_fn, steps=steps, batch_size=config.vae_batch_size,
         learning_rate=config.vae_learning_rate, seed=config.seed, label="VAE", progress=progress, log_dir=log_dir,
-        clip_grad_norm=None,
+        clip_grad_norm=None, precision=config.precision,
     )  # fmt: skip
     return vae, final_loss
 
@@ -152,7 +154,7 @@ def train_dalle(
     final_loss = fit_model(
         dalle, _RandomPhrasing(text.cpu(), codes.cpu()), loss_fn, steps=config.dalle_steps,
         batch_size=config.dalle_batch_size, learning_rate=config.dalle_learning_rate, seed=config.seed + 1,
-        label="DALLE", progress=progress, log_dir=log_dir, weight_decay=0.01,
+        label="DALLE", progress=progress, log_dir=log_dir, weight_decay=0.01, precision=config.precision,
     )  # fmt: skip
     return dalle, final_loss
 
@@ -180,6 +182,6 @@ def train_clip(
     final_loss = fit_model(
         clip, _RandomPhrasing(text.cpu(), images.cpu()), loss_fn, steps=config.clip_steps,
         batch_size=config.clip_batch_size, learning_rate=config.clip_learning_rate, seed=config.seed + 3,
-        label="CLIP", progress=progress, log_dir=log_dir, weight_decay=0.01,
+        label="CLIP", progress=progress, log_dir=log_dir, weight_decay=0.01, precision=config.precision,
     )  # fmt: skip
     return clip, final_loss

@@ -21,7 +21,14 @@ from torch import Tensor, nn
 from dalle_pytorch.models.options import collect_options, option, options_signature
 from dalle_pytorch.models.precision import decoding_copy, weights_dtype
 from dalle_pytorch.models.sampling import Generators, check_generation_args, filter_logits, guide, sample
-from dalle_pytorch.models.static_decoding import check_static_decoding, compiled_step_fn, prepare_cache, shift_sources
+from dalle_pytorch.models.static_decoding import (
+    check_static_decoding,
+    compile_backend,
+    compiled_step_fn,
+    prepare_cache,
+    shift_sources,
+    text_step,
+)
 from dalle_pytorch.models.transformer import DecodingCache
 
 
@@ -53,12 +60,7 @@ class GenerationOptions:
             raise ValueError(f"filter_thres must be in [0, 1), got {self.filter_thres}")
         if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.compile is True:
-            self.compile = "inductor"
-        if self.compile is False or self.compile == "":
-            self.compile = None
-        if self.compile is not None and not (isinstance(self.compile, str) or callable(self.compile)):
-            raise TypeError(f"compile must be True, a torch.compile backend name or callable, got {self.compile!r}")
+        self.compile = compile_backend(self.compile)
         if self.compile is not None and not self.use_cache:
             raise ValueError("compile needs use_cache=True (the compiled step is the cached step)")
 
@@ -206,29 +208,50 @@ class GenerationMixin:
         filter_thres: float = 0.5,
         temperature: float = 1.0,
         generator: Generators = None,
+        compile: bool | str | Callable | None = None,
+        step_logits: list | None = None,
     ) -> tuple[Tensor, list[str]]:
         """Complete ``text`` (or sample from nothing) up to text_seq_len tokens.
 
         ``tokenizer`` has ``encode(str) -> list[int]`` and ``decode(ids) -> str``. Returns
-        ``(token_ids (1, text_seq_len) long with 0 for padding, [decoded text])``.
+        ``(token_ids (1, text_seq_len) long with 0 for padding, [decoded text])``. ``compile``: as in
+        :class:`GenerationOptions`, the cached text step torch.compiled with this backend (True: inductor).
+        When ``step_logits`` is a list, the text logits of every step are appended to it.
         """
         check_generation_args(temperature=temperature, generator=generator)
+        backend = compile_backend(compile)
         prompt = list(tokenizer.encode(text)) if text else []
         if len(prompt) > self.text_seq_len:
             raise ValueError(f"text encodes to {len(prompt)} tokens, more than text_seq_len={self.text_seq_len}")
         ids = torch.tensor([prompt], dtype=torch.long, device=self.device).reshape(1, len(prompt))
         ids = self._prepare_text(ids, None)[:, : len(prompt)]
+        if backend is not None:
+            check_static_decoding(self.transformer)
         with evaluating(self):
             cache = DecodingCache(self.seq_len)
             h = self.transformer(self._embed_text(ids), cache)
+            logits = self._text_logits(h[:, -1])
+            if backend is not None:
+                prepare_cache(cache)
+                step, sources = compiled_step_fn(backend, text_step), shift_sources(self.transformer)
             while ids.shape[1] < self.text_seq_len:
-                logits = filter_logits(self._text_logits(h[:, -1]).float() / temperature, filter_thres=filter_thres)
+                logits = logits.float()  # sampling in float32 whatever the weights' precision
+                if step_logits is not None:
+                    step_logits.append(logits.clone())
+                logits = filter_logits(logits / temperature, filter_thres=filter_thres)
                 new = sample(logits, 1.0, generator)[:, None]
                 position = ids.shape[1]
                 # any padding token becomes the padding token of this position, as in training data
                 new = torch.where(new >= self.num_text_tokens, self.text_pad_ids[position], new)
                 ids = torch.cat((ids, new), dim=1)
-                h = self.transformer(self.text_emb(new) + self._text_position(position + 1), cache)
+                if ids.shape[1] == self.text_seq_len:
+                    break
+                if backend is not None:  # the new token sits at sequence position position + 1 (after BOS)
+                    pos = torch.full((1,), position + 1, device=self.device)
+                    logits = step(self, new, cache._buffers, pos, sources)
+                else:
+                    h = self.transformer(self.text_emb(new) + self._text_position(position + 1), cache)
+                    logits = self._text_logits(h[:, -1])
         token_ids = torch.where(ids >= self.num_text_tokens, 0, ids)
         real = [int(t) for t in token_ids[0] if t != 0]
         return token_ids, [tokenizer.decode(real)]
