@@ -99,12 +99,16 @@ class DalleFlops:
             steps.append(rows * (flops + 2 * self.w_image_logits))
         return steps
 
+    def step_cache_values(self, batch: int, *, guided: bool, token: int) -> float:
+        """Cached keys and values (entries) the cached step sampling image token ``token`` attends to."""
+        rows = 2 * batch if guided else batch
+        end = self.text_len + token
+        return 2 * rows * self.inner * self.attention_pairs(end - 1, end)
+
     def generation_step_bytes(self, batch: int, *, guided: bool, token: int, bytes_per_value: int = 4) -> float:
         """Bytes a cached decoding step must read at least: every matmul weight once, plus the cached keys
         and values it attends to (the floor when the step is limited by memory bandwidth, not FLOPs)."""
-        rows = 2 * batch if guided else batch
-        end = self.text_len + token
-        kv_values = 2 * rows * self.inner * self.attention_pairs(end - 1, end)
+        kv_values = self.step_cache_values(batch, guided=guided, token=token)
         return bytes_per_value * (self.w_transformer + self.w_image_logits + kv_values)
 
 

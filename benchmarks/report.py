@@ -22,6 +22,8 @@ TARGETS = (
      "memory_reversible_depth16", "train_memory_vs_depth4", "<=", 1.3),
     ("Decoder sampling, same model: DDIM with 50 steps >= 15x faster than 1000-step DDPM",
      "decoder_sampling", "ddim_speedup", ">=", 15.0),
+    *((f"Generation, dim 1024 / depth 12, {p} weights: cached step <= 1.5x its memory floor",
+       f"gen_quickstart_precision_{p}", "x_memory_floor", "<=", 1.5) for p in ("bf16", "int8")),
 )  # fmt: skip
 
 
@@ -56,6 +58,12 @@ def derive(name: str, result: dict, earlier: dict[str, dict]) -> dict:
                 # roofline: a step takes at least its matmul time and at least the time to read its bytes
                 out[f"step_roofline_ms{suffix}"] = max(out[f"step_matmul_ms{suffix}"], step_bytes / bandwidth / 1e6)
                 out[f"x_step_roofline{suffix}"] = out[ms] / out[f"step_roofline_ms{suffix}"]
+    if bandwidth and "weight_bytes" in out:  # the bytes in the dtypes the step reads (precision_cases)
+        for suffix, ms in (("", "ms_per_token_step"), ("_window_start", "ms_step_window_start"),
+                           ("_window_end", "ms_step_window_end")):  # fmt: skip
+            if out.get(f"step_bytes{suffix}") and ms in out:
+                out[f"memory_floor_ms{suffix}"] = out[f"step_bytes{suffix}"] / bandwidth / 1e6
+                out[f"x_memory_floor{suffix}"] = out[ms] / out[f"memory_floor_ms{suffix}"]
     eager_train = earlier.get("dalle_train_full", {})
     if name == "dalle_train_compiled" and "speedup_vs_eager" not in out and eager_train.get("median_s") and median:
         out["speedup_vs_eager"] = eager_train["median_s"] / median  # results of a version without eager timing
@@ -132,9 +140,15 @@ def headline(result: dict) -> str:
         parts.append(f"x{_fmt(result['speedup_vs_full'])} vs full (best repeats x{best}, CPU time x{cpu},"
                      f" FLOPs bound x{_fmt(result['flops_speedup_bound'])})")  # fmt: skip
     if "ms_per_token_step" in result:
-        step = f"{_fmt(result['ms_per_token_step'])} ms/step = x{_fmt(result.get('x_step_matmul_time'))} matmul time"
+        step = f"{_fmt(result['ms_per_token_step'])} ms/step"
+        if "x_step_matmul_time" in result:
+            step += f" = x{_fmt(result['x_step_matmul_time'])} matmul time"
         if "x_step_roofline" in result:
             step += f", x{_fmt(result['x_step_roofline'])} roofline"
+        if "x_memory_floor" in result:
+            step += (f", x{_fmt(result['x_memory_floor'])} memory floor ({_fmt(result['memory_floor_ms'])} ms;"
+                     f" start x{_fmt(result.get('x_memory_floor_window_start'))},"
+                     f" end x{_fmt(result.get('x_memory_floor_window_end'))})")  # fmt: skip
         if "ms_per_token_step_cpu" in result:
             step += f" (CPU time {_fmt(result['ms_per_token_step_cpu'])} ms/step)"
         if "prefill_s" in result:

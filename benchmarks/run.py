@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     # imported here so --help stays fast; loaded once so that the forked children start without importing
     import dalle_pytorch  # noqa: F401
-    from benchmarks import cases, compile_cases, decoder_cases, prior_cases, report
+    from benchmarks import cases, compile_cases, decoder_cases, precision_cases, prior_cases, report
     from benchmarks.harness import pick_device, run_isolated
 
     registry = {
@@ -85,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         **decoder_cases.registry(args.quick),
         **prior_cases.registry(args.quick),
         **compile_cases.registry(args.quick),
+        **precision_cases.registry(args.quick),
     }
     if args.list:
         print("\n".join(registry))

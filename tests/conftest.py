@@ -67,3 +67,13 @@ def one_thread_per_module():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def fresh_dynamo():
+    """torch.compile's caches emptied before and after the test: the compiled decoding step is one function,
+    and a process may compile it for at most ``torch._dynamo.config.recompile_limit`` models, so tests that
+    compile it for models of their own must not use up the budget of the tests after them."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()

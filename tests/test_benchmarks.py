@@ -180,6 +180,41 @@ def test_sparse_vs_full_prints_every_kind(tmp_path):
             assert r["time_s"] > 0 and r["speedup_vs_full"] > 0
 
 
+def test_memory_floor_of_the_precision_cases():
+    from benchmarks import precision_cases
+
+    earlier = {"matmul": {"matmul_gflops": 100.0, "bandwidth_gbs": 10.0}}
+    raw = {"median_s": 0.03, "ms_per_token_step": 30.0, "ms_step_window_start": 20.0, "ms_step_window_end": 40.0,
+           "weight_bytes": 1e8, "step_bytes": 2e8, "step_bytes_window_start": 1.5e8, "step_bytes_window_end": 2.5e8}
+    gen = report.derive("gen_quickstart_precision_bf16", raw, earlier)  # fmt: skip
+    assert gen["memory_floor_ms"] == pytest.approx(20.0) and gen["x_memory_floor"] == pytest.approx(1.5)
+    assert gen["x_memory_floor_window_start"] == pytest.approx(20 / 15)
+    assert gen["x_memory_floor_window_end"] == pytest.approx(40 / 25)
+    assert "x1.5 memory floor (20 ms" in report.headline(gen)
+    met = {row["case"]: row["met"] for row in report.check_targets({"gen_quickstart_precision_bf16": gen})}
+    assert met["gen_quickstart_precision_bf16"] is True and met["gen_quickstart_precision_int8"] is None
+    # weight bytes as stored: fp32, bf16 (half), int8 (a quarter, plus one scale per output channel)
+    model = _tiny_dalle()
+    sizes = {p: precision_cases.matmul_weight_bytes([model.decoding_copy(p).transformer.layers])
+             for p in ("fp32", "bf16", "int8")}  # fmt: skip
+    channels = sum(m.out_features for m in model.transformer.layers.modules() if isinstance(m, torch.nn.Linear))
+    assert sizes["fp32"] == 4 * model_flops.linear_weights([model.transformer.layers]) == 2 * sizes["bf16"]
+    assert sizes["int8"] == sizes["fp32"] // 4 + 2 * channels  # the scales in bf16, the kernel's dtype
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "int8"])
+@pytest.mark.parametrize("compile", [None, "aot_eager"])
+@pytest.mark.usefixtures("one_thread_per_module", "fresh_dynamo")
+def test_precision_case_runs_at_quick_sizes(precision, compile):
+    from benchmarks import precision_cases
+
+    result = precision_cases.gen_precision(torch.device("cpu"), quick=True, precision=precision, compile=compile)
+    assert result["ms_per_token_step"] > 0 and result["config"]["precision"] == precision
+    assert ("compile_s" in result) == (compile is not None)
+    assert result["step_bytes_window_start"] < result["step_bytes"] < result["step_bytes_window_end"]
+    assert result["config"]["cache_dtype"] == ("bfloat16" if precision == "bf16" else "float32")
+
+
 def test_compiled_and_bf16_training_cases_report_ratios_in_one_process():
     from benchmarks import compile_cases
 

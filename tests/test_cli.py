@@ -360,6 +360,17 @@ def test_generated_images_do_not_depend_on_batch_size(env, tmp_path):
     assert not all(np.array_equal(images[0][0], other) for other in images[0][1:])  # different seeds differ
 
 
+def test_generate_with_lower_precision_weights(env, tmp_path):
+    for weights in ("bf16", "int8"):
+        generate.main(["--dalle_path", str(env.reference), "--text", "a green circle", "--num_images", "2",
+                       "--weights", weights, "--outputs_dir", str(tmp_path / weights), "--device", "cpu"])  # fmt: skip
+        images = [read_png(tmp_path / weights / "a_green_circle" / f"{n}.png") for n in range(2)]
+        assert all(image.shape == images[0].shape for image in images)
+        assert json.loads((tmp_path / weights / "args.json").read_text())["args"]["weights"] == weights
+    with pytest.raises(SystemExit):
+        generate.main(["--dalle_path", str(env.reference), "--text", "x", "--weights", "fp16"])
+
+
 def test_train_clip_then_rerank_and_prime(env, tmp_path):
     clip_out = tmp_path / "clip"
     train_clip.main(["--image_text_folder", str(env.data), "--bpe_path", str(env.tokenizer), "--dim_text", "32",

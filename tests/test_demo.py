@@ -31,6 +31,7 @@ from dalle_pytorch.demo.pipeline import (
     generate_for_prompts,
     make_grid,
     resolve_device,
+    run_demo,
 )
 from dalle_pytorch.demo.report import Stopwatch, build_report, grid_rows, write_grid_and_report
 from dalle_pytorch.demo.training import encode_images, train_dalle, train_vae
@@ -164,6 +165,21 @@ def test_config_validation():
     assert resolve_device("cpu") == torch.device("cpu")
     with pytest.raises(ValueError, match="device"):
         resolve_device("toaster")
+
+
+def test_decode_precisions_are_checked():
+    assert dataclasses.replace(FAST_CONFIG, decode_precisions=["bf16", "int8"]).decode_precisions == ("bf16", "int8")
+    for bad in (("fp16",), ("bf16", "bf16")):
+        with pytest.raises(ValueError, match="decode_precisions must be distinct names out of"):
+            dataclasses.replace(FAST_CONFIG, decode_precisions=bad)
+    with pytest.raises(TypeError, match="tuple of names"):
+        dataclasses.replace(FAST_CONFIG, decode_precisions="bf16")
+    assert build_parser().parse_args(["--decode-precision", "fp32, int8"]).decode_precision == ("fp32", "int8")
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--decode-precision", "fp8"])
+    assert main(["--model", "dalle2", "--decode-precision", "bf16"]) == 2
+    with pytest.raises(ValueError, match="decode_precisions are judged with model='dalle'"):
+        run_demo(dataclasses.replace(FAST_CONFIG, decode_precisions=("bf16",)), model="both")
 
 
 def test_cli_parses_step_overrides():
@@ -330,7 +346,7 @@ def test_demo_end_to_end_with_tiny_budget(tmp_path):
     # the whole --fast pipeline with a few steps of everything: the files, the report and the table; the
     # fidelity of a real --fast run is checked by the slow test below
     extra = ["--steps", "vae=10", "dalle=10", "classifier=10", "--samples", "1", "--train_images", "300",
-             "--precision", "bf16"]  # fmt: skip
+             "--precision", "bf16", "--decode-precision", "fp32,bf16,int8"]  # fmt: skip
     report = _run_demo(tmp_path, extra, samples=1)
     assert report["config"]["precision"] == "bf16" and "bf16 training" in format_report(report)
     for group in ("seen", "heldout", "overall"):
@@ -338,6 +354,24 @@ def test_demo_end_to_end_with_tiny_budget(tmp_path):
     assert report["config"]["vae_steps"] == 10 and report["config"]["num_train_images"] == 300
     assert set(report["final_losses"]) == {"vae", "dalle"}
     assert report["fidelity"]["chance"]["both_match"] == pytest.approx(1 / 35)
+    # every decoding precision generated and judged beside fp32 (the trained model's own samples)
+    precisions = report["decode_precision"]["precisions"]
+    assert list(precisions) == ["fp32", "bf16", "int8"] and report["config"]["decode_precisions"] == list(precisions)
+    assert precisions["fp32"]["points_vs_fp32"] == {"seen": 0.0, "heldout": 0.0, "overall": 0.0}
+    assert precisions["fp32"]["identical_to_fp32"] == 1.0
+    groups = ("seen", "heldout", "overall")
+    assert precisions["fp32"]["both_match"] == {group: report["fidelity"][group]["both_match"] for group in groups}
+    for result in precisions.values():
+        points = 100 * (result["both_match"]["overall"] - report["fidelity"]["overall"]["both_match"])
+        assert result["points_vs_fp32"]["overall"] == pytest.approx(points)
+        assert 0.0 <= result["identical_to_fp32"] <= 1.0 and result["generation_seconds"] >= 0
+    noise = report["decode_precision"]["noise"]  # fp32 with other seeds: what sampling alone changes
+    assert noise["identical_to_fp32"] < 1.0 and set(noise["points_vs_fp32"]) == set(groups)
+    assert "generation_fp32_other_seeds" in report["seconds"] and "fp32, other seeds" in format_report(report)
+    drops = [-r["points_vs_fp32"]["overall"] for r in precisions.values()]
+    assert report["decode_precision"]["met"] == (max(drops) <= report["decode_precision"]["max_drop_points"])
+    assert {"generation_bf16", "generation_int8"} <= set(report["seconds"])
+    assert "decoding precision" in format_report(report) and "within 3 points of fp32" in format_report(report)
 
 
 @pytest.mark.slow

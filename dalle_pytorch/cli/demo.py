@@ -5,6 +5,7 @@
     dalle-demo --steps dalle=3000 --cond_scale 3
     dalle-demo --model dalle2         # DALL-E 2 instead: CLIP, a diffusion prior and a 32x32 decoder
     dalle-demo --model both --fast    # DALLE, DALLE2 and CLIP-guided VAE codes, judged side by side
+    dalle-demo --decode-precision fp32,bf16,int8   # also generate with bf16 and int8 weights, judged beside fp32
     dalle-demo --precision bf16       # train with bf16 autocast (compare with the fp32 run's report)
 
 Writes grid.png, report.json, tokenizer.json and the trained models into --out_dir and prints, per prompt,
@@ -25,6 +26,7 @@ import torch
 from dalle_pytorch.demo.comparison import format_comparison
 from dalle_pytorch.demo.pipeline import DEFAULT_CONFIG, FAST_CONFIG, MODELS, run_demo
 from dalle_pytorch.demo.report import format_report
+from dalle_pytorch.models.precision import DECODING_PRECISIONS
 
 STEP_KEYS = {
     "vae": "vae_steps",
@@ -49,6 +51,13 @@ def _step_override(text: str) -> tuple[str, int]:
     if key not in STEP_KEYS or not value.isdigit():
         raise argparse.ArgumentTypeError(f"expected KEY=N with KEY in {sorted(STEP_KEYS)} and N >= 0, got {text!r}")
     return STEP_KEYS[key], int(value)
+
+
+def _precisions(text: str) -> tuple[str, ...]:
+    names = tuple(name.strip() for name in text.split(",") if name.strip())
+    if not names or any(name not in DECODING_PRECISIONS for name in names):
+        raise argparse.ArgumentTypeError(f"expected comma-separated names out of {DECODING_PRECISIONS}, got {text!r}")
+    return names
 
 
 def default_threads(torch_default: int, cpu_count: int | None, load_average: float | None) -> int:
@@ -106,6 +115,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(*_flag("--filter_thres"), dest="filter_thres", type=float,
                         help="top-k: fraction of the image vocabulary dropped at each step")  # fmt: skip
     parser.add_argument(
+        *_flag("--decode_precision"),
+        dest="decode_precision",
+        type=_precisions,
+        metavar="P[,P...]",
+        help="after generating with the trained model, generate and judge again with each of these decoding "
+        "precisions (fp32, bf16, int8; e.g. fp32,bf16,int8), reported side by side",
+    )
+    parser.add_argument(
         "--precision",
         choices=("fp32", "bf16", "fp16"),
         help="training precision of the models: fp32 (default), or bf16 / fp16 autocast as in the training tools",
@@ -133,6 +150,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     for flag in flags:
         if getattr(args, flag) is not None:
             overrides[renamed.get(flag, flag)] = getattr(args, flag)
+    if args.decode_precision is not None:
+        if args.model != "dalle":
+            print("dalle-demo: error: --decode_precision needs --model dalle", file=sys.stderr)
+            return 2
+        overrides["decode_precisions"] = args.decode_precision
     try:
         config = dataclasses.replace(config, seed=args.seed, **overrides)
     except (TypeError, ValueError) as error:

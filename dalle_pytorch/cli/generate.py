@@ -49,6 +49,7 @@ from dalle_pytorch.io.checkpoint import load_pretrained
 from dalle_pytorch.models.clip import CLIP
 from dalle_pytorch.models.dalle import DALLE
 from dalle_pytorch.models.generation import GenerationOptions
+from dalle_pytorch.models.precision import DECODING_PRECISIONS
 from dalle_pytorch.training.distributed import resolve_device
 from dalle_pytorch.training.trainer import PRECISIONS
 
@@ -162,6 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
         default="fp32",
         help="fp32, bf16 or fp16 autocast (default: fp32)",
     )
+    add_arg(parser, "--weights", choices=list(DECODING_PRECISIONS), default="fp32",
+            help="decode with a copy of DALLE with fp32, bf16 or weight-only int8 weights (default: fp32)")  # fmt: skip
     guided = parser.add_argument_group("--method clip-guided")
     add_arg(guided, "--vae_path", default=None, help="a trained VAE: a model folder or a dalle-train-vae output folder")
     add_arg(guided, "--steps", type=int, default=200, help="optimisation steps (default: 200)")
@@ -214,6 +217,8 @@ def run(argv: list[str] | None = None) -> list[Path]:
     checkpoint = resolve_checkpoint(args.dalle_path, "--dalle_path", expect="DALLE")
     check_guidance(args.cond_scale, checkpoint)
     dalle = load_model(checkpoint, DALLE, "--dalle_path", map_location=device)
+    if args.weights != "fp32":
+        dalle = dalle.decoding_copy(args.weights)
     spec = tokenizer_spec_for(args, checkpoint)
     tokenizer = build_tokenizer(spec)
     clip = None
@@ -238,6 +243,7 @@ def run(argv: list[str] | None = None) -> list[Path]:
             "num_init_img_tokens",
             "keep_top",
             "precision",
+            "weights",
         )
     }
     taken: set[str] = set()

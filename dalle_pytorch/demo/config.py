@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from dalle_pytorch.models.precision import DECODING_PRECISIONS
 from dalle_pytorch.training.settings import PRECISIONS
 
 __all__ = ["DEFAULT_CONFIG", "FAST_CONFIG", "DemoConfig"]
@@ -75,6 +76,9 @@ class DemoConfig:
     temperature: float = 0.7
     filter_thres: float = 0.5
     seed: int = 0
+    # after generating with the trained model (fp32 weights), generate and judge again with each of these decoding
+    # precisions ("fp32", "bf16", "int8"; DALLE.decoding_copy), reported side by side
+    decode_precisions: tuple[str, ...] = ()
     # training precision of every model the demo trains (the judge's classifier excepted): "fp32", or "bf16" /
     # "fp16" autocast, as the Trainer's precision
     precision: str = "fp32"
@@ -82,6 +86,12 @@ class DemoConfig:
     def __post_init__(self) -> None:
         # report.json stores the tuple as a list; read back, it is a tuple again
         object.__setattr__(self, "dalle2_unet_mults", tuple(self.dalle2_unet_mults))
+        if isinstance(self.decode_precisions, str):
+            raise TypeError(f"decode_precisions must be a tuple of names, got the str {self.decode_precisions!r}")
+        object.__setattr__(self, "decode_precisions", tuple(self.decode_precisions))
+        names = self.decode_precisions
+        if any(name not in DECODING_PRECISIONS for name in names) or len(set(names)) != len(names):
+            raise ValueError(f"decode_precisions must be distinct names out of {DECODING_PRECISIONS}, got {names}")
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
             if field.type == "int" and (not isinstance(value, int) or isinstance(value, bool)):

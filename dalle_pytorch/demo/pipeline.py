@@ -64,6 +64,7 @@ __all__ = [
     "build_word_tokenizer",
     "caption_ids",
     "generate_for_prompts",
+    "judge_decode_precisions",
     "make_grid",
     "render_training_set",
     "resolve_device",
@@ -184,6 +185,61 @@ def generate_for_prompts(
     return images[torch.arange(len(prompts))[:, None], torch.arange(samples)[None, :], best]
 
 
+PRECISION_MAX_DROP_POINTS = 3.0  # lower-precision decoding keeps the fp32 fidelity within this many points
+
+
+def judge_decode_precisions(
+    dalle: DALLE,
+    tokenizer: HugTokenizer,
+    prompts: Sequence[ShapePrompt],
+    config: DemoConfig,
+    clip: CLIP | None,
+    classifier,
+    fp32_samples: Tensor,
+    fp32_fidelity: dict,
+    stopwatch: Stopwatch,
+    progress: bool = True,
+) -> dict:
+    """Generate and judge again with each of ``config.decode_precisions`` (``DALLE.decoding_copy``), the same
+    seeds as the fp32 samples ``fp32_samples`` judged ``fp32_fidelity`` (reused for ``"fp32"``).
+
+    Per precision: the ``both_match`` rates (seen, heldout, overall), their difference to fp32 in points,
+    the fraction of samples identical to fp32's and the generation seconds. ``met``: no overall rate drops
+    more than :data:`PRECISION_MAX_DROP_POINTS` points below fp32's. ``noise``: the same for fp32 with other
+    sampling seeds, the difference that sampling alone makes (a low-precision model samples other codes as
+    soon as a near-tie flips, after which its samples are as different from fp32's as other seeds' are).
+    """
+    groups = ("seen", "heldout", "overall")
+
+    def judged(samples: Tensor, fidelity: dict, stage: str) -> dict:
+        return {
+            "both_match": {group: fidelity[group]["both_match"] for group in groups},
+            "points_vs_fp32": {
+                group: 100 * (fidelity[group]["both_match"] - fp32_fidelity[group]["both_match"]) for group in groups
+            },
+            "identical_to_fp32": float((samples == fp32_samples).flatten(2).all(-1).float().mean()),
+            "generation_seconds": stopwatch.wall.get(stage),
+        }
+
+    def generated(model: DALLE, stage: str, run_config: DemoConfig) -> tuple[Tensor, dict]:
+        with stopwatch(stage):
+            samples = generate_for_prompts(model, tokenizer, prompts, run_config, clip, progress=progress).cpu()
+        return samples, judge_samples(samples, prompts, classifier)
+
+    per_precision = {}
+    for name in config.decode_precisions:
+        samples, fidelity, stage = fp32_samples, fp32_fidelity, "generation"
+        if name != "fp32":
+            stage = f"generation_{name}"
+            samples, fidelity = generated(dalle.decoding_copy(name), stage, config)
+        per_precision[name] = judged(samples, fidelity, stage)
+    reseeded = dataclasses.replace(config, seed=config.seed + 1)
+    noise = judged(*generated(dalle, "generation_fp32_other_seeds", reseeded), "generation_fp32_other_seeds")
+    drops = [-result["points_vs_fp32"]["overall"] for result in per_precision.values()]
+    met = all(drop <= PRECISION_MAX_DROP_POINTS for drop in drops)
+    return {"precisions": per_precision, "noise": noise, "max_drop_points": PRECISION_MAX_DROP_POINTS, "met": met}
+
+
 # ---------------------------------------------------------------------------------------------------------
 # the whole pipeline
 
@@ -228,6 +284,8 @@ def run_demo(
         raise TypeError(f"config must be a DemoConfig, got {type(config).__name__}")
     if model not in MODELS:
         raise ValueError(f"model must be one of {MODELS}, got {model!r}")
+    if config.decode_precisions and model != "dalle":
+        raise ValueError(f"decode_precisions are judged with model='dalle', got model={model!r}")
     uses_dalle, uses_dalle2 = model in ("dalle", "both"), model in ("dalle2", "both")
     clip_steps = config.clip_steps if not uses_dalle2 else max(config.clip_steps, config.dalle2_clip_steps)
     device = resolve_device(device)
@@ -276,6 +334,10 @@ def run_demo(
             with stopwatch("evaluation"):
                 results["dalle"] = judge_samples(samples, prompts, classifier)
                 reconstruction, reconstructions = _judge_reconstructions(vae, classifier, config)
+            precisions = None
+            if config.decode_precisions:
+                precisions = judge_decode_precisions(dalle, tokenizer, prompts, config, reranker, classifier, samples,
+                                                     results["dalle"], stopwatch, progress)  # fmt: skip
             rows += grid_rows(prompts, samples, results["dalle"], reconstructions)
         if uses_dalle2:
             ids = tokenizer.tokenize([p.caption for p in prompts], text.shape[-1])
@@ -296,7 +358,7 @@ def run_demo(
         return write_grid_and_report(
             out_dir, config=config, device=device, stopwatch=stopwatch, final_losses=losses,
             shape_classifier_accuracy=accuracy, prompts=prompts, samples=samples, fidelity=results["dalle"],
-            vae_reconstruction=reconstruction, reconstructions=reconstructions,
+            vae_reconstruction=reconstruction, reconstructions=reconstructions, decode_precision=precisions,
         )  # fmt: skip
     return write_comparison(
         out_dir, rows, model=model, config=config, device=device, stopwatch=stopwatch, final_losses=losses,

@@ -35,6 +35,7 @@ __all__ = [
     "TARGETS",
     "Stopwatch",
     "build_report",
+    "format_precisions",
     "format_report",
     "grid_prompt_indices",
     "grid_rows",
@@ -192,6 +193,7 @@ def build_report(
     shape_classifier_accuracy: float,
     vae_reconstruction: dict,
     fidelity: dict,
+    decode_precision: dict | None = None,
 ) -> dict:
     """The JSON-ready report of a demo run: non-finite floats become ``None``.
 
@@ -204,6 +206,8 @@ def build_report(
         vae_reconstruction: the judge's ``overall`` rates on VAE reconstructions of ground truth.
         fidelity: ``evaluate_fidelity`` of the samples; ``targets["met"]`` tells whether its ``seen`` and
             ``heldout`` ``both_match`` rates reach :data:`TARGETS`.
+        decode_precision: ``judge_decode_precisions`` of the pipeline, when the config asks for it (the
+            report's ``decode_precision``).
     """
     met = all(fidelity[group]["both_match"] >= TARGETS[f"{group}_both_match"] for group in ("seen", "heldout"))
     report = {
@@ -217,6 +221,8 @@ def build_report(
         "fidelity": fidelity,
         "targets": {**TARGETS, "met": bool(met)},
     }
+    if decode_precision is not None:
+        report["decode_precision"] = decode_precision
     return json_ready(report)
 
 
@@ -233,13 +239,15 @@ def write_grid_and_report(
     fidelity: dict,
     vae_reconstruction: dict,
     reconstructions: Tensor,
+    decode_precision: dict | None = None,
 ) -> dict:
     """Save ``grid.png`` (:func:`grid_rows`) and ``report.json`` (:func:`build_report`) into the existing folder
     ``out_dir``; the arguments are described there. Returns the report."""
     out_dir = Path(out_dir)
     make_grid(grid_rows(prompts, samples, fidelity, reconstructions)).save(out_dir / "grid.png")
     report = build_report(
-        config, device, stopwatch, final_losses, shape_classifier_accuracy, vae_reconstruction, fidelity
+        config, device, stopwatch, final_losses, shape_classifier_accuracy, vae_reconstruction, fidelity,
+        decode_precision,
     )
     (out_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     return report
@@ -281,4 +289,26 @@ def format_report(report: dict) -> str:
         + f" ({report['torch_threads']} torch threads, {report['device']}, "
         f"{report['config'].get('precision', 'fp32')} training)",
     ]  # fmt: skip
+    if "decode_precision" in report:
+        lines += ["", format_precisions(report["decode_precision"])]
+    return "\n".join(lines)
+
+
+def format_precisions(decode_precision: dict) -> str:
+    """The printed table of ``report["decode_precision"]``: per decoding precision (and for fp32 with other
+    seeds), the samples showing both colour and shape, the difference to fp32 in points and the seconds."""
+    lines = [f"{'decoding precision':<20}{'seen':>8}{'held out':>10}{'all':>8}{'vs fp32 (points)':>18}"
+             f"{'identical':>11}{'seconds':>9}"]  # fmt: skip
+    rows = [*decode_precision["precisions"].items(), ("fp32, other seeds", decode_precision["noise"])]
+    for name, result in rows:
+        both, points = result["both_match"], result["points_vs_fp32"]
+        seconds = result["generation_seconds"]
+        lines.append(
+            f"{name:<20}{rate(both['seen']):>8}{rate(both['heldout']):>10}{rate(both['overall']):>8}"
+            f"{points['overall']:>+18.1f}{rate(result['identical_to_fp32']):>11}"
+            f"{'-' if seconds is None else f'{seconds:.0f}':>9}"
+        )
+    verdict = "met" if decode_precision["met"] else "NOT met"
+    lines.append("(fp32 with other seeds: how much sampling alone moves the rates)")
+    lines.append(f"target (all pairs within {decode_precision['max_drop_points']:g} points of fp32): {verdict}")
     return "\n".join(lines)

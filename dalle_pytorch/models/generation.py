@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from dalle_pytorch.models.options import collect_options, option, options_signature
+from dalle_pytorch.models.precision import decoding_copy, weights_dtype
 from dalle_pytorch.models.sampling import Generators, check_generation_args, filter_logits, guide, sample
 from dalle_pytorch.models.static_decoding import (
     check_static_decoding,
@@ -105,9 +106,19 @@ class GenerationMixin:
             return images
         clip_text = text[:, : self.text_seq_len] if opts.truncate_text else text
         clip_mask = mask[:, : clip_text.shape[1]] if mask is not None else None
+        clip_dtype = next((p.dtype for p in clip.parameters() if p.is_floating_point()), images.dtype)
         with evaluating(clip):
-            scores = clip(clip_text.to(images.device), images, text_mask=clip_mask)
+            scores = clip(clip_text.to(images.device), images.to(clip_dtype), text_mask=clip_mask)
         return images, scores
+
+    def decoding_copy(self, precision: str | torch.dtype):
+        """A copy of this model for generation with lower-precision weights: ``"bf16"`` (bfloat16 weights,
+        activations and cache), ``"int8"`` (weight-only int8 linear layers, the rest float32) or ``"fp32"``.
+
+        This model is not changed; the copy shares its VAE. Sampling runs on float32 logits whatever the
+        precision. See :mod:`dalle_pytorch.models.precision`.
+        """
+        return decoding_copy(self, precision)
 
     @options_signature(GenerationOptions)
     @torch.no_grad()
@@ -126,6 +137,7 @@ class GenerationMixin:
         When ``step_logits`` is a list, the (guided) image logits used at every step are appended to it.
         """
         opts = collect_options(GenerationOptions, options, kwargs, owner="generate_image_codes")
+        weights_dtype(self, skip=(self.vae,))  # a model converted in part: a clear error now, not in a matmul
         check_generation_args(temperature=opts.temperature, img=img, num_init_img_tokens=opts.num_init_img_tokens)
         text_ids = self._prepare_text(text, mask, opts.truncate_text)
         batch = text_ids.shape[0]
@@ -151,9 +163,7 @@ class GenerationMixin:
             check_static_decoding(self.transformer)
         with evaluating(self):
             cache = DecodingCache(self.seq_len) if opts.use_cache else None
-            x = torch.cat((self._embed_text(branch_text), self._embed_branches(codes, 0, guided)), dim=1)
-            h = self.transformer(x, cache)
-            logits = self._image_logits(h[:, -1])  # (b or 2b, num_image_tokens)
+            logits = self._prefill(branch_text, codes, guided, cache)  # (b or 2b, num_image_tokens) float32
             if opts.compile is not None:
                 prepare_cache(cache)
                 step, sources = compiled_step_fn(opts.compile), shift_sources(self.transformer)
@@ -169,14 +179,21 @@ class GenerationMixin:
                     return codes
                 if opts.compile is not None:
                     grid = torch.full((1,), codes.shape[1] - 1, device=self.device)
-                    logits = step(self, new, grid, cache._buffers, grid + self.text_len, sources, guided)
-                    continue
-                if opts.use_cache:
-                    h = self.transformer(self._embed_branches(new, codes.shape[1] - 1, guided), cache)
+                    logits = step(self, new, grid, cache._buffers, grid + self.text_len, sources, guided).float()
+                elif opts.use_cache:
+                    logits = self._decode_step(new, codes.shape[1] - 1, guided, cache)
                 else:
-                    x = torch.cat((self._embed_text(branch_text), self._embed_branches(codes, 0, guided)), dim=1)
-                    h = self.transformer(x)
-                logits = self._image_logits(h[:, -1])
+                    logits = self._prefill(branch_text, codes, guided, None)
+
+    def _prefill(self, branch_text: Tensor, codes: Tensor, guided: bool, cache: DecodingCache | None) -> Tensor:
+        """The transformer on [BOS, text, codes] from position 0 -> float32 image logits of the last position."""
+        x = torch.cat((self._embed_text(branch_text), self._embed_branches(codes, 0, guided)), dim=1)
+        return self._image_logits(self.transformer(x, cache)[:, -1]).float()
+
+    def _decode_step(self, new: Tensor, grid: int, guided: bool, cache: DecodingCache) -> Tensor:
+        """One cached step: the codes new (b, 1) at grid index ``grid`` -> float32 image logits (b or 2b, vocab)."""
+        h = self.transformer(self._embed_branches(new, grid, guided), cache)
+        return self._image_logits(h[:, -1]).float()
 
     def _embed_branches(self, codes: Tensor, start: int, guided: bool) -> Tensor:
         x = self._embed_image(codes, start)
@@ -218,6 +235,7 @@ class GenerationMixin:
                 prepare_cache(cache)
                 step, sources = compiled_step_fn(backend, text_step), shift_sources(self.transformer)
             while ids.shape[1] < self.text_seq_len:
+                logits = logits.float()  # sampling in float32 whatever the weights' precision
                 if step_logits is not None:
                     step_logits.append(logits.clone())
                 logits = filter_logits(logits / temperature, filter_thres=filter_thres)
