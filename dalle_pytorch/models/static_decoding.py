@@ -149,12 +149,10 @@ def text_step(model: Any, tokens: Tensor, buffers: dict, pos: Tensor, sources: T
     return model._text_logits(h[:, -1])
 
 
-# A decoding step multiplies a few rows by every weight matrix, which the default matmul kernels do far below
-# memory speed on a CPU. Inductor's freezing pass lays the weights out for its own matmul kernels, and
-# max_autotune picks among them per shape: whole runs measured 1.6x faster than plain inductor (about 2x eager) on the
-# dim 256 / depth 4 benchmark model (benchmarks/compile_cases.py). The weights stay inputs of the graph, so a
-# model trained further after compiling decodes with its new weights (tested).
-INDUCTOR_OPTIONS = {"inductor": {"freezing": True, "max_autotune": True}}
+# Not used: inductor's freezing pass (with max_autotune) made whole runs of the dim 256 / depth 4 benchmark
+# model 1.6-2x faster than eager on 1 thread, against about 1.15x without it, because it lays the weights out
+# for its own small-row matmul kernels. But it bakes the weights into the graph as constants: a model trained
+# further after compiling kept decoding with its old weights (the slow test on changed weights fails).
 
 # (step, backend) -> compiled step; the model is an argument (not a closure or an attribute of the model) so
 # that models stay copyable and picklable. Dynamo guards on the model and the shapes: each model and batch
@@ -166,7 +164,5 @@ def compiled_step_fn(backend: str | Callable, step: Callable = image_step) -> Ca
     """``step`` (:func:`image_step` or :func:`text_step`) compiled with ``backend`` (a torch.compile backend
     name or callable)."""
     if (step, backend) not in _COMPILED_STEPS:
-        _COMPILED_STEPS[step, backend] = torch.compile(
-            step, backend=backend, fullgraph=True, dynamic=False, options=INDUCTOR_OPTIONS.get(backend)
-        )
+        _COMPILED_STEPS[step, backend] = torch.compile(step, backend=backend, fullgraph=True, dynamic=False)
     return _COMPILED_STEPS[step, backend]
