@@ -31,7 +31,7 @@ from benchmarks.cases import (
     timed_train,
     vae_case,
 )
-from benchmarks.harness import synchronize, time_repeats
+from benchmarks.harness import time_repeats, timed
 
 COMPILE_GEN_TOKENS = {False: 256, True: 16}
 
@@ -43,13 +43,6 @@ def _cold_compile_caches():
     return inductor_config.patch(fx_graph_cache=False, autotune_local_cache=False)
 
 
-def _timed(fn, device: torch.device) -> float:
-    start = time.perf_counter()
-    fn()
-    synchronize(device)
-    return time.perf_counter() - start
-
-
 def _eager_and_compiled(case: TrainCase, device: torch.device, quick: bool, backend: str) -> dict:
     """The training step of ``case`` eager, then with the model compiled (as ``Trainer(compile=...)`` does:
     the forward and backward of the compiled wrapper, AdamW on the original parameters), in this process."""
@@ -57,7 +50,7 @@ def _eager_and_compiled(case: TrainCase, device: torch.device, quick: bool, back
     compiled = torch.compile(case.model, backend=backend)
     step, _ = _train_step(case.model, lambda: case.loss(compiled))
     with _cold_compile_caches():
-        first_s = _timed(step, device)
+        first_s, _ = timed(step, device)
     stats = time_repeats(step, device=device, budget_s=BUDGET_S[quick])
     return {**stats, **case.fields, "config": {**case.fields["config"], "backend": backend},
             "compile_s": first_s - stats["median_s"], "eager_median_s": eager["median_s"],

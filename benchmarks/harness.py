@@ -32,8 +32,8 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _timed(fn: Callable[[], Any], device: torch.device) -> tuple[float, float]:
-    """(wall seconds, process CPU seconds) of one call."""
+def timed(fn: Callable[[], Any], device: torch.device) -> tuple[float, float]:
+    """(wall seconds, process CPU seconds) of one call, queued device work included."""
     wall, cpu = time.perf_counter(), time.process_time()
     fn()
     synchronize(device)
@@ -56,13 +56,13 @@ def time_repeats(
     time of this process (all threads) per run: unlike wall time it does not grow while other programs
     hold the cores, so with one thread it is the steadier figure on a shared machine.
     """
-    warm = [_timed(fn, device) for _ in range(warmup)]
+    warm = [timed(fn, device) for _ in range(warmup)]
     if warm and warm[-1][0] > budget_s:
         samples, reused = [warm[-1]], True
     else:
         samples, reused = [], False
         while len(samples) < repeats and (not samples or sum(w for w, _ in samples) < budget_s):
-            samples.append(_timed(fn, device))
+            samples.append(timed(fn, device))
     times = [w for w, _ in samples]
     return {
         "median_s": statistics.median(times),
@@ -246,10 +246,7 @@ def time_ddpm_vs_ddim(sample: Callable[[int | None], None], ddim_steps: int, dev
     Returns the DDPM run as the case's time plus the DDIM median and the speed-up of one over the other."""  # fmt: skip
 
     def run(steps: int | None) -> float:
-        start = time.perf_counter()
-        sample(steps)
-        synchronize(device)
-        return time.perf_counter() - start
+        return timed(lambda: sample(steps), device)[0]
 
     run(ddim_steps)  # warm-up: first-call allocations and kernel selection
     ddim = time_repeats(lambda: run(ddim_steps), device=device, warmup=0, repeats=5, budget_s=budget_s)

@@ -24,7 +24,7 @@ from torch import nn
 
 from benchmarks import model_flops
 from benchmarks.cases import COND_SCALE, GEN_BATCH, QUICKSTART_WINDOW, _dalle, _seeded
-from benchmarks.harness import synchronize
+from benchmarks.harness import timed
 from dalle_pytorch.kernels.int8_linear import Int8Linear
 from dalle_pytorch.models.precision import DECODING_PRECISIONS as PRECISIONS
 from dalle_pytorch.models.sampling import filter_logits, guide, sample
@@ -112,10 +112,7 @@ def gen_precision(device: torch.device, quick: bool, precision: str, compile: st
 
             times = []
             for _ in range(window + 1):  # the first is a warm-up (and compiles, the first time)
-                start = time.perf_counter()
-                step()
-                synchronize(device)
-                times.append(time.perf_counter() - start)
+                times.append(timed(step, device)[0])
             first_ms.append(1000 * times[0])
             step_ms[label] = 1000 * statistics.median(times[1:])
             kv = counter.step_cache_values(GEN_BATCH, guided=True, token=grid)
