@@ -15,14 +15,13 @@ from typing import Any
 
 from dalle_pytorch.attention.pattern import AttentionPattern, normalize_attn_types
 from dalle_pytorch.models.options import option
+from dalle_pytorch.models.token_shift import check_shift_style
+from dalle_pytorch.models.transformer import check_rotary_style
 
 # the fields that configure the built-in attention patterns given by name
 PATTERN_OPTIONS = (
     "conv_kernel_size", "conv_dilation", "sparse_block_size", "sparse_num_local_blocks", "sparse_num_random_blocks",
 )  # fmt: skip
-
-# the values of shift_tokens_style and rotary_emb_style: this library's, or those of the original DALLE-pytorch
-STYLES = ("default", "original")
 
 # arguments older code passes that no longer do anything: accepted with a DeprecationWarning, then dropped
 DEPRECATED_ARGUMENTS = {
@@ -89,9 +88,8 @@ class DALLEConfig:
         for name in ("shared_attn_ids", "shared_ff_ids"):
             if getattr(self, name) is not None:
                 setattr(self, name, tuple(getattr(self, name)))
-        for name in ("shift_tokens_style", "rotary_emb_style"):
-            if getattr(self, name) not in STYLES:
-                raise ValueError(f"{name} must be one of {STYLES}, got {getattr(self, name)!r}")
+        check_shift_style(self.shift_tokens_style)
+        check_rotary_style(self.rotary_emb_style)
         if self.num_text_tokens < 1 or self.text_seq_len < 1:
             raise ValueError(
                 f"num_text_tokens and text_seq_len must be >= 1, got {self.num_text_tokens}, {self.text_seq_len}"

@@ -31,8 +31,9 @@ _OFFSET_ORDER = ("previous", "above", "own")  # the order a group's terms are ad
 
 
 def check_shift_style(style: str) -> str:
+    """``style`` if it names a token shift style, else a ValueError naming the ``shift_tokens_style`` option."""
     if style not in SHIFT_STYLES:
-        raise ValueError(f"the token shift style must be one of {tuple(SHIFT_STYLES)}, got {style!r}")
+        raise ValueError(f"shift_tokens_style must be one of {tuple(SHIFT_STYLES)}, got {style!r}")
     return style
 
 

@@ -91,6 +91,13 @@ class FeedForward(nn.Module):
 ROTARY_STYLES = ("default", "original")
 
 
+def check_rotary_style(style: str) -> str:
+    """``style`` if it names a rotary angle scheme, else a ValueError naming the ``rotary_emb_style`` option."""
+    if style not in ROTARY_STYLES:
+        raise ValueError(f"rotary_emb_style must be one of {ROTARY_STYLES}, got {style!r}")
+    return style
+
+
 def rotary_angles(text_len: int, fmap: int, dim_head: int, theta: float = 10000.0, style: str = "default") -> Tensor:
     """(n, r) rotary angles: a 1-D part for text order and 2-D axial parts for image rows and columns, each
     ``(dim_head // 3) // 2 * 2`` features wide.
@@ -101,8 +108,7 @@ def rotary_angles(text_len: int, fmap: int, dim_head: int, theta: float = 10000.
     column = -10, image rows and columns at ``linspace(-1, 1, fmap)``, with pixel frequencies ``linspace(1, 5)
     * pi`` for rows and columns and text frequencies over ``dim_head // 3`` features.
     """
-    if style not in ROTARY_STYLES:
-        raise ValueError(f"the rotary style must be one of {ROTARY_STYLES}, got {style!r}")
+    check_rotary_style(style)
     per_axis = (dim_head // 3) // 2 * 2
     if per_axis < 2:
         raise ValueError(f"rotary_emb needs dim_head >= 6, got {dim_head}")
@@ -239,8 +245,7 @@ class Transformer(nn.Module):
         self.reversible = reversible
         self.layer_patterns: list[AttentionPattern] = [patterns[i % len(patterns)] for i in range(depth)]
         self.shift_style = check_shift_style(shift_tokens_style)
-        if rotary_emb_style not in ROTARY_STYLES:
-            raise ValueError(f"rotary_emb_style must be one of {ROTARY_STYLES}, got {rotary_emb_style!r}")
+        check_rotary_style(rotary_emb_style)
         rotary_values = rotary_emb and rotary_emb_style == "original"  # the original rotates values too
 
         attn_ids, ff_ids = (
