@@ -14,9 +14,11 @@ import dalle_pytorch.cli.demo as cli
 from dalle_pytorch.cli.demo import main
 from dalle_pytorch.demo.comparison import format_comparison
 from dalle_pytorch.demo.config import FAST_CONFIG, DemoConfig
-from dalle_pytorch.demo.dalle2 import centre_mask, generate_dalle2
+from dalle_pytorch.demo.dalle2 import build_dalle2, centre_mask, generate_dalle2
 from dalle_pytorch.demo.pipeline import run_demo
 from dalle_pytorch.diffusion.dalle2 import DALLE2
+from dalle_pytorch.diffusion.latents import DiscreteVAELatents, PixelSpace
+from dalle_pytorch.models.vae import DiscreteVAE
 
 TINY = dataclasses.replace(
     FAST_CONFIG, num_train_images=64, vae_num_tokens=16, vae_hidden_dim=8, vae_codebook_dim=8, vae_steps=2,
@@ -57,13 +59,36 @@ def dalle2_run(tmp_path_factory):
 def test_dalle2_demo_writes_the_side_by_side_report(dalle2_run):
     tmp_path, report, rng_before, rng_after = dalle2_run
     assert torch.equal(rng_after, rng_before)
-    _check_files_and_report(tmp_path, report, {"dalle2"}, ("clip", "dalle2"))
+    _check_files_and_report(tmp_path, report, {"dalle2"}, ("vae", "clip", "dalle2"))
     assert report["model"] == "dalle2" and report["vae_reconstruction"] is None
-    assert {"clip", "prior", "decoder"} <= set(report["final_losses"])
-    assert {"prior", "decoder", "dalle2_generation"} <= set(report["seconds"])
+    assert {"vae", "clip", "prior", "decoder"} <= set(report["final_losses"])
+    seconds = report["seconds"]
+    assert {"vae", "prior", "decoder", "dalle2_generation"} <= set(seconds)
+    # the VAE the latent decoder diffuses in is part of DALLE2's training time
+    stages = ("vae", "clip", "dalle2_embed", "prior", "decoder")
+    assert report["systems"]["dalle2"]["train_seconds"] == pytest.approx(sum(seconds[s] for s in stages), abs=0.05)
     loaded = DALLE2.from_pretrained(tmp_path / "dalle2")
     assert loaded.decoder.clip is loaded.prior.clip
     assert loaded.decoder.unets[0].cond_on_text_encodings  # the decoder reads the caption as well
+    # it diffuses in the latent grid of the VAE the run trained (8x8 cells of its codebook vectors)
+    assert isinstance(loaded.decoder.latents[0], DiscreteVAELatents)
+    vae = DiscreteVAE.from_pretrained(tmp_path / "vae")
+    torch.testing.assert_close(loaded.decoder.latents[0].vae.codebook.weight, vae.codebook.weight)
+    assert loaded.decoder.unets[0].channels == TINY.vae_codebook_dim
+
+
+def test_the_decoder_diffuses_in_pixels_or_the_vae_latents(dalle2_run):
+    dalle2 = DALLE2.from_pretrained(dalle2_run[0] / "dalle2")
+    clip, vae = dalle2.prior.clip, DiscreteVAE.from_pretrained(dalle2_run[0] / "vae")
+    pixel = dataclasses.replace(TINY, dalle2_latent_decoder=False)
+    for config, given in ((pixel, None), (pixel, vae)):  # a pixel decoder ignores a VAE it is given
+        _, decoder = build_dalle2(clip, config, given)
+        assert isinstance(decoder.latents[0], PixelSpace) and decoder.unets[0].channels == 3
+        assert decoder.num_unets == 1 and not hasattr(decoder, "vae_1")
+    _, decoder = build_dalle2(clip, TINY, vae)
+    assert decoder.latents[0].vae is vae and decoder.unets[0].channels == vae.codebook.embedding_dim
+    with pytest.raises(ValueError, match="needs the DiscreteVAE"):
+        build_dalle2(clip, TINY)
 
 
 def test_the_decoder_reads_the_caption(dalle2_run):

@@ -48,6 +48,8 @@ def build_comparison(
     systems = {}
     for name, fidelity in results.items():
         train, generate = SYSTEM_STAGES[name]
+        if name == "dalle2" and config.dalle2_latent_decoder:
+            train = ("vae", *train)  # its decoder diffuses in the VAE's latents
         met = all(fidelity[g]["both_match"] >= TARGETS[f"{g}_both_match"] for g in ("seen", "heldout"))
         systems[name] = {
             "train_seconds": round(sum(times["seconds"].get(stage, 0.0) for stage in train), 2),

@@ -42,20 +42,23 @@ class DemoConfig:
     clip_batch_size: int = 64
     clip_learning_rate: float = 1e-3
     # DALLE2 (--model dalle2 or both): CLIP (trained for max(clip_steps, dalle2_clip_steps) steps), a diffusion
-    # prior on its embeddings and one pixel U-Net decoder at image_size
+    # prior on its embeddings and one U-Net decoder making image_size images
     dalle2_clip_steps: int = 2000
     dalle2_prior_dim: int = 128
     dalle2_prior_depth: int = 3
     dalle2_prior_steps: int = 1500
     dalle2_prior_learning_rate: float = 1e-3
-    dalle2_unet_dim: int = 16
-    dalle2_unet_mults: tuple[int, ...] = (1, 2, 4)
+    # the decoder's U-Net diffuses in the DiscreteVAE's latent grid (the codebook vector of each cell's code, 8x8 x
+    # vae_codebook_dim; the VAE is trained for it, or shared with DALLE) instead of 32x32 pixels
+    dalle2_latent_decoder: bool = True
+    dalle2_unet_dim: int = 32
+    dalle2_unet_mults: tuple[int, ...] = (1, 2)
     dalle2_predict_x0: bool = True
     # the decoder also reads the caption's CLIP text encodings (as unCLIP's and GLIDE's do), dropped with this
     # probability in training for guidance
     dalle2_decoder_reads_text: bool = True
     dalle2_decoder_text_drop_prob: float = 0.5
-    dalle2_decoder_steps: int = 2000
+    dalle2_decoder_steps: int = 4000
     dalle2_decoder_learning_rate: float = 2e-3
     dalle2_decoder_batch_size: int = 32
     dalle2_batch_size: int = 32
@@ -114,7 +117,7 @@ DEFAULT_CONFIG = DemoConfig()
 FAST_CONFIG = dataclasses.replace(
     DEFAULT_CONFIG,
     num_train_images=2000,
-    vae_steps=600,
+    vae_steps=900,
     dalle_steps=500,
     dalle_learning_rate=3e-3,
     clip_steps=0,
@@ -122,6 +125,6 @@ FAST_CONFIG = dataclasses.replace(
     samples_per_prompt=4,
     dalle2_clip_steps=1000,
     dalle2_prior_steps=800,
-    dalle2_decoder_steps=1200,
+    dalle2_decoder_steps=2000,
     clip_guided_steps=40,
 )

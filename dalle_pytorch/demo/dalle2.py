@@ -36,12 +36,14 @@ from dalle_pytorch.diffusion.decoder import Decoder
 from dalle_pytorch.diffusion.prior import DiffusionPrior, DiffusionPriorNetwork
 from dalle_pytorch.diffusion.unet import Unet
 from dalle_pytorch.models.clip import CLIP
+from dalle_pytorch.models.vae import DiscreteVAE
 
 if TYPE_CHECKING:
     from dalle_pytorch.demo.config import DemoConfig
 
 __all__ = [
     "ClipEmbeddings",
+    "build_dalle2",
     "centre_mask",
     "dalle2_grid_rows",
     "embed_training_set",
@@ -111,8 +113,13 @@ class _DecoderSamples(Dataset):
         return self.images[index], e.image_embed[index], e.text_encodings[index, phrasing], e.text_mask[index, phrasing]
 
 
-def _build(clip: CLIP, config: DemoConfig) -> tuple[DiffusionPrior, Decoder]:
-    """A prior reading ``clip`` (frozen) and a one-U-Net pixel decoder at ``config.image_size``, on CLIP's device."""
+def build_dalle2(clip: CLIP, config: DemoConfig, vae: DiscreteVAE | None = None) -> tuple[DiffusionPrior, Decoder]:
+    """A prior reading ``clip`` (frozen) and a one-U-Net decoder at ``config.image_size``, on CLIP's device: in
+    ``vae``'s latent grid with ``config.dalle2_latent_decoder`` (``vae`` then required), else in pixels."""
+    if config.dalle2_latent_decoder and vae is None:
+        raise ValueError("dalle2_latent_decoder=True needs the DiscreteVAE whose latents the decoder diffuses in")
+    if not config.dalle2_latent_decoder:
+        vae = None
     clip_dim, text_dim = clip.to_text_latent.out_features, clip.to_text_latent.in_features
     net = DiffusionPriorNetwork(
         dim=config.dalle2_prior_dim, depth=config.dalle2_prior_depth, heads=4,
@@ -123,12 +130,13 @@ def _build(clip: CLIP, config: DemoConfig) -> tuple[DiffusionPrior, Decoder]:
         cond_drop_prob=0.2,
     )  # fmt: skip
     unet = Unet(
-        dim=config.dalle2_unet_dim, image_embed_dim=clip_dim, channels=3, dim_mults=config.dalle2_unet_mults,
+        dim=config.dalle2_unet_dim, image_embed_dim=clip_dim,
+        channels=3 if vae is None else vae.codebook.embedding_dim, dim_mults=config.dalle2_unet_mults,
         predict_x0=config.dalle2_predict_x0, cond_on_text_encodings=config.dalle2_decoder_reads_text,
         text_embed_dim=text_dim,
     )  # fmt: skip
     decoder = Decoder(
-        unet=unet, image_sizes=(config.image_size,), timesteps=config.dalle2_timesteps,
+        unet=unet, vae=vae, image_sizes=(config.image_size,), timesteps=config.dalle2_timesteps,
         sample_timesteps=config.dalle2_sample_steps, image_cond_drop_prob=0.1,
         text_cond_drop_prob=config.dalle2_decoder_text_drop_prob,
     )  # fmt: skip
@@ -143,13 +151,16 @@ def train_dalle2(
     progress: bool = True,
     log_dir: str | Path | None = None,
     stopwatch: Stopwatch | None = None,
+    vae: DiscreteVAE | None = None,
 ) -> tuple[DALLE2, dict[str, float]]:
     """Train the prior on ``embeds`` and the decoder on images (n, 3, s, s) in [0, 1] with their image embeddings.
 
     Returns a DALLE2 (prior with ``clip``; the decoder shares it) in eval mode and the final losses
     ``{"prior": ..., "decoder": ...}``. ``stopwatch``: a ``Stopwatch`` timing the stages "prior" and "decoder".
+    ``vae``: the trained DiscreteVAE, needed with ``config.dalle2_latent_decoder`` (the decoder diffuses in its
+    latent grid; it stays frozen).
     """
-    prior, decoder = _build(clip, config)
+    prior, decoder = build_dalle2(clip, config, vae)
     log_dir = Path(log_dir) if log_dir is not None else None
     timer = stopwatch if stopwatch is not None else (lambda name: contextlib.nullcontext())
 
@@ -281,16 +292,18 @@ def run_dalle2(
     stopwatch: Stopwatch,
     progress: bool = True,
     log_dir: str | Path | None = None,
+    vae: DiscreteVAE | None = None,
 ) -> tuple[DALLE2, dict, dict[str, float], list[tuple[str, Tensor | None]]]:
     """The demo's DALLE2 part: embed the training set (images (n, 3, s, s), caption ids (n, p, l)) with the
     trained ``clip``, train the prior and the decoder, generate ``config.samples_per_prompt`` images for each
-    prompt (ids (len(prompts), l)), judge them, and draw variations and an inpainting example.
+    prompt (ids (len(prompts), l)), judge them, and draw variations and an inpainting example. ``vae``: the
+    DiscreteVAE a latent decoder (``config.dalle2_latent_decoder``) diffuses in.
 
     Stages timed: "dalle2_embed", "prior", "decoder", "dalle2_generation", "dalle2_extras".
     Returns the DALLE2, the judge's verdict, the final losses and the grid rows."""
     with stopwatch("dalle2_embed"):
         embeds = embed_training_set(clip, images, text)
-    dalle2, losses = train_dalle2(clip, images, embeds, config, progress, log_dir, stopwatch)
+    dalle2, losses = train_dalle2(clip, images, embeds, config, progress, log_dir, stopwatch, vae)
     with stopwatch("dalle2_generation"):
         samples = generate_dalle2(dalle2, prompt_ids, config, config.samples_per_prompt, progress=progress)
     fidelity = judge_samples(samples, prompts, classifier)

@@ -306,15 +306,17 @@ def run_demo(
             images = data.images.to(device)
         log(f"{len(images)} training images, {len(kinds)} kinds of sample; held-out pairs: "
             + ", ".join(f"{c} {s}" for c, s in heldout_pairs()))  # fmt: skip
-        if uses_dalle:
+        if uses_dalle or (uses_dalle2 and config.dalle2_latent_decoder):  # a latent decoder diffuses in its grid
             with stopwatch("vae"):
                 vae, losses["vae"] = train_vae(images, config, progress, out_dir / "training" / "vae")
-                codes = encode_images(vae, images)
+            models["vae"] = vae
+        if uses_dalle:
             with stopwatch("dalle"):
+                codes = encode_images(vae, images)
                 dalle, losses["dalle"] = train_dalle(
                     vae, codes, text, tokenizer.vocab_size, config, progress, out_dir / "training" / "dalle"
                 )
-            models.update(dalle=dalle, vae=vae)
+            models["dalle"] = dalle
         clip = None
         if clip_steps > 0:
             with stopwatch("clip"):
@@ -342,7 +344,7 @@ def run_demo(
         if uses_dalle2:
             ids = tokenizer.tokenize([p.caption for p in prompts], text.shape[-1])
             models["dalle2"], results["dalle2"], dalle2_losses, dalle2_rows = run_dalle2(
-                clip, images, text, ids, prompts, classifier, config, stopwatch, progress, out_dir / "training"
+                clip, images, text, ids, prompts, classifier, config, stopwatch, progress, out_dir / "training", vae
             )
             losses.update(dalle2_losses)
             rows += dalle2_rows
