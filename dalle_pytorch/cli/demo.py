@@ -3,7 +3,7 @@
     dalle-demo                      # about 5 minutes on 2 CPU cores
     dalle-demo --fast               # about 2 minutes
     dalle-demo --steps dalle=3000 --cond_scale 3
-    dalle-demo --model dalle2         # DALL-E 2 instead: CLIP, a diffusion prior and a 32x32 decoder
+    dalle-demo --model dalle2         # DALL-E 2 instead: CLIP, a diffusion prior and a latent decoder
     dalle-demo --model both --fast    # DALLE, DALLE2 and CLIP-guided VAE codes, judged side by side
     dalle-demo --decode-precision fp32,bf16,int8   # also generate with bf16 and int8 weights, judged beside fp32
     dalle-demo --precision bf16       # train with bf16 autocast (compare with the fp32 run's report)
@@ -91,8 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--model",
         choices=MODELS,
         default="dalle",
-        help="dalle (default): VAE + DALLE; dalle2: CLIP + diffusion prior + decoder; both: DALLE, DALLE2 and "
-        "CLIP-guided optimisation of the VAE's codes, judged side by side",
+        help="dalle (default): VAE + DALLE; dalle2: CLIP + diffusion prior + decoder in the VAE's latents; both: "
+        "DALLE, DALLE2 and CLIP-guided optimisation of the VAE's codes, judged side by side",
     )
     parser.add_argument("--fast", action="store_true", help="the small budget (about 2 minutes on 2 CPU cores)")
     parser.add_argument(*_flag("--out_dir"), dest="out_dir", default="outputs/demo", help="output folder")

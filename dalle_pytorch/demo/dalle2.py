@@ -1,4 +1,4 @@
-"""The demo's DALL-E 2 side: a diffusion prior and a 32x32 pixel decoder on the demo's CLIP, and what they draw.
+"""The demo's DALL-E 2 side: a diffusion prior and a latent decoder on the demo's CLIP, and what they draw.
 
 unCLIP (Ramesh et al. 2022, https://arxiv.org/abs/2204.06125) in its smallest form, on the shapes dataset:
 
@@ -7,10 +7,13 @@ unCLIP (Ramesh et al. 2022, https://arxiv.org/abs/2204.06125) in its smallest fo
        caption's text encodings (as in unCLIP and GLIDE; ``dalle2_decoder_reads_text``) -> 32x32 image
     -> generate for every colour x shape prompt, image variations, inpainting
 
-Both diffusion models train through the library's Trainer (``dalle_pytorch.demo.training``), on embeddings
-computed once, so CLIP never runs during their training. Sampling uses DDIM (Song et al. 2020,
-https://arxiv.org/abs/2010.02502) with classifier-free guidance (Ho & Salimans 2022,
-https://arxiv.org/abs/2207.12598).
+The decoder's U-Net diffuses in the latent grid of the demo's DiscreteVAE (latent diffusion, Rombach et al.
+2021, https://arxiv.org/abs/2112.10752): 8x8 cells of codebook vectors instead of 32x32x3 pixels, so a
+training step costs about a quarter of a pixel U-Net's and four times as many fit the budget
+(``dalle2_latent_decoder=False``: the pixel decoder). Both diffusion models train through the library's
+Trainer (``dalle_pytorch.demo.training``), on embeddings computed once, so CLIP never runs during their
+training. Sampling uses DDIM (Song et al. 2020, https://arxiv.org/abs/2010.02502) with classifier-free
+guidance (Ho & Salimans 2022, https://arxiv.org/abs/2207.12598).
 """
 
 from __future__ import annotations

@@ -272,8 +272,8 @@ def run_demo(
 ) -> dict:
     """Train everything from scratch, generate for every colour x shape prompt and judge the samples.
 
-    ``model``: "dalle" (the VAE and DALLE), "dalle2" (CLIP, the diffusion prior and decoder) or "both"
-    (all of them, and CLIP-guided optimisation of the VAE's codes, judged side by side).
+    ``model``: "dalle" (the VAE and DALLE), "dalle2" (the VAE, CLIP, the diffusion prior and a decoder in the
+    VAE's latents) or "both" (all of them, and CLIP-guided optimisation of the VAE's codes, judged side by side).
 
     Writes into ``out_dir``: ``grid.png`` (labelled samples and VAE reconstructions), ``report.json`` (the
     returned dict), ``tokenizer.json``, the trained models as ``vae/``, ``dalle/``, ``clip/``, ``dalle2/`` via
