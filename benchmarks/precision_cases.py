@@ -16,6 +16,7 @@ Each function is ``(device, quick, **params) -> dict`` and runs in its own proce
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
 
@@ -26,6 +27,7 @@ from benchmarks import model_flops
 from benchmarks.cases import COND_SCALE, GEN_BATCH, QUICKSTART_WINDOW, _dalle, _seeded
 from benchmarks.harness import timed
 from dalle_pytorch.kernels.int8_linear import Int8Linear
+from dalle_pytorch.kernels.packed_linear import packed_linears
 from dalle_pytorch.models.precision import DECODING_PRECISIONS as PRECISIONS
 from dalle_pytorch.models.sampling import filter_logits, guide, sample
 from dalle_pytorch.models.static_decoding import compiled_step_fn, shift_sources
@@ -98,7 +100,9 @@ def gen_precision(device: torch.device, quick: bool, precision: str, compile: st
     positions = {"start": 1, "middle": n // 2, "end": n - 1}
     step_ms, step_bytes, first_ms = {}, {}, []
     decode = _step_fn(model, compile)
-    with torch.no_grad():
+    # as generate_image_codes: the compiled step's linears on weights packed for the run's rows
+    packing = packed_linears(model, 2 * GEN_BATCH) if compile is not None else contextlib.nullcontext()
+    with torch.no_grad(), packing:
         for label, grid in positions.items():
             new = torch.randint(0, model.num_image_tokens, (GEN_BATCH, 1), generator=generator).to(device)
             cache = _random_cache(model, new, grid - 1, generator)

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from dalle_pytorch.kernels.packed_linear import packed_linears
 from dalle_pytorch.models.options import collect_options, option, options_signature
 from dalle_pytorch.models.precision import decoding_copy, weights_dtype
 from dalle_pytorch.models.sampling import Generators, check_generation_args, filter_logits, guide, sample
@@ -161,7 +162,9 @@ class GenerationMixin:
         branch_text = torch.cat((text_ids, self._null_text(batch))) if guided else text_ids
         if opts.compile is not None:
             check_static_decoding(self.transformer)
-        with evaluating(self):
+        # the compiled step's linears run on weights packed for its row count while this call runs
+        packing = packed_linears(self, len(branch_text)) if opts.compile is not None else contextlib.nullcontext()
+        with evaluating(self), packing:
             cache = DecodingCache(self.seq_len) if opts.use_cache else None
             logits = self._prefill(branch_text, codes, guided, cache)  # (b or 2b, num_image_tokens) float32
             if opts.compile is not None:
@@ -227,7 +230,7 @@ class GenerationMixin:
         ids = self._prepare_text(ids, None)[:, : len(prompt)]
         if backend is not None:
             check_static_decoding(self.transformer)
-        with evaluating(self):
+        with evaluating(self), packed_linears(self, 1) if backend is not None else contextlib.nullcontext():
             cache = DecodingCache(self.seq_len)
             h = self.transformer(self._embed_text(ids), cache)
             logits = self._text_logits(h[:, -1])
