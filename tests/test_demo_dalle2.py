@@ -144,7 +144,7 @@ def test_run_demo_rejects_an_unknown_model(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(2400)  # about 7.5 minutes on 1 idle core; far longer on a shared machine
+@pytest.mark.timeout(2400)  # about 8 minutes on 1 idle core; far longer on a shared machine
 def test_fast_dalle2_demo_end_to_end(tmp_path):
     out_dir = tmp_path / "demo"
     assert main(["--fast", "--model", "dalle2", "--out_dir", str(out_dir), "--quiet"]) == 0
@@ -152,8 +152,8 @@ def test_fast_dalle2_demo_end_to_end(tmp_path):
     fidelity = report["systems"]["dalle2"]["fidelity"]
     chance = fidelity["chance"]["both_match"]  # 1/35
     assert report["shape_classifier_accuracy"] >= 0.98
-    # measured once (1 thread): colour 100% on seen and held-out pairs, colour and shape 76% seen and 75% held
-    # out (the decoder's training budget limits the shapes; chance is 3%); other thread counts move it a few points
-    assert fidelity["seen"]["colour_match"] >= 0.9 and fidelity["heldout"]["colour_match"] >= 0.9  # chance 1/7
-    assert fidelity["seen"]["both_match"] >= 0.6 > 20 * chance
-    assert fidelity["heldout"]["both_match"] >= 0.45 > 15 * chance
+    # measured once (1 thread): colour 100% seen and 96% held out, colour and shape 81% seen and 82% held out (the
+    # decoder's training budget limits the shapes; chance is 3%); other thread counts move it a few points
+    assert fidelity["seen"]["colour_match"] >= 0.9 and fidelity["heldout"]["colour_match"] >= 0.85  # chance 1/7
+    assert fidelity["seen"]["both_match"] >= 0.65 > 20 * chance
+    assert fidelity["heldout"]["both_match"] >= 0.5 > 15 * chance

@@ -125,6 +125,6 @@ FAST_CONFIG = dataclasses.replace(
     samples_per_prompt=4,
     dalle2_clip_steps=1000,
     dalle2_prior_steps=800,
-    dalle2_decoder_steps=2000,
+    dalle2_decoder_steps=2600,
     clip_guided_steps=40,
 )
