@@ -149,10 +149,10 @@ def text_step(model: Any, tokens: Tensor, buffers: dict, pos: Tensor, sources: T
     return model._text_logits(h[:, -1])
 
 
-# Not used: inductor's freezing pass (with max_autotune) made whole runs of the dim 256 / depth 4 benchmark
-# model 1.6-2x faster than eager on 1 thread, against about 1.15x without it, because it lays the weights out
-# for its own small-row matmul kernels. But it bakes the weights into the graph as constants: a model trained
-# further after compiling kept decoding with its old weights (the slow test on changed weights fails).
+# Not used: inductor's freezing pass. It lays the weights out for oneDNN's small-row matmuls (which made
+# whole runs 1.6-2x faster than eager on 1 thread) but bakes them into the graph as constants, so a model
+# trained further after compiling kept decoding with its old weights. The same layout comes instead from
+# kernels.packed_linear, made per generation call.
 
 # (step, backend) -> compiled step; the model is an argument (not a closure or an attribute of the model) so
 # that models stay copyable and picklable. Dynamo guards on the model and the shapes: each model and batch
