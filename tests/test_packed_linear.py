@@ -1,5 +1,5 @@
 """oneDNN linears on weights packed for a generation call: equal to F.linear to float32 rounding, never stale,
-freed when the call ends, and what the compiled decoding step calls."""
+freed when the call ends, and what eager and compiled decoding call."""
 
 import pytest
 import torch
@@ -8,7 +8,7 @@ from conftest import NUM_TEXT_TOKENS, TEXT_SEQ_LEN, make_dalle
 from torch import nn
 
 from dalle_pytorch.kernels import packed_linear
-from dalle_pytorch.kernels.packed_linear import PackedLinearMode, packed_linears, packing_available
+from dalle_pytorch.kernels.packed_linear import packed_linears, packing_available
 
 needs_onednn = pytest.mark.skipif(not packing_available(), reason="PyTorch built without oneDNN")
 
@@ -63,8 +63,9 @@ def test_nested_blocks_share_the_packed_copies_and_the_last_one_frees_them():
         assert outer == 2
         with packed_linears(model[2], rows=4) as inner:
             assert inner == 1
-        assert len(packed_linear._PACKED) == 2
-    assert packed_linear._PACKED == {}
+        assert len(packed_linear._PACKED) == 2 and "forward" in vars(model[2])
+    assert packed_linear._PACKED == {} and packed_linear._ROUTED == {}
+    assert "forward" not in vars(model[2]) and "forward" not in vars(shared)
 
 
 def test_rows_must_be_a_positive_int():
@@ -74,10 +75,10 @@ def test_rows_must_be_a_positive_int():
 
 
 @needs_onednn
-def test_the_mode_routes_linears_with_gradients_off_and_leaves_training_alone():
+def test_layers_run_packed_with_gradients_off_and_are_left_as_they_were():
     model = nn.Sequential(_layer(), nn.GELU(), nn.Linear(80, 8))
     x = torch.randn(5, 48)
-    with packed_linears(model, rows=5), PackedLinearMode():
+    with packed_linears(model, rows=5):
         with torch.no_grad():
             assert _onednn_calls(lambda: model(x)) == 2
             inference = model(x)
@@ -86,9 +87,10 @@ def test_the_mode_routes_linears_with_gradients_off_and_leaves_training_alone():
         training.sum().backward()
     assert model[0].weight.grad is not None
     torch.testing.assert_close(inference, training.detach(), rtol=1e-5, atol=1e-5)
-    with torch.no_grad(), PackedLinearMode():
+    assert all("forward" not in vars(layer) for layer in model)  # the class's forward again
+    with torch.no_grad():
         hidden = F.gelu(F.linear(x, model[0].weight, model[0].bias))
-        assert torch.equal(model(x), F.linear(hidden, model[2].weight, model[2].bias))  # no packs: F.linear
+        assert torch.equal(model(x), F.linear(hidden, model[2].weight, model[2].bias))
 
 
 class _GraphRecorder:
@@ -104,7 +106,7 @@ class _GraphRecorder:
 
 @needs_onednn
 @pytest.mark.usefixtures("fresh_dynamo")
-def test_the_compiled_decoding_step_calls_the_packed_op_for_every_linear():
+def test_eager_and_compiled_decoding_call_the_packed_op_for_every_linear():
     dalle = make_dalle().eval()
     text = torch.randint(1, NUM_TEXT_TOKENS, (2, TEXT_SEQ_LEN), generator=torch.Generator().manual_seed(0))
     recorder = _GraphRecorder()
@@ -120,3 +122,6 @@ def test_the_compiled_decoding_step_calls_the_packed_op_for_every_linear():
     torch.testing.assert_close(torch.stack(logits), torch.stack(eager_logits), rtol=1e-4, atol=1e-4)
     assert torch.equal(codes, eager)
     assert packed_linear._PACKED == {}  # freed when the call returned
+    # eager decoding runs its linears on the packed weights too: 9 per step (4 per layer and the logits)
+    calls = _onednn_calls(lambda: dalle.generate_image_codes(text, generator=torch.Generator().manual_seed(1)))
+    assert calls == 9 * dalle.image_seq_len

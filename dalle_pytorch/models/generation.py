@@ -162,9 +162,8 @@ class GenerationMixin:
         branch_text = torch.cat((text_ids, self._null_text(batch))) if guided else text_ids
         if opts.compile is not None:
             check_static_decoding(self.transformer)
-        # the compiled step's linears run on weights packed for its row count while this call runs
-        packing = packed_linears(self, len(branch_text)) if opts.compile is not None else contextlib.nullcontext()
-        with evaluating(self), packing:
+        # on a CPU the linears run on weights packed for the step's row count while this call runs
+        with evaluating(self), packed_linears(self, len(branch_text)):
             cache = DecodingCache(self.seq_len) if opts.use_cache else None
             logits = self._prefill(branch_text, codes, guided, cache)  # (b or 2b, num_image_tokens) float32
             if opts.compile is not None:
@@ -230,7 +229,7 @@ class GenerationMixin:
         ids = self._prepare_text(ids, None)[:, : len(prompt)]
         if backend is not None:
             check_static_decoding(self.transformer)
-        with evaluating(self), packed_linears(self, 1) if backend is not None else contextlib.nullcontext():
+        with evaluating(self), packed_linears(self, 1):
             cache = DecodingCache(self.seq_len)
             h = self.transformer(self._embed_text(ids), cache)
             logits = self._text_logits(h[:, -1])

@@ -24,7 +24,6 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from dalle_pytorch.attention.layer import Attention, rotate
-from dalle_pytorch.kernels.packed_linear import PackedLinearMode
 from dalle_pytorch.models import token_shift
 from dalle_pytorch.models.transformer import DecodingCache, Transformer
 
@@ -131,31 +130,29 @@ def static_step(transformer: Transformer, x: Tensor, buffers: dict, pos: Tensor,
 def image_step(model: Any, codes: Tensor, grid: Tensor, buffers: dict, pos: Tensor, sources: Tensor, guided: bool):
     """DALLE's decoding step on the static cache: new codes (b, 1) at grid index ``grid`` (1,) long, sequence
     position ``pos`` (1,) -> image logits (b or 2b, vocab); ``guided`` repeats the rows for the null branch."""
-    with PackedLinearMode():  # linears on the weights packed for this run, if any (see packed_linears)
-        x = model.image_emb(codes)
-        if not model.rotary:
-            x = x + model.image_row_emb(grid // model.fmap) + model.image_col_emb(grid % model.fmap)
-        if guided:
-            x = torch.cat((x, x))
-        h = static_step(model.transformer, x, buffers, pos, sources)
-        return model._image_logits(h[:, -1])
+    x = model.image_emb(codes)
+    if not model.rotary:
+        x = x + model.image_row_emb(grid // model.fmap) + model.image_col_emb(grid % model.fmap)
+    if guided:
+        x = torch.cat((x, x))
+    h = static_step(model.transformer, x, buffers, pos, sources)
+    return model._image_logits(h[:, -1])
 
 
 def text_step(model: Any, tokens: Tensor, buffers: dict, pos: Tensor, sources: Tensor) -> Tensor:
     """DALLE's text decoding step on the static cache: new text ids (b, 1) at sequence position ``pos`` (1,)
     -> text logits (b, num_text_tokens + text_seq_len)."""
-    with PackedLinearMode():
-        x = model.text_emb(tokens)
-        if not model.rotary:
-            x = x + model.text_pos_emb(pos)
-        h = static_step(model.transformer, x, buffers, pos, sources)
-        return model._text_logits(h[:, -1])
+    x = model.text_emb(tokens)
+    if not model.rotary:
+        x = x + model.text_pos_emb(pos)
+    h = static_step(model.transformer, x, buffers, pos, sources)
+    return model._text_logits(h[:, -1])
 
 
-# Not used: inductor's freezing pass (with max_autotune) made whole runs of the dim 256 / depth 4 benchmark
-# model 1.6-2x faster than eager on 1 thread, against about 1.15x without it, because it lays the weights out
-# for its own small-row matmul kernels. But it bakes the weights into the graph as constants: a model trained
-# further after compiling kept decoding with its old weights (the slow test on changed weights fails).
+# Not used: inductor's freezing pass. It lays the weights out for oneDNN's small-row matmuls (which made
+# whole runs 1.6-2x faster than eager on 1 thread) but bakes them into the graph as constants, so a model
+# trained further after compiling kept decoding with its old weights. The same layout comes instead from
+# kernels.packed_linear, made per generation call.
 
 # (step, backend) -> compiled step; the model is an argument (not a closure or an attribute of the model) so
 # that models stay copyable and picklable. Dynamo guards on the model and the shapes: each model and batch
