@@ -43,7 +43,7 @@ class DemoConfig:
     clip_learning_rate: float = 1e-3
     # DALLE2 (--model dalle2 or both): CLIP (trained for max(clip_steps, dalle2_clip_steps) steps), a diffusion
     # prior on its embeddings and one U-Net decoder making image_size images
-    dalle2_clip_steps: int = 2000
+    dalle2_clip_steps: int = 1500
     dalle2_prior_dim: int = 128
     dalle2_prior_depth: int = 3
     dalle2_prior_steps: int = 1500
