@@ -68,6 +68,14 @@ def test_nested_blocks_share_the_packed_copies_and_the_last_one_frees_them():
     assert "forward" not in vars(model[2]) and "forward" not in vars(shared)
 
 
+def test_a_layer_whose_forward_was_replaced_is_left_alone():
+    layer = _layer()
+    layer.forward = lambda x: x * 2  # set by its owner (a hook library, a test double)
+    with packed_linears(layer, rows=8) as packed:
+        assert packed == 0 and layer(torch.ones(1)).item() == 2.0
+    assert layer(torch.ones(1)).item() == 2.0
+
+
 def test_rows_must_be_a_positive_int():
     for rows in (0, -1, 2.0, True):
         with pytest.raises(ValueError, match="rows must be a positive int"), packed_linears(_layer(), rows=rows):

@@ -3,7 +3,8 @@
 A decoding step multiplies a few rows (the batch, twice with guidance) by every weight matrix of the model.
 On CPU, ``F.linear`` hands such a product to MKL's sgemm, which reads the weights well below the memory
 bandwidth and on one thread; oneDNN, given each weight reordered once into its blocked layout for that row
-count, runs the same product 1.3-3x faster (more on more threads; ``benchmarks/`` measures it).
+count, runs the same product 1.1-1.5x faster on one thread and 1.6-3x on two (measured on an AVX2 CPU;
+``benchmarks/`` measures a whole step).
 torch.compile's inductor makes this reorder only when it freezes the weights into the graph as constants,
 after which a model trained or loaded further would keep decoding with its old weights.
 
@@ -94,6 +95,8 @@ def packed_linears(module: nn.Module, rows: int) -> Iterator[int]:
             if type(layer) is not nn.Linear or not isinstance(weight, Tensor) or not _packable(weight):
                 continue
             if id(layer) in layers:  # a layer used in several places
+                continue
+            if "forward" in vars(layer) and id(layer) not in _ROUTED:  # its owner replaced forward: leave it
                 continue
             layers[id(layer)] = layer
             key = _key(weight)
