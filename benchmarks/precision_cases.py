@@ -16,7 +16,6 @@ Each function is ``(device, quick, **params) -> dict`` and runs in its own proce
 
 from __future__ import annotations
 
-import contextlib
 import statistics
 import time
 
@@ -100,9 +99,8 @@ def gen_precision(device: torch.device, quick: bool, precision: str, compile: st
     positions = {"start": 1, "middle": n // 2, "end": n - 1}
     step_ms, step_bytes, first_ms = {}, {}, []
     decode = _step_fn(model, compile)
-    # as generate_image_codes: the compiled step's linears on weights packed for the run's rows
-    packing = packed_linears(model, 2 * GEN_BATCH) if compile is not None else contextlib.nullcontext()
-    with torch.no_grad(), packing:
+    # as generate_image_codes: on a CPU the step's linears run on weights packed for the run's rows
+    with torch.no_grad(), packed_linears(model, 2 * GEN_BATCH):
         for label, grid in positions.items():
             new = torch.randint(0, model.num_image_tokens, (GEN_BATCH, 1), generator=generator).to(device)
             cache = _random_cache(model, new, grid - 1, generator)
